@@ -1,0 +1,239 @@
+// The only pybind11 file: exposes the trees as isample._core.
+//
+// Arrays cross as (address, length): the Python layer (isample/_backend.py) has already
+// checked dtype, device, contiguity and length, so no numpy or torch type is needed here
+// and one wheel serves every torch version. Values and indices are checked in C++.
+//
+// Each tree is wrapped in a Handle that serialises calls with a mutex (the GIL is dropped
+// for long calls, so two Python threads could otherwise meet inside one tree) and owns the
+// tree's random stream: draws with no seed use key_for_call(stream_seed, calls++).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <mutex>
+#include <optional>
+#include <string>
+
+#include "buffer.h"
+#include "cpu_kernels.h"
+#include "descend.h"
+#include "softmax_tree.h"
+#include "sum_tree.h"
+
+namespace py = pybind11;
+using namespace isample;
+
+namespace {
+
+// Calls that touch more items than this release the GIL.
+constexpr int64_t kLongCall = 16384;
+
+template <class T>
+T* as_pointer(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+template <class Tree>
+struct Handle {
+  template <class... Args>
+  explicit Handle(uint64_t seed, Args... args) : tree(args...), stream_seed(seed) {}
+
+  // Runs f with the tree locked. Never waits for the mutex while holding the GIL: the
+  // holder may be a thread that needs the GIL back before it can unlock.
+  template <class F>
+  auto locked(int64_t work, F f) -> decltype(f()) {
+    std::unique_lock<std::mutex> lock(mutex, std::try_to_lock);
+    if (!lock.owns_lock()) {
+      py::gil_scoped_release release;
+      lock.lock();
+    }
+    if (work > kLongCall) {
+      py::gil_scoped_release release;
+      return f();
+    }
+    return f();
+  }
+
+  uint64_t next_key(std::optional<uint64_t> seed) {
+    return seed ? key_from_seed(*seed) : key_for_call(stream_seed, stream_calls++);
+  }
+
+  Tree tree;
+  std::mutex mutex;
+  uint64_t stream_seed;
+  uint64_t stream_calls = 0;
+};
+
+DistinctMethod distinct_method(const std::string& name) {
+  if (name == "auto") return DistinctMethod::kAuto;
+  if (name == "race") return DistinctMethod::kRace;
+  if (name == "removal") return DistinctMethod::kRemoval;
+  throw std::invalid_argument("method must be 'auto', 'race' or 'removal', got '" + name + "'");
+}
+
+using SumHandle = Handle<SumTree>;
+using SoftmaxHandle = Handle<SoftmaxTree>;
+
+SumTree& sum_tree(SumHandle& h) { return h.tree; }
+SumTree& sum_tree(SoftmaxHandle& h) { return h.tree.tree(); }
+
+// Methods that both trees share, reading through to the underlying SumTree.
+template <class H>
+void bind_common(py::class_<H>& cls) {
+  cls.def_property_readonly("capacity", [](H& h) { return h.tree.capacity(); })
+      .def_property_readonly("num_positive", [](H& h) { return sum_tree(h).num_positive(); },
+                             "Number of items with positive probability.")
+      .def_property_readonly("nbytes", [](H& h) { return h.tree.nbytes(); },
+                             "Bytes held by the tree's arrays.")
+      .def_property_readonly("levels", [](H& h) { return sum_tree(h).layout().levels; })
+      .def_property(
+          "stream_seed", [](H& h) { return h.stream_seed; },
+          [](H& h, uint64_t seed) { h.locked(0, [&] { h.stream_seed = seed; }); })
+      .def_property(
+          "stream_calls", [](H& h) { return h.stream_calls; },
+          [](H& h, uint64_t calls) { h.locked(0, [&] { h.stream_calls = calls; }); })
+      .def(
+          "probability",
+          [](H& h, uintptr_t indices, int64_t k, uintptr_t out) {
+            h.locked(k, [&] { sum_tree(h).probability(as_pointer<const int64_t>(indices), k, as_pointer<double>(out)); });
+          },
+          py::arg("indices"), py::arg("k"), py::arg("out"))
+      .def(
+          "sample_from_uniforms",
+          [](H& h, uintptr_t u, int64_t k, uintptr_t out) {
+            h.locked(k, [&] {
+              sum_tree(h).sample_from_uniforms(as_pointer<const double>(u), k, as_pointer<int64_t>(out));
+            });
+          },
+          py::arg("u"), py::arg("k"), py::arg("out"))
+      .def(
+          "sample",
+          [](H& h, int64_t k, bool replace, uintptr_t out, std::optional<uint64_t> seed, const std::string& method) {
+            DistinctMethod how = distinct_method(method);
+            h.locked(replace ? k : h.tree.capacity(), [&] {
+              uint64_t key = h.next_key(seed);
+              if (replace) {
+                sum_tree(h).sample_with_replacement(key, k, as_pointer<int64_t>(out));
+              } else {
+                sum_tree(h).sample_without_replacement(key, k, as_pointer<int64_t>(out), how);
+              }
+            });
+          },
+          py::arg("k"), py::arg("replace"), py::arg("out"), py::arg("seed") = py::none(), py::arg("method") = "auto",
+          "k draws into out; with seed=None from the tree's own stream (advancing it).")
+      .def(
+          "export_leaves",
+          [](H& h, uintptr_t out) {
+            h.locked(h.tree.capacity(), [&] {
+              const SumTree& t = sum_tree(h);
+              std::copy(t.leaves(), t.leaves() + t.capacity(), as_pointer<double>(out));
+            });
+          },
+          py::arg("out"), "Copy the n leaf weights into out.");
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_core, m) {
+  m.doc() = "isample's compiled core: float64 sum trees with exact sums.";
+  py::register_exception<OutOfMemory>(m, "OutOfMemory", PyExc_MemoryError);
+
+  m.def("fanout", [] { return kFanout; });
+  m.def(
+      "build_info",
+      [] {
+        py::dict info;
+        info["cuda"] = false;
+        info["cuda_archs"] = py::list();
+        info["gpu_on_host"] = false;
+        info["fanout"] = kFanout;
+        info["compiler"] = std::string(__VERSION__);
+        info["cpu_kernels"] = std::string(cpu_kernels().name);
+        return info;
+      },
+      "How this extension was built.");
+  m.def(
+      "select_cpu_kernels",
+      [](const std::string& name) {
+        if (!select_cpu_kernels(name.c_str())) {
+          throw std::invalid_argument("CPU kernels '" + name + "' are not available on this machine");
+        }
+      },
+      py::arg("name"), "Use the 'generic' or 'avx2' build of the CPU kernels (for tests).");
+  m.def(
+      "uniforms",
+      [](uint64_t seed, uint64_t offset, int64_t k, uintptr_t out) {
+        double* o = as_pointer<double>(out);
+        uint64_t key = key_from_seed(seed);
+        for (int64_t j = 0; j < k; ++j) o[j] = uniform_at(key, offset + uint64_t(j));
+      },
+      py::arg("seed"), py::arg("offset"), py::arg("k"), py::arg("out"),
+      "The uniforms that sample(k, seed=seed) descends from, starting at stream position offset.");
+
+  py::class_<SumHandle> sum(m, "SumTree", "Sum tree over non-negative float64 weights.");
+  sum.def(py::init<uint64_t, int64_t>(), py::arg("stream_seed"), py::arg("capacity"))
+      .def_property_readonly("total", [](SumHandle& h) { return h.tree.total(); })
+      .def(
+          "update",
+          [](SumHandle& h, uintptr_t indices, uintptr_t weights, int64_t k) {
+            h.locked(k, [&] { h.tree.update(as_pointer<const int64_t>(indices), as_pointer<const double>(weights), k); });
+          },
+          py::arg("indices"), py::arg("weights"), py::arg("k"))
+      .def(
+          "assign",
+          [](SumHandle& h, uintptr_t weights) {
+            h.locked(h.tree.capacity(), [&] { h.tree.assign(as_pointer<const double>(weights)); });
+          },
+          py::arg("weights"), "Set all n weights.")
+      .def(
+          "get",
+          [](SumHandle& h, uintptr_t indices, int64_t k, uintptr_t out) {
+            h.locked(k, [&] { h.tree.get(as_pointer<const int64_t>(indices), k, as_pointer<double>(out)); });
+          },
+          py::arg("indices"), py::arg("k"), py::arg("out"));
+  bind_common(sum);
+
+  py::class_<SoftmaxHandle> softmax(m, "SoftmaxTree", "Scores s with p = softmax(s / T).");
+  softmax.def(py::init<uint64_t, int64_t, double>(), py::arg("stream_seed"), py::arg("capacity"), py::arg("temperature"))
+      .def_property_readonly("total", [](SoftmaxHandle& h) { return h.tree.tree().total(); },
+                             "Sum of the leaves exp((s - reference) / T).")
+      .def_property_readonly("log_total", [](SoftmaxHandle& h) { return h.tree.log_total(); })
+      .def_property_readonly("reference", [](SoftmaxHandle& h) { return h.tree.reference(); })
+      .def_property(
+          "temperature", [](SoftmaxHandle& h) { return h.tree.temperature(); },
+          [](SoftmaxHandle& h, double t) { h.locked(h.tree.capacity(), [&] { h.tree.set_temperature(t); }); })
+      .def(
+          "update",
+          [](SoftmaxHandle& h, uintptr_t indices, uintptr_t scores, int64_t k) {
+            h.locked(k, [&] { h.tree.update(as_pointer<const int64_t>(indices), as_pointer<const double>(scores), k); });
+          },
+          py::arg("indices"), py::arg("scores"), py::arg("k"))
+      .def(
+          "assign",
+          [](SoftmaxHandle& h, uintptr_t scores) {
+            h.locked(h.tree.capacity(), [&] { h.tree.assign(as_pointer<const double>(scores)); });
+          },
+          py::arg("scores"), "Set all n scores.")
+      .def(
+          "get",
+          [](SoftmaxHandle& h, uintptr_t indices, int64_t k, uintptr_t out) {
+            h.locked(k, [&] { h.tree.get(as_pointer<const int64_t>(indices), k, as_pointer<double>(out)); });
+          },
+          py::arg("indices"), py::arg("k"), py::arg("out"))
+      .def(
+          "export_scores",
+          [](SoftmaxHandle& h, uintptr_t out) {
+            h.locked(h.tree.capacity(), [&] {
+              std::copy(h.tree.scores(), h.tree.scores() + h.tree.capacity(), as_pointer<double>(out));
+            });
+          },
+          py::arg("out"))
+      .def(
+          "load",
+          [](SoftmaxHandle& h, uintptr_t scores, double reference) {
+            h.locked(h.tree.capacity(), [&] { h.tree.load(as_pointer<const double>(scores), reference); });
+          },
+          py::arg("scores"), py::arg("reference"), "Restore scores and reference exactly.");
+  bind_common(softmax);
+}

@@ -1,0 +1,42 @@
+// The CPU tree's hot loops, compiled twice from cpu_kernels.inc: for baseline x86-64 (or
+// whatever the target is) and, on x86-64, for AVX2. cpu_kernels() picks the AVX2 build once
+// when the processor has AVX2 and FMA, unless ISAMPLE_CPU_KERNELS=generic is set.
+//
+// Both builds compute bit-identical results: the kernels are compiled with
+// -ffp-contract=off (no fused multiply-add) and without reassociation, so vector lanes do
+// exactly the scalar operations. The tests run both and compare them.
+#pragma once
+
+#include <cstdint>
+
+#include "common.h"
+
+namespace isample {
+
+struct CpuKernels {
+  const char* name;
+  // Descend m targets level by level; on return node[j] is the leaf holding target[j].
+  void (*descend_chunk)(const TreeLayout& layout, const double* internal, const double* leaves,
+                        double* target, int64_t* node, int m);
+  // Re-sum every node of one level from the level below.
+  void (*recompute_level)(const TreeLayout& layout, double* internal, const double* leaves, int level);
+  // Re-sum the ancestors of leaves leaf_indices[0..k), level by level (nodes: k scratch).
+  void (*propagate)(const TreeLayout& layout, double* internal, const double* leaves,
+                    const int64_t* leaf_indices, int64_t k, int64_t* nodes);
+  // Re-sum the ancestors of one leaf.
+  void (*propagate_one)(const TreeLayout& layout, double* internal, const double* leaves, int64_t leaf);
+  // target[j] = uniform_at(key, offset + j) * total.
+  void (*uniform_targets)(uint64_t key, uint64_t offset, int64_t m, double total, double* target);
+  // Exponential-race keys: keys[i] = E_i / (w_i * inverse_total) with E_i = -log(u_i),
+  // u_i = open_uniform_at(key, i); +inf for w_i = 0 (and where the quotient overflows).
+  void (*race_keys)(const double* leaves, int64_t n, uint64_t key, double inverse_total, double* keys);
+  // The same race in the log domain, for weights so spread out that the linear keys
+  // overflow: keys[i] = log(E_i) - log(w_i); +inf for w_i = 0.
+  void (*race_log_keys)(const double* leaves, int64_t n, uint64_t key, double* keys);
+};
+
+const CpuKernels& cpu_kernels();
+// Select a build by name ("generic" or "avx2"); returns false if it is not available here.
+bool select_cpu_kernels(const char* name);
+
+}  // namespace isample

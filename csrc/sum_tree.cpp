@@ -1,0 +1,307 @@
+#include "sum_tree.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <limits>
+#include <stdexcept>
+#include <string>
+
+#include "cpu_kernels.h"
+#include "descend.h"
+#include "select.h"
+
+namespace isample {
+namespace {
+
+// Descents are processed in chunks so their per-level state stays in L1.
+constexpr int kChunk = 256;
+
+// Scratch above this size is released after the call instead of kept for the next one.
+constexpr size_t kKeepScratchBytes = size_t(64) << 20;
+
+std::string number_text(double v) {
+  char text[64];
+  std::snprintf(text, sizeof text, "%.17g", v);
+  return text;
+}
+
+void check_count(int64_t k, const char* what) {
+  if (k < 0) throw std::invalid_argument(std::string(what) + " must be >= 0, got " + std::to_string(k));
+}
+
+}  // namespace
+
+SumTree::SumTree(int64_t capacity) {
+  if (capacity < 1 || capacity > kMaxCapacity) {
+    throw std::invalid_argument("capacity must be between 1 and 2^40, got " + std::to_string(capacity));
+  }
+  layout_ = TreeLayout::for_capacity(capacity);
+  double bytes = double(layout_.leaf_slots + layout_.internal_slots) * sizeof(double);
+  check_fits_in_memory(bytes, "a tree of capacity " + std::to_string(capacity));
+  try {
+    leaves_ = AlignedBuffer(size_t(layout_.leaf_slots));
+    internal_ = AlignedBuffer(size_t(layout_.internal_slots));
+  } catch (const std::bad_alloc&) {
+    throw OutOfMemory("could not allocate " + format_bytes(bytes) + " for a tree of capacity " +
+                      std::to_string(capacity));
+  }
+}
+
+size_t SumTree::nbytes() const {
+  return (leaves_.size() + internal_.size()) * sizeof(double);
+}
+
+void SumTree::check_indices(const int64_t* indices, int64_t k) const {
+  const int64_t n = layout_.capacity;
+  for (int64_t j = 0; j < k; ++j) {
+    if (indices[j] < 0 || indices[j] >= n) {
+      throw std::out_of_range("index " + std::to_string(indices[j]) + " (at position " +
+                              std::to_string(j) + ") is out of range for capacity " +
+                              std::to_string(n));
+    }
+  }
+}
+
+// Throws for a weight that is not finite and >= 0; returns the sum of the weights.
+static double check_weights(const double* weights, int64_t k) {
+  double sum = 0.0;
+  for (int64_t j = 0; j < k; ++j) {
+    double w = weights[j];
+    if (!(w >= 0.0 && w <= std::numeric_limits<double>::max())) {
+      throw std::invalid_argument("weight " + number_text(w) + " (at position " + std::to_string(j) +
+                                  ") is not a finite non-negative number");
+    }
+    sum += w;
+  }
+  return sum;
+}
+
+void SumTree::rebuild_internal() {
+  const double* leaves = leaves_.data();
+  double* level1 = internal_.data() + layout_.level_offset[1];
+  int64_t positive = 0;
+  for (int64_t p = 0; p < layout_.level_nodes[1]; ++p) {
+    const double* block = leaves + p * kFanout;
+    level1[p] = node_sum(block);
+    for (int j = 0; j < kFanout; ++j) positive += block[j] > 0.0;
+  }
+  for (int level = 2; level <= layout_.levels; ++level) {
+    cpu_kernels().recompute_level(layout_, internal_.data(), leaves_.data(), level);
+  }
+  num_positive_ = positive;
+}
+
+void SumTree::propagate(const int64_t* leaf_indices, int64_t k) {
+  node_scratch_.resize(size_t(k));
+  cpu_kernels().propagate(layout_, internal_.data(), leaves_.data(), leaf_indices, k, node_scratch_.data());
+}
+
+void SumTree::propagate_one(int64_t leaf) {
+  cpu_kernels().propagate_one(layout_, internal_.data(), leaves_.data(), leaf);
+}
+
+void SumTree::write_unchecked(const int64_t* indices, const double* weights, int64_t k) {
+  double* leaves = leaves_.data();
+  for (int64_t j = 0; j < k; ++j) {
+    double& leaf = leaves[indices[j]];
+    num_positive_ += int64_t(weights[j] > 0.0) - int64_t(leaf > 0.0);
+    leaf = weights[j];
+  }
+  propagate(indices, k);
+}
+
+void SumTree::update(const int64_t* indices, const double* weights, int64_t k) {
+  check_count(k, "the number of updates");
+  check_indices(indices, k);
+  const double added = check_weights(weights, k);
+  // Replacing weights can only lower the old part of the total, so while total + added is
+  // far from DBL_MAX the new total is finite and nothing needs to be kept for a rollback.
+  if (total() + added <= std::numeric_limits<double>::max() / 2) {
+    write_unchecked(indices, weights, k);
+    return;
+  }
+  value_scratch_.resize(size_t(k));
+  const int64_t positive_before = num_positive_;
+  double* leaves = leaves_.data();
+  for (int64_t j = 0; j < k; ++j) value_scratch_[j] = leaves[indices[j]];
+  write_unchecked(indices, weights, k);
+  if (std::isfinite(total())) return;
+  // The new total overflows: put back every leaf as it was before the call, re-sum, refuse.
+  for (int64_t j = 0; j < k; ++j) leaves[indices[j]] = value_scratch_[j];
+  propagate(indices, k);
+  num_positive_ = positive_before;
+  throw std::invalid_argument("these weights would make the total overflow to inf");
+}
+
+void SumTree::assign(const double* weights) {
+  const int64_t n = layout_.capacity;
+  check_weights(weights, n);
+  double largest = 0.0;
+  for (int64_t i = 0; i < n; ++i) largest = std::max(largest, weights[i]);
+  // The exact sum is at most n * largest; below DBL_MAX / 2 the rounded tree sums cannot
+  // overflow, so the common case writes in place. Otherwise build aside and swap on success.
+  if (largest * double(n) <= std::numeric_limits<double>::max() / 2) {
+    rebuild_from([weights](int64_t i) { return weights[i]; });
+    return;
+  }
+  SumTree fresh(n);
+  fresh.rebuild_from([weights](int64_t i) { return weights[i]; });
+  if (!std::isfinite(fresh.total())) {
+    throw std::invalid_argument("these weights would make the total overflow to inf");
+  }
+  leaves_.swap(fresh.leaves_);
+  internal_.swap(fresh.internal_);
+  num_positive_ = fresh.num_positive_;
+}
+
+void SumTree::get(const int64_t* indices, int64_t k, double* out) const {
+  check_count(k, "the number of indices");
+  check_indices(indices, k);
+  for (int64_t j = 0; j < k; ++j) out[j] = leaves_[indices[j]];
+}
+
+void SumTree::probability(const int64_t* indices, int64_t k, double* out) const {
+  check_count(k, "the number of indices");
+  check_indices(indices, k);
+  const double sum = total();
+  if (!(sum > 0.0)) throw std::invalid_argument("probabilities are undefined: every weight is zero");
+  for (int64_t j = 0; j < k; ++j) out[j] = leaves_[indices[j]] / sum;
+}
+
+void SumTree::descend_chunk(double* target, int64_t* node, int m) const {
+  cpu_kernels().descend_chunk(layout_, internal_.data(), leaves_.data(), target, node, m);
+}
+
+void SumTree::sample_from_uniforms(const double* u, int64_t k, int64_t* out) const {
+  check_count(k, "the number of uniforms");
+  for (int64_t j = 0; j < k; ++j) {
+    if (!(u[j] >= 0.0 && u[j] < 1.0)) {
+      throw std::invalid_argument("uniform " + number_text(u[j]) + " (at position " + std::to_string(j) +
+                                  ") is not in [0, 1)");
+    }
+  }
+  const double sum = total();
+  if (k > 0 && !(sum > 0.0)) throw std::invalid_argument("cannot sample: every weight is zero");
+  double target[kChunk];
+  for (int64_t start = 0; start < k; start += kChunk) {
+    int m = int(std::min<int64_t>(kChunk, k - start));
+    for (int j = 0; j < m; ++j) target[j] = u[start + j] * sum;
+    descend_chunk(target, out + start, m);
+  }
+}
+
+void SumTree::sample_with_replacement(uint64_t key, int64_t k, int64_t* out) const {
+  check_count(k, "the number of draws");
+  const double sum = total();
+  if (k > 0 && !(sum > 0.0)) throw std::invalid_argument("cannot sample: every weight is zero");
+  double target[kChunk];
+  for (int64_t start = 0; start < k; start += kChunk) {
+    int m = int(std::min<int64_t>(kChunk, k - start));
+    cpu_kernels().uniform_targets(key, uint64_t(start), m, sum, target);
+    descend_chunk(target, out + start, m);
+  }
+}
+
+void SumTree::sample_without_replacement(uint64_t key, int64_t k, int64_t* out, DistinctMethod method) {
+  check_count(k, "the number of draws");
+  if (k > num_positive_) {
+    throw std::invalid_argument("cannot draw " + std::to_string(k) + " distinct items: only " +
+                                std::to_string(num_positive_) + " have a positive weight");
+  }
+  if (k == 0) return;
+  const bool race = method == DistinctMethod::kRace || (method == DistinctMethod::kAuto && race_is_cheaper(k));
+  if (race) {
+    sample_by_race(key, k, out);
+  } else {
+    sample_by_rejection_and_removal(key, k, out);
+  }
+}
+
+bool SumTree::race_is_cheaper(int64_t k) const {
+  // Measured on the development machine (benchmarks/): a tree draw costs about as much per
+  // level as the race spends on four items.
+  return double(k) * double(layout_.levels) * 4.0 > double(layout_.capacity);
+}
+
+// Exponential race (Efraimidis-Spirakis): with E_i ~ Exp(1), the items in increasing order
+// of E_i / w_i are a successive sample. Keys are E_i / p_i with p_i = w_i / total; a key
+// that overflows belongs to an item that could only be drawn after every finite-key item,
+// so the linear keys are exact whenever k of them are finite. Otherwise the keys are
+// recomputed in the log domain, log(E_i) - log(w_i), which cannot overflow.
+void SumTree::sample_by_race(uint64_t key, int64_t k, int64_t* out) {
+  const int64_t n = layout_.capacity;
+  race_keys_.resize(size_t(n));
+  cpu_kernels().race_keys(leaves_.data(), n, key, 1.0 / total(), race_keys_.data());
+  if (!smallest_in_order(race_keys_.data(), n, k, out, select_scratch_)) {
+    cpu_kernels().race_log_keys(leaves_.data(), n, key, race_keys_.data());
+    smallest_in_order(race_keys_.data(), n, k, out, select_scratch_);
+  }
+  if (race_keys_.capacity() * sizeof(double) > kKeepScratchBytes) std::vector<double>().swap(race_keys_);
+  select_scratch_.trim(kKeepScratchBytes);
+}
+
+// Draws i.i.d. candidates in batches and keeps each first occurrence: the first k distinct
+// values of an i.i.d. sequence are exactly a successive sample. When too many candidates
+// repeat (the kept items hold much of the mass), switches to removal: the kept items are
+// zeroed in the tree and each further draw removes its item, so it is drawn from the rest.
+// Every removed leaf is restored before returning.
+void SumTree::sample_by_rejection_and_removal(uint64_t key, int64_t k, int64_t* out) {
+  int64_t slots = 64;
+  while (slots < 2 * k) slots *= 2;
+  set_scratch_.assign(size_t(slots), -1);
+  value_scratch_.resize(size_t(k));
+  node_scratch_.resize(size_t(k));  // propagate() below must not allocate mid-call
+  const uint64_t mask = uint64_t(slots - 1);
+  auto insert = [&](int64_t item) {
+    uint64_t slot = mix64(uint64_t(item)) & mask;
+    while (set_scratch_[slot] != -1) {
+      if (set_scratch_[slot] == item) return false;
+      slot = (slot + 1) & mask;
+    }
+    set_scratch_[slot] = item;
+    return true;
+  };
+
+  int64_t accepted = 0;
+  uint64_t drawn = 0;  // position in the stream
+  double target[kChunk];
+  int64_t node[kChunk];
+  const double sum = total();
+  while (accepted < k) {
+    int m = int(std::min<int64_t>(kChunk, k - accepted));
+    cpu_kernels().uniform_targets(key, drawn, m, sum, target);
+    drawn += uint64_t(m);
+    descend_chunk(target, node, m);
+    int repeats = 0;
+    for (int j = 0; j < m && accepted < k; ++j) {
+      if (insert(node[j])) {
+        out[accepted++] = node[j];
+      } else {
+        ++repeats;
+      }
+    }
+    if (2 * repeats > m) break;
+  }
+  if (accepted == k) return;
+
+  const int64_t positive_before = num_positive_;
+  double* leaves = leaves_.data();
+  for (int64_t j = 0; j < accepted; ++j) {
+    value_scratch_[j] = leaves[out[j]];
+    leaves[out[j]] = 0.0;
+  }
+  propagate(out, accepted);
+  while (accepted < k) {
+    int64_t leaf = descend(layout_, internal_.data(), leaves, uniform_at(key, drawn++) * total());
+    value_scratch_[accepted] = leaves[leaf];
+    leaves[leaf] = 0.0;
+    propagate_one(leaf);
+    out[accepted++] = leaf;
+  }
+  for (int64_t j = 0; j < k; ++j) leaves[out[j]] = value_scratch_[j];
+  propagate(out, k);
+  num_positive_ = positive_before;
+}
+
+}  // namespace isample

@@ -1,0 +1,101 @@
+// CPU sum tree over n non-negative float64 weights, and the softmax tree built on it.
+//
+// Semantics (shared with the GPU back end):
+//   * p_i = w_i / total. A zero weight is never drawn.
+//   * update() with a repeated index: the last value wins.
+//   * Every method validates all of its input before changing anything; a call that throws
+//     leaves the tree exactly as it was. Errors: std::out_of_range for a bad index,
+//     std::invalid_argument for a bad value (pybind11 maps them to IndexError / ValueError).
+//   * Not thread-safe on its own: the Python bindings serialise calls with a mutex.
+//
+// Costs, with B = 16 and L = ceil(log_16 n) levels:
+//   update k            O(k B L), re-sums only the touched ancestors (a whole level once k
+//                       is comparable to its size)
+//   sample k (replace)  O(k B L), descents run level by level so their memory loads overlap
+//   sample k (distinct) O(k B L) by rejection + removal/restore for small k/n, or O(n) by an
+//                       exponential race for large k/n; both give successive sampling
+//   assign / build      O(n)
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "buffer.h"
+#include "common.h"
+#include "select.h"
+
+namespace isample {
+
+// How sample_without_replacement draws: by the rule of thumb on k / n, or forced.
+enum class DistinctMethod { kAuto, kRace, kRemoval };
+
+class SumTree {
+ public:
+  explicit SumTree(int64_t capacity);
+
+  int64_t capacity() const { return layout_.capacity; }
+  const TreeLayout& layout() const { return layout_; }
+  double total() const { return internal_[0]; }
+  // Number of items with a positive weight (the most that can be drawn without replacement).
+  int64_t num_positive() const { return num_positive_; }
+  // Bytes held by the tree's arrays.
+  size_t nbytes() const;
+  const double* leaves() const { return leaves_.data(); }
+  const double* internal() const { return internal_.data(); }
+
+  // Set w[indices[j]] = weights[j]. Weights must be finite and >= 0, and the new total
+  // must stay finite.
+  void update(const int64_t* indices, const double* weights, int64_t k);
+  // Set all n weights at once, O(n).
+  void assign(const double* weights);
+  void get(const int64_t* indices, int64_t k, double* out) const;
+  void probability(const int64_t* indices, int64_t k, double* out) const;
+
+  // Descend for each u in [0, 1): out[j] = the leaf holding mass u[j] * total.
+  void sample_from_uniforms(const double* u, int64_t k, int64_t* out) const;
+  // k draws with replacement, from stream `key` (uniform_at(key, 0 .. k-1)), so it equals
+  // sample_from_uniforms on those uniforms.
+  void sample_with_replacement(uint64_t key, int64_t k, int64_t* out) const;
+  // k distinct items by successive sampling (each next item drawn with probability
+  // proportional to its weight among those not yet drawn), in draw order for the tree
+  // methods and in key order (which is also a draw order) for the race. The tree is
+  // modified during the call and restored bit for bit before it returns.
+  void sample_without_replacement(uint64_t key, int64_t k, int64_t* out,
+                                  DistinctMethod method = DistinctMethod::kAuto);
+
+  // For SoftmaxTree, which validates on its own: write leaves without checking values.
+  void write_unchecked(const int64_t* indices, const double* weights, int64_t k);
+  // Recompute every leaf as leaf_value(i) and rebuild all sums, O(n).
+  template <class LeafValue>
+  void rebuild_from(LeafValue leaf_value) {
+    double* leaves = leaves_.data();
+    for (int64_t i = 0; i < layout_.capacity; ++i) leaves[i] = leaf_value(i);
+    rebuild_internal();
+  }
+
+  void check_indices(const int64_t* indices, int64_t k) const;
+
+ private:
+  void rebuild_internal();
+  // Re-sum the ancestors of the k leaves, level by level.
+  void propagate(const int64_t* leaf_indices, int64_t k);
+  void propagate_one(int64_t leaf);
+  // Descend m <= kChunk targets in place: on return node[j] is the leaf of target[j].
+  void descend_chunk(double* target, int64_t* node, int m) const;
+  void sample_by_race(uint64_t key, int64_t k, int64_t* out);
+  void sample_by_rejection_and_removal(uint64_t key, int64_t k, int64_t* out);
+  bool race_is_cheaper(int64_t k) const;
+
+  TreeLayout layout_;
+  AlignedBuffer leaves_;
+  AlignedBuffer internal_;
+  int64_t num_positive_ = 0;
+  // Per-call scratch, kept to avoid allocating on every call.
+  std::vector<int64_t> node_scratch_;
+  std::vector<double> value_scratch_;
+  std::vector<int64_t> set_scratch_;
+  std::vector<double> race_keys_;
+  SelectScratch select_scratch_;
+};
+
+}  // namespace isample

@@ -1,0 +1,375 @@
+"""Sum trees: sampling in proportion to weights, or to softmax(scores / T), in O(log n).
+
+Both trees hold n items, accept batched updates, and draw with or without replacement.
+Array arguments may be torch tensors, numpy arrays or sequences; results are torch tensors
+on the tree's device (int64 indices, float64 values).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Dict, Optional
+
+import torch
+
+from . import _backend, _core
+from ._backend import DeviceLike
+
+__all__ = ["SumTree", "SoftmaxTree", "uniforms"]
+
+_STATE_VERSION = 1
+
+
+class _Tree:
+    """Behaviour shared by SumTree and SoftmaxTree."""
+
+    _format: str
+
+    def __init__(self, capacity: int, device: DeviceLike, seed: Optional[int]) -> None:
+        capacity = _backend.check_count(capacity, "capacity")
+        if capacity < 1:
+            raise ValueError("capacity must be at least 1")
+        self._device = _backend.resolve_device(device)
+        self._capacity = capacity
+        self._stream_seed = _backend.draw_seed() if seed is None else _backend.check_seed(seed)
+
+    # -- properties -------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self._capacity
+
+    @property
+    def capacity(self) -> int:
+        """Number of items n; valid indices are 0 .. n-1."""
+        return self._capacity
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def total(self) -> float:
+        """Sum of the weights."""
+        return float(self._core.total)
+
+    @property
+    def num_positive(self) -> int:
+        """Number of items that can be drawn (positive probability)."""
+        return int(self._core.num_positive)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the tree, in bytes."""
+        return int(self._core.nbytes)
+
+    # -- queries ----------------------------------------------------------------------
+    def _indices_or_all(self, indices: Any) -> torch.Tensor:
+        if indices is None:
+            return torch.arange(self._capacity, dtype=torch.int64, device=self._device)
+        return _backend.as_indices(indices, self._device)
+
+    def get(self, indices: Any = None) -> torch.Tensor:
+        """Stored values at `indices` (shape (k,)), or all n when None."""
+        idx = self._indices_or_all(indices)
+        out = _backend.empty_values(idx.shape[0], self._device)
+        self._core.get(idx.data_ptr(), idx.shape[0], out.data_ptr())
+        return out
+
+    def probability(self, indices: Any = None) -> torch.Tensor:
+        """Probability p_i of drawing each item in one draw (shape (k,)), or all n when None.
+
+        Raises ValueError when every weight is zero.
+        """
+        idx = self._indices_or_all(indices)
+        out = _backend.empty_values(idx.shape[0], self._device)
+        self._core.probability(idx.data_ptr(), idx.shape[0], out.data_ptr())
+        return out
+
+    # -- sampling ---------------------------------------------------------------------
+    def sample(
+        self,
+        k: int,
+        *,
+        replace: bool = True,
+        seed: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+        method: str = "auto",
+    ) -> torch.Tensor:
+        """Draw k indices (int64, shape (k,)).
+
+        With ``replace=True`` the draws are independent with probabilities p. With
+        ``replace=False`` they are k distinct items drawn one after another, each in
+        proportion to its weight among those not yet drawn (successive sampling); the tree
+        is unchanged afterwards. ``seed`` makes the call reproducible; ``generator`` draws
+        its seed from a torch.Generator; with neither, the tree's own stream is used (its
+        seed comes from torch's default generator, so ``torch.manual_seed`` fixes it).
+
+        ``method`` (``replace=False`` only) picks the exact algorithm: ``"removal"`` draws
+        one item at a time from the tree (rejecting repeats of i.i.d. draws while that is
+        cheap, then removing drawn items and restoring them afterwards), O(k log n);
+        ``"race"`` takes the k smallest of E_i / w_i with E_i ~ Exp(1), O(n); ``"auto"``
+        chooses by k / n. Both return the items in draw order.
+
+        Raises ValueError when every weight is zero, or when ``replace=False`` and fewer
+        than k items have a positive weight.
+        """
+        if type(k) is not int or k < 0:
+            k = _backend.check_count(k)
+        if seed is not None or generator is not None:
+            seed = _seed_of_call(seed, generator)
+        out = _backend.empty_indices(k, self._device)
+        if method == "auto":
+            self._core.sample(k, replace is True or bool(replace), out.data_ptr(), seed)
+        else:
+            if replace:
+                raise ValueError("method applies to replace=False only")
+            self._core.sample(k, False, out.data_ptr(), seed, method)
+        return out
+
+    def sample_from_uniforms(self, u: Any) -> torch.Tensor:
+        """Deterministic descent: for each u in [0, 1), the item holding mass u * total.
+
+        ``sample(k, seed=s)`` equals ``sample_from_uniforms(isample.uniforms(k, seed=s))``.
+        """
+        values = _backend.as_values(u, self._device, _length_of(u), name="u")
+        out = _backend.empty_indices(values.shape[0], self._device)
+        self._core.sample_from_uniforms(values.data_ptr(), values.shape[0], out.data_ptr())
+        return out
+
+    # -- state ------------------------------------------------------------------------
+    def _stream_state(self) -> Dict[str, int]:
+        return {"stream_seed": int(self._core.stream_seed), "stream_calls": int(self._core.stream_calls)}
+
+    def _check_state(self, state: Dict[str, Any], array_key: str) -> torch.Tensor:
+        if not isinstance(state, dict):
+            raise TypeError(f"state must be a dict, got {type(state).__name__}")
+        if state.get("format") != self._format:
+            raise ValueError(f"not a {self._format} state (format={state.get('format')!r})")
+        if state.get("version") != _STATE_VERSION:
+            raise ValueError(f"unsupported state version {state.get('version')!r}, expected {_STATE_VERSION}")
+        if state.get("capacity") != self._capacity:
+            raise ValueError(f"state is for capacity {state.get('capacity')}, this tree has {self._capacity}")
+        for key in ("stream_seed", "stream_calls"):
+            _backend.check_seed(state.get(key))
+        values = state.get(array_key)
+        if not isinstance(values, torch.Tensor):
+            raise TypeError(f"state[{array_key!r}] must be a tensor")
+        return _backend.as_values(values, self._device, self._capacity, name=f"state[{array_key!r}]")
+
+    def _load_stream(self, state: Dict[str, Any]) -> None:
+        self._core.stream_seed = _backend.check_seed(state["stream_seed"])
+        self._core.stream_calls = _backend.check_seed(state["stream_calls"])
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(capacity={self._capacity}, device='{self._device}', total={self.total:.6g})"
+
+
+def _seed_of_call(seed: Optional[int], generator: Optional[torch.Generator]) -> int:
+    if seed is not None and generator is not None:
+        raise ValueError("pass seed or generator, not both")
+    if generator is not None:
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        return _backend.draw_seed(generator)
+    return _backend.check_seed(seed)
+
+
+def _length_of(x: Any) -> int:
+    if isinstance(x, (torch.Tensor,)) or hasattr(x, "shape"):
+        shape = tuple(x.shape)
+        if len(shape) != 1:
+            raise ValueError(f"expected a 1-D array, got shape {shape}")
+        return shape[0]
+    try:
+        return len(x)
+    except TypeError as error:
+        raise TypeError(f"expected an array of numbers, got {type(x).__name__}") from error
+
+
+class SumTree(_Tree):
+    """A sum tree over n non-negative float64 weights, all zero at first; p_i = w_i / total.
+
+    Args:
+        capacity: number of items n (>= 1).
+        device: ``"cpu"`` (or ``"cuda"`` in a CUDA build).
+        seed: seed of the tree's own random stream; by default drawn from torch's default
+            generator.
+
+    Updates re-sum the touched ancestors from their children (never by adding deltas), so
+    the total never drifts. Memory: about 8.53 bytes per item.
+    """
+
+    _format = "isample.SumTree"
+
+    def __init__(self, capacity: int, *, device: DeviceLike = "cpu", seed: Optional[int] = None) -> None:
+        super().__init__(capacity, device, seed)
+        self._core = _core.SumTree(self._stream_seed, self._capacity)
+
+    @classmethod
+    def from_weights(cls, weights: Any, *, device: DeviceLike = "cpu", seed: Optional[int] = None) -> "SumTree":
+        """A tree holding `weights` (shape (n,)), built in O(n)."""
+        tree = cls(_length_of(weights), device=device, seed=seed)
+        tree.assign(weights)
+        return tree
+
+    def update(self, indices: Any, values: Any) -> None:
+        """Set w[indices[j]] = values[j]; a scalar value is broadcast.
+
+        Values must be finite and >= 0 (ValueError otherwise); a repeated index takes its
+        last value. A rejected call changes nothing.
+        """
+        idx = _backend.as_indices(indices, self._device)
+        k = idx.numel()
+        val = _backend.as_values(values, self._device, k)
+        self._core.update(idx.data_ptr(), val.data_ptr(), k)
+
+    def assign(self, values: Any) -> None:
+        """Set all n weights at once (shape (n,)), O(n)."""
+        val = _backend.as_values(values, self._device, self._capacity)
+        self._core.assign(val.data_ptr())
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Weights and random-stream position; ``load_state_dict`` restores them exactly."""
+        weights = _backend.empty_values(self._capacity, self._device)
+        self._core.export_leaves(weights.data_ptr())
+        return {
+            "format": self._format,
+            "version": _STATE_VERSION,
+            "capacity": self._capacity,
+            "weights": weights,
+            **self._stream_state(),
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore a state from ``state_dict``; a state that does not fit changes nothing."""
+        weights = self._check_state(state, "weights")
+        self._core.assign(weights.data_ptr())
+        self._load_stream(state)
+
+
+class SoftmaxTree(_Tree):
+    """Scores s_i for n items (all zero at first), drawn with p = softmax(s / T).
+
+    Exact for any finite scores: leaves hold exp((s - ref) / T) and the reference is moved
+    (O(n), rarely) so nothing overflows or underflows. Every p_i above ~1e-250 matches a
+    float64 stable softmax to ~1e-13 relative.
+
+    Args:
+        capacity: number of items n (>= 1).
+        temperature: T > 0; higher is flatter.
+        device: ``"cpu"`` (or ``"cuda"`` in a CUDA build).
+        seed: seed of the tree's own random stream; by default from torch's default generator.
+
+    Memory: about 16.5 bytes per item (scores plus the tree).
+    """
+
+    _format = "isample.SoftmaxTree"
+
+    def __init__(
+        self,
+        capacity: int,
+        *,
+        temperature: float = 1.0,
+        device: DeviceLike = "cpu",
+        seed: Optional[int] = None,
+    ) -> None:
+        super().__init__(capacity, device, seed)
+        self._core = _core.SoftmaxTree(self._stream_seed, self._capacity, _check_temperature(temperature))
+
+    @classmethod
+    def from_scores(
+        cls,
+        scores: Any,
+        *,
+        temperature: float = 1.0,
+        device: DeviceLike = "cpu",
+        seed: Optional[int] = None,
+    ) -> "SoftmaxTree":
+        """A tree holding `scores` (shape (n,)), built in O(n)."""
+        tree = cls(_length_of(scores), temperature=temperature, device=device, seed=seed)
+        tree.assign(scores)
+        return tree
+
+    @property
+    def temperature(self) -> float:
+        return float(self._core.temperature)
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        self._core.temperature = _check_temperature(value)
+
+    @property
+    def log_total(self) -> float:
+        """logsumexp(s / T), exact for any finite scores."""
+        return float(self._core.log_total)
+
+    @property
+    def total(self) -> float:
+        """sum_i exp(s_i / T); may be inf for large scores (use ``log_total``)."""
+        log_total = self.log_total
+        return math.exp(log_total) if log_total < 709.0 else math.inf
+
+    def update(self, indices: Any, scores: Any) -> None:
+        """Set s[indices[j]] = scores[j]; a scalar is broadcast.
+
+        Scores must be finite (ValueError otherwise); a repeated index takes its last value.
+        A rejected call changes nothing.
+        """
+        idx = _backend.as_indices(indices, self._device)
+        k = idx.numel()
+        val = _backend.as_values(scores, self._device, k, name="scores")
+        self._core.update(idx.data_ptr(), val.data_ptr(), k)
+
+    def assign(self, scores: Any) -> None:
+        """Set all n scores at once (shape (n,)), O(n)."""
+        val = _backend.as_values(scores, self._device, self._capacity, name="scores")
+        self._core.assign(val.data_ptr())
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Scores, temperature, reference and stream position, restored exactly by
+        ``load_state_dict``."""
+        scores = _backend.empty_values(self._capacity, self._device)
+        self._core.export_scores(scores.data_ptr())
+        return {
+            "format": self._format,
+            "version": _STATE_VERSION,
+            "capacity": self._capacity,
+            "temperature": self.temperature,
+            "reference": float(self._core.reference),
+            "scores": scores,
+            **self._stream_state(),
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore a state from ``state_dict``; a state that does not fit changes nothing."""
+        scores = self._check_state(state, "scores")
+        temperature = _check_temperature(state.get("temperature"))
+        reference = state.get("reference")
+        if not isinstance(reference, float) or not math.isfinite(reference):
+            raise ValueError(f"state['reference'] must be a finite float, got {reference!r}")
+        if not bool(torch.isfinite(scores).all()):
+            raise ValueError("state['scores'] holds a non-finite score")
+        if temperature != self.temperature:
+            self._core.temperature = temperature
+        self._core.load(scores.data_ptr(), reference)
+        self._load_stream(state)
+
+
+def _check_temperature(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"temperature must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"temperature must be a finite number > 0, got {value}")
+    return value
+
+
+def uniforms(k: int, *, seed: int, offset: int = 0) -> torch.Tensor:
+    """The float64 uniforms in [0, 1) that ``sample(k, seed=seed)`` descends from.
+
+    Draws come from a counter-based stream (SplitMix64 over a Weyl sequence): position
+    ``offset + j`` of stream ``seed`` is the j-th value, identical on every back end.
+    """
+    k = _backend.check_count(k)
+    out = _backend.empty_values(k, torch.device("cpu"))
+    _core.uniforms(_backend.check_seed(seed), _backend.check_count(offset, "offset"), k, out.data_ptr())
+    return out
