@@ -1,0 +1,102 @@
+"""Shared helpers: a numpy reference tree, a chi-square test with bin merging, kernel builds."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import scipy.stats
+
+from isample import _core
+
+ALPHA = 1e-3  # significance level of every statistical test
+
+
+def reference_descent(weights: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """The numpy reference for sample_from_uniforms: cumsum + searchsorted.
+
+    Item i owns [cumsum[i-1], cumsum[i]); a target on a boundary goes right, so zero-weight
+    items are never returned. Exact when the sums are exact (power-of-two weights).
+    """
+    cumulative = np.cumsum(weights)
+    return np.searchsorted(cumulative, u * cumulative[-1], side="right")
+
+
+def chi_square_pvalue(observed: np.ndarray, expected_probability: np.ndarray) -> float:
+    """Pearson's chi-square of counts against probabilities, after merging small bins.
+
+    Bins are sorted by expected count and merged from the smallest up until each merged bin
+    expects at least 5, so that the chi-square approximation holds.
+    """
+    observed = np.asarray(observed, dtype=np.float64)
+    expected = np.asarray(expected_probability, dtype=np.float64) * observed.sum()
+    assert observed.shape == expected.shape
+    if np.any(observed[expected == 0] > 0):
+        return 0.0  # an impossible outcome happened
+    keep = expected > 0
+    observed, expected = observed[keep], expected[keep]
+    order = np.argsort(expected)
+    observed, expected = observed[order], expected[order]
+    merged_obs, merged_exp = [], []
+    acc_obs = acc_exp = 0.0
+    for o, e in zip(observed, expected):
+        acc_obs += o
+        acc_exp += e
+        if acc_exp >= 5:
+            merged_obs.append(acc_obs)
+            merged_exp.append(acc_exp)
+            acc_obs = acc_exp = 0.0
+    if acc_exp > 0:
+        if merged_exp:
+            merged_obs[-1] += acc_obs
+            merged_exp[-1] += acc_exp
+        else:
+            merged_obs.append(acc_obs)
+            merged_exp.append(acc_exp)
+    if len(merged_exp) < 2:
+        return 1.0
+    merged_obs_arr, merged_exp_arr = np.array(merged_obs), np.array(merged_exp)
+    merged_exp_arr *= merged_obs_arr.sum() / merged_exp_arr.sum()
+    return float(scipy.stats.chisquare(merged_obs_arr, merged_exp_arr).pvalue)
+
+
+def power_of_two_weights(rng: np.random.Generator, n: int, zero_fraction: float = 0.2) -> np.ndarray:
+    """Weights 2^-e (e in 0..20) with some zeros: every partial sum is exact in float64."""
+    weights = np.ldexp(1.0, -rng.integers(0, 21, size=n))
+    weights[rng.random(n) < zero_fraction] = 0.0
+    if not weights.any():
+        weights[0] = 1.0
+    return weights
+
+
+def kernel_builds() -> list:
+    """The CPU kernel builds this machine can run (always 'generic'; 'avx2' where supported)."""
+    builds = ["generic"]
+    current = _core.build_info()["cpu_kernels"]
+    try:
+        _core.select_cpu_kernels("avx2")
+        builds.append("avx2")
+    except ValueError:
+        pass
+    finally:
+        _core.select_cpu_kernels(current)
+    return builds
+
+
+@pytest.fixture(params=kernel_builds())
+def kernels(request):
+    """Run a test under each CPU kernel build, restoring the default afterwards."""
+    default = _core.build_info()["cpu_kernels"]
+    _core.select_cpu_kernels(request.param)
+    yield request.param
+    _core.select_cpu_kernels(default)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)
+
+
+def pytest_report_header(config):
+    return f"isample core: {_core.build_info()} (ISAMPLE_CPU_KERNELS={os.environ.get('ISAMPLE_CPU_KERNELS')})"

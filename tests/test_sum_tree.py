@@ -1,0 +1,453 @@
+"""SumTree: exactness against a numpy reference, distributions, state, edge cases."""
+
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import isample
+from conftest import ALPHA, chi_square_pvalue, power_of_two_weights, reference_descent
+
+
+# -- exactness ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 2, 15, 16, 17, 255, 256, 257, 4096, 70_001])
+def test_descent_matches_numpy_reference_exactly(n, rng, kernels):
+    weights = power_of_two_weights(rng, n)
+    tree = isample.SumTree.from_weights(weights, seed=0)
+    u = np.concatenate([rng.random(20_000), [0.0, np.nextafter(1.0, 0.0)]])
+    got = tree.sample_from_uniforms(u).numpy()
+    np.testing.assert_array_equal(got, reference_descent(weights, u))
+    assert tree.total == weights.sum()
+
+
+def test_descent_lands_on_boundaries_exactly(kernels):
+    # weights 1,0,2,0,1: cumulative 1,1,3,3,4; a target exactly on a boundary goes right
+    weights = np.array([1.0, 0.0, 2.0, 0.0, 1.0])
+    tree = isample.SumTree.from_weights(weights, seed=0)
+    u = np.array([0.0, 0.25, 0.5, 0.75, 0.999])
+    assert tree.sample_from_uniforms(u).tolist() == [0, 2, 2, 4, 4]
+    assert tree.sample_from_uniforms(u).tolist() == reference_descent(weights, u).tolist()
+
+
+def test_kernel_builds_draw_identically_on_arbitrary_weights(rng):
+    """The generic and AVX2 kernel builds must agree bit for bit on any weights."""
+    from conftest import kernel_builds
+
+    builds = kernel_builds()
+    if len(builds) < 2:
+        pytest.skip("only one CPU kernel build runs on this machine")
+    weights = rng.random(100_003) ** 3
+    weights[rng.random(weights.size) < 0.3] = 0.0
+    weights[:50] = rng.random(50) * 1e-300
+    u = rng.random(50_000)
+    update_idx, update_val = rng.integers(0, weights.size, 1000), rng.random(1000)
+    results = {}
+    default = isample.build_info()["cpu_kernels"]
+    try:
+        for build in builds:
+            isample._core.select_cpu_kernels(build)
+            tree = isample.SumTree.from_weights(weights, seed=0)
+            tree.update(update_idx, update_val)
+            results[build] = (
+                tree.total,
+                tree.sample_from_uniforms(u).numpy(),
+                tree.sample(9000, replace=False, seed=1, method="race").numpy(),
+                tree.sample(300, replace=False, seed=1, method="removal").numpy(),
+            )
+    finally:
+        isample._core.select_cpu_kernels(default)
+    first = results[builds[0]]
+    for build in builds[1:]:
+        assert results[build][0] == first[0]
+        for a, b in zip(results[build][1:], first[1:]):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_zero_weights_are_never_drawn(rng, kernels):
+    weights = rng.random(5000)
+    weights[rng.random(5000) < 0.5] = 0.0
+    weights[-1] = 0.0  # the last leaf: where rounding would fall off the end
+    tree = isample.SumTree.from_weights(weights, seed=3)
+    draws = tree.sample(200_000).numpy()
+    assert (weights[draws] > 0).all()
+    u = np.concatenate([np.linspace(0, 1, 10_001)[:-1], [np.nextafter(1.0, 0.0)] * 5])
+    assert (weights[tree.sample_from_uniforms(u).numpy()] > 0).all()
+    distinct = tree.sample(int((weights > 0).sum()), replace=False, seed=4).numpy()
+    assert (weights[distinct] > 0).all() and len(set(distinct.tolist())) == distinct.size
+
+
+def test_total_does_not_drift_after_a_million_updates(rng, kernels):
+    n = 10_000
+    tree = isample.SumTree(n, seed=0)
+    for _ in range(1000):
+        idx = rng.integers(0, n, 1000)
+        # values across many magnitudes, including zeros: the hard case for delta updates
+        values = rng.random(1000) * 10.0 ** rng.integers(-12, 13, 1000)
+        values[rng.random(1000) < 0.1] = 0.0
+        tree.update(idx, values)
+    leaves = tree.get().numpy()
+    exact = math.fsum(leaves.tolist())
+    assert abs(tree.total - exact) <= 1e-12 * exact
+    # Every sum is recomputed from its children, so the tree equals a fresh build bit for bit.
+    fresh = isample.SumTree.from_weights(leaves, seed=0)
+    assert fresh.total == tree.total
+    u = rng.random(10_000)
+    np.testing.assert_array_equal(fresh.sample_from_uniforms(u), tree.sample_from_uniforms(u))
+
+
+def test_repeated_index_last_value_wins(kernels):
+    tree = isample.SumTree(10, seed=0)
+    tree.update([3, 3, 5, 3], [1.0, 7.0, 2.0, 4.0])
+    assert tree.get([3, 5]).tolist() == [4.0, 2.0]
+    assert tree.total == 6.0
+    assert tree.num_positive == 2
+
+
+def test_probability_and_get():
+    tree = isample.SumTree(4, seed=0)
+    tree.update([0, 1, 3], [1.0, 3.0, 4.0])
+    assert tree.probability().tolist() == [0.125, 0.375, 0.0, 0.5]
+    assert tree.probability(torch.tensor([3, 0])).tolist() == [0.5, 0.125]
+    assert tree.get(np.array([1, 2], dtype=np.int32)).tolist() == [3.0, 0.0]
+    assert tree.get([]).shape == (0,)
+
+
+def test_results_are_torch_tensors_with_the_documented_dtypes():
+    tree = isample.SumTree.from_weights([1.0, 2.0], seed=0)
+    assert tree.sample(3).dtype == torch.int64
+    assert tree.sample(2, replace=False).dtype == torch.int64
+    assert tree.get([0]).dtype == torch.float64
+    assert tree.probability([0]).dtype == torch.float64
+    assert len(tree) == 2 and tree.capacity == 2
+
+
+# -- distributions --------------------------------------------------------------------------
+
+
+@pytest.mark.statistical
+def test_with_replacement_frequencies_match_probabilities(rng, kernels):
+    weights = rng.random(60) ** 2
+    weights[::7] = 0.0
+    tree = isample.SumTree.from_weights(weights, seed=11)
+    counts = np.bincount(tree.sample(300_000).numpy(), minlength=60)
+    p = weights / weights.sum()
+    assert chi_square_pvalue(counts, p) > ALPHA
+    # Negative control: the same counts against slightly wrong probabilities must fail.
+    wrong = weights.copy()
+    wrong[1] *= 1.1
+    wrong[2] *= 0.9
+    assert chi_square_pvalue(counts, wrong / wrong.sum()) < ALPHA
+
+
+def successive_sampling_probabilities(weights: np.ndarray, k: int) -> dict:
+    """Exact probability of each ordered k-tuple under successive sampling."""
+    out = {}
+
+    def visit(prefix, prob, remaining):
+        if len(prefix) == k:
+            out[tuple(prefix)] = prob
+            return
+        mass = sum(weights[i] for i in remaining)
+        for i in remaining:
+            if weights[i] > 0:
+                visit(prefix + [i], prob * weights[i] / mass, [j for j in remaining if j != i])
+
+    visit([], 1.0, list(range(len(weights))))
+    return out
+
+
+@pytest.mark.statistical
+@pytest.mark.parametrize("method", ["race", "removal"])
+@pytest.mark.parametrize(
+    "weights",
+    [
+        [1.0, 2.0, 3.0, 0.5, 0.0, 4.0],  # generic
+        [1000.0, 1.0, 2.0, 1.5, 0.0, 3.0],  # one heavy item: the rejection phase gives way to removal
+    ],
+)
+def test_without_replacement_is_successive_sampling(weights, method, kernels):
+    weights = np.array(weights)
+    k = 3
+    exact = successive_sampling_probabilities(weights, k)
+    tuples = list(exact)
+    index = {t: j for j, t in enumerate(tuples)}
+    tree = isample.SumTree.from_weights(weights, seed=5)
+    counts = np.zeros(len(tuples))
+    for call in range(30_000):
+        draw = tuple(tree.sample(k, replace=False, seed=call, method=method).tolist())
+        counts[index[draw]] += 1
+    p = np.array([exact[t] for t in tuples])
+    assert chi_square_pvalue(counts, p) > ALPHA
+    # Negative control: unordered sets with the right inclusion of the first item, but the
+    # order within each draw reversed, must be rejected.
+    reversed_p = np.array([exact[t[::-1]] if t[::-1] in exact else 0.0 for t in tuples])
+    assert chi_square_pvalue(counts, reversed_p / reversed_p.sum()) < ALPHA
+
+
+@pytest.mark.statistical
+def test_inclusion_probabilities_of_a_larger_case(rng):
+    """First-order inclusion probabilities for n=8, k=4, exact by enumeration, both methods."""
+    weights = np.array([0.3, 1.0, 2.5, 0.7, 4.0, 0.0, 1.2, 0.1])
+    k = 4
+    exact = successive_sampling_probabilities(weights, k)
+    inclusion = np.zeros(weights.size)
+    for t, p in exact.items():
+        inclusion[list(t)] += p
+    tree = isample.SumTree.from_weights(weights, seed=0)
+    calls = 20_000
+    for method in ("race", "removal"):
+        hits = np.zeros(weights.size)
+        for call in range(calls):
+            hits[tree.sample(k, replace=False, seed=call, method=method).numpy()] += 1
+        # each item's inclusion count is binomial; compare with 4.5-sigma bands
+        sigma = np.sqrt(calls * inclusion * (1 - inclusion)) + 1e-9
+        assert np.all(np.abs(hits - calls * inclusion) < 4.5 * sigma), (method, hits / calls, inclusion)
+        assert hits[5] == 0
+
+
+@pytest.mark.statistical
+def test_race_falls_back_to_log_keys_for_extreme_spreads(kernels):
+    # Linear keys E / p overflow for the two tiny items (p ~ 1e-600 underflows to 0); only
+    # log-domain keys can order them, and the third draw must pick item 3 with chance 3/4.
+    weights = np.array([1e300, 2e300, 1e-300, 3e-300])
+    tree = isample.SumTree.from_weights(weights, seed=0)
+    third = np.array([tree.sample(3, replace=False, seed=s, method="race")[2].item() for s in range(4000)])
+    assert set(third.tolist()) <= {2, 3}
+    counts = np.array([(third == 2).sum(), (third == 3).sum()])
+    assert chi_square_pvalue(counts, np.array([0.25, 0.75])) > ALPHA
+    assert chi_square_pvalue(counts, np.array([0.5, 0.5])) < ALPHA
+
+
+@pytest.mark.parametrize("method", ["auto", "race", "removal"])
+def test_without_replacement_leaves_the_tree_unchanged(rng, method):
+    weights = rng.random(20_000)
+    weights[rng.random(20_000) < 0.2] = 0.0
+    tree = isample.SumTree.from_weights(weights, seed=0)
+    before = (tree.total, tree.num_positive, tree.probability().clone())
+    u = rng.random(5000)
+    draws_before = tree.sample_from_uniforms(u)
+    for k in (1, 100, 5000, int((weights > 0).sum())):
+        out = tree.sample(k, replace=False, seed=k, method=method)
+        assert len(set(out.tolist())) == k
+    assert tree.total == before[0] and tree.num_positive == before[1]
+    assert torch.equal(tree.probability(), before[2])
+    assert torch.equal(tree.sample_from_uniforms(u), draws_before)
+
+
+# -- reproducibility ------------------------------------------------------------------------
+
+
+def test_seed_generator_and_stream_reproducibility():
+    weights = np.arange(1.0, 101.0)
+    a = isample.SumTree.from_weights(weights, seed=7)
+    b = isample.SumTree.from_weights(weights, seed=7)
+    assert torch.equal(a.sample(50), b.sample(50))  # same tree seed, same stream
+    assert not torch.equal(a.sample(50), a.sample(50))  # the stream advances
+    assert torch.equal(a.sample(50, seed=3), b.sample(50, seed=3))
+    assert torch.equal(a.sample(50, seed=3), a.sample(50, seed=3))  # an explicit seed does not advance
+    g1, g2 = torch.Generator().manual_seed(9), torch.Generator().manual_seed(9)
+    assert torch.equal(a.sample(20, replace=False, generator=g1), b.sample(20, replace=False, generator=g2))
+    torch.manual_seed(123)
+    c = isample.SumTree.from_weights(weights)
+    torch.manual_seed(123)
+    d = isample.SumTree.from_weights(weights)
+    assert torch.equal(c.sample(30), d.sample(30))
+
+
+def test_sample_equals_descent_from_the_published_uniforms(rng):
+    weights = rng.random(1000)
+    tree = isample.SumTree.from_weights(weights, seed=0)
+    u = isample.uniforms(500, seed=42)
+    assert ((u >= 0) & (u < 1)).all()
+    assert torch.equal(tree.sample(500, seed=42), tree.sample_from_uniforms(u))
+    # offsets address later positions of the same stream
+    assert torch.equal(isample.uniforms(5, seed=42, offset=10), isample.uniforms(15, seed=42)[10:])
+
+
+# -- state ----------------------------------------------------------------------------------
+
+
+def test_state_round_trip_is_exact(rng):
+    tree = isample.SumTree.from_weights(rng.random(3000), seed=1)
+    tree.sample(10)  # advance the stream
+    state = tree.state_dict()
+    other = isample.SumTree(3000, seed=999)
+    other.load_state_dict(state)
+    assert other.total == tree.total
+    assert torch.equal(other.probability(), tree.probability())
+    assert torch.equal(other.sample(100), tree.sample(100))  # same stream position
+    assert torch.equal(other.sample(500, replace=False), tree.sample(500, replace=False))
+    # the state is a copy, not a view of the tree
+    state["weights"][0] = 123.0
+    assert tree.get([0]).item() != 123.0
+
+
+def test_bad_state_is_refused_and_changes_nothing(rng):
+    tree = isample.SumTree.from_weights(rng.random(10), seed=1)
+    before = tree.state_dict()
+    total_before = tree.total
+    bad_states = [
+        {**before, "format": "isample.SoftmaxTree"},
+        {**before, "version": 99},
+        {**before, "capacity": 11},
+        {**before, "weights": before["weights"][:5]},
+        {**before, "weights": torch.full((10,), float("nan"), dtype=torch.float64)},
+        {**before, "weights": -before["weights"]},
+        {**before, "stream_seed": "x"},
+        {k: v for k, v in before.items() if k != "weights"},
+        "not a dict",
+    ]
+    for bad in bad_states:
+        with pytest.raises((ValueError, TypeError)):
+            tree.load_state_dict(bad)
+        assert torch.equal(tree.get(), before["weights"])
+        assert tree.total == total_before
+
+
+# -- bad input ------------------------------------------------------------------------------
+
+
+def test_bad_input_raises_clear_errors_and_changes_nothing():
+    tree = isample.SumTree(8, seed=0)
+    tree.update([0, 1], [1.0, 2.0])
+    snapshot = tree.state_dict()
+
+    def unchanged():
+        assert torch.equal(tree.get(), snapshot["weights"]) and tree.total == 3.0 and tree.num_positive == 2
+
+    cases = [
+        (IndexError, lambda: tree.update([8], [1.0])),
+        (IndexError, lambda: tree.update([2, -1], [1.0, 1.0])),
+        (ValueError, lambda: tree.update([2], [float("nan")])),
+        (ValueError, lambda: tree.update([2, 3], [1.0, float("inf")])),
+        (ValueError, lambda: tree.update([2], [-1.0])),
+        (ValueError, lambda: tree.update([2, 3], [1.0])),
+        (ValueError, lambda: tree.update([[2]], [[1.0]])),
+        (TypeError, lambda: tree.update([2.0], [1.0])),
+        (TypeError, lambda: tree.update([True], [1.0])),
+        (TypeError, lambda: tree.update("ab", [1.0])),
+        (TypeError, lambda: tree.update([2], ["x"])),
+        (ValueError, lambda: tree.update([2, 3], [1e308, 1e308])),  # the total would overflow
+        (IndexError, lambda: tree.get([9])),
+        (IndexError, lambda: tree.probability([-3])),
+        (ValueError, lambda: tree.sample(-1)),
+        (TypeError, lambda: tree.sample(2.0)),
+        (TypeError, lambda: tree.sample(True)),
+        (ValueError, lambda: tree.sample(3, replace=False)),  # only 2 positive
+        (ValueError, lambda: tree.sample(2, seed=1, generator=torch.Generator())),
+        (TypeError, lambda: tree.sample(2, seed=1.5)),
+        (TypeError, lambda: tree.sample(2, generator=3)),
+        (ValueError, lambda: tree.sample(2, replace=False, method="fastest")),
+        (ValueError, lambda: tree.sample(2, method="race")),
+        (ValueError, lambda: tree.sample_from_uniforms([0.5, 1.0])),
+        (ValueError, lambda: tree.sample_from_uniforms([-0.1])),
+        (ValueError, lambda: tree.sample_from_uniforms([float("nan")])),
+        (ValueError, lambda: tree.assign([1.0] * 7)),
+        (ValueError, lambda: tree.assign([1.0] * 7 + [float("nan")])),
+    ]
+    for error, call in cases:
+        with pytest.raises(error):
+            call()
+        unchanged()
+
+
+def test_all_zero_tree_refuses_to_sample():
+    tree = isample.SumTree(5, seed=0)
+    with pytest.raises(ValueError, match="zero"):
+        tree.sample(1)
+    with pytest.raises(ValueError, match="zero"):
+        tree.sample_from_uniforms([0.5])
+    with pytest.raises(ValueError, match="zero"):
+        tree.probability()
+    with pytest.raises(ValueError, match="positive"):
+        tree.sample(1, replace=False)
+    assert tree.sample(0).shape == (0,) and tree.sample(0, replace=False).shape == (0,)
+
+
+@pytest.mark.parametrize(
+    "capacity, error",
+    [(0, ValueError), (-5, ValueError), (2.5, TypeError), (True, TypeError), ("10", TypeError), (2**41, ValueError)],
+)
+def test_bad_capacity(capacity, error):
+    with pytest.raises(error):
+        isample.SumTree(capacity)
+
+
+def test_capacity_beyond_memory_raises_memory_error_with_the_size():
+    with pytest.raises(MemoryError, match="GiB"):
+        isample.SumTree(2**39)
+
+
+def test_bad_device():
+    with pytest.raises(ValueError, match="device"):
+        isample.SumTree(4, device="tpu")
+
+
+def test_capacity_one(kernels):
+    tree = isample.SumTree(1, seed=0)
+    tree.update([0], [0.25])
+    assert tree.sample(10).tolist() == [0] * 10
+    assert tree.sample(1, replace=False).tolist() == [0]
+    assert tree.probability().tolist() == [1.0]
+    assert tree.sample_from_uniforms([0.0, 0.999]).tolist() == [0, 0]
+    tree.update([0], [0.0])
+    with pytest.raises(ValueError):
+        tree.sample(1)
+
+
+def test_inputs_of_every_array_kind_are_accepted():
+    tree = isample.SumTree(6, seed=0)
+    tree.update(np.array([0, 1], dtype=np.int32), np.array([1.0, 2.0], dtype=np.float32))
+    tree.update(torch.tensor([2, 3], dtype=torch.int16), torch.tensor([3.0, 4.0], dtype=torch.float16))
+    tree.update((4,), (5,))
+    tree.update(torch.arange(6)[::2][2:], 6.0)  # non-contiguous view, scalar broadcast
+    assert tree.get().tolist() == [1.0, 2.0, 3.0, 4.0, 6.0, 0.0]
+    assert tree.get(torch.tensor([4, 4])[:1]).tolist() == [6.0]
+
+
+def test_concurrent_threads_keep_the_tree_consistent(rng):
+    """Calls are serialised inside the core: hammering one tree from threads is safe."""
+    n = 200_000
+    tree = isample.SumTree.from_weights(rng.random(n) + 0.1, seed=0)
+    errors = []
+
+    def worker(seed: int) -> None:
+        local = np.random.default_rng(seed)
+        try:
+            for _ in range(200):
+                tree.update(local.integers(0, n, 512), local.random(512) + 0.1)
+                draws = tree.sample(256)
+                assert ((draws >= 0) & (draws < n)).all()
+                tree.sample(20_000, replace=False)  # long call: releases the GIL
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    leaves = tree.get().numpy()
+    assert isample.SumTree.from_weights(leaves).total == tree.total
+
+
+def test_nbytes_matches_the_layout_formula():
+    for n in (1, 1000, 1_000_000):
+        tree = isample.SumTree(n, seed=0)
+        leaf_slots = -(-n // 16) * 16
+        # internal levels, each padded to a block of 16
+        internal, nodes = 0, leaf_slots // 16
+        while True:
+            internal += -(-nodes // 16) * 16
+            if nodes == 1:
+                break
+            nodes = -(-nodes // 16)
+        assert tree.nbytes == 8 * (leaf_slots + internal)
+    assert isample.SumTree(10**6).nbytes / 10**6 < 8.6
