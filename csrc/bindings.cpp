@@ -123,6 +123,15 @@ void bind_common(py::class_<H>& cls) {
           py::arg("k"), py::arg("replace"), py::arg("out"), py::arg("seed") = py::none(), py::arg("method") = "auto",
           "k draws into out; with seed=None from the tree's own stream (advancing it).")
       .def(
+          "sample_with_inclusion",
+          [](H& h, int64_t k, uintptr_t out, uintptr_t inclusion, std::optional<uint64_t> seed) {
+            h.locked(h.tree.capacity(), [&] {
+              sum_tree(h).sample_with_inclusion(h.next_key(seed), k, as_pointer<int64_t>(out), as_pointer<double>(inclusion));
+            });
+          },
+          py::arg("k"), py::arg("out"), py::arg("inclusion"), py::arg("seed") = py::none(),
+          "k distinct items by the exponential race, with their inclusion probabilities.")
+      .def(
           "export_leaves",
           [](H& h, uintptr_t out) {
             h.locked(h.tree.capacity(), [&] {
@@ -161,6 +170,25 @@ PYBIND11_MODULE(_core, m) {
         }
       },
       py::arg("name"), "Use the 'generic' or 'avx2' build of the CPU kernels (for tests).");
+  m.def(
+      "gather",
+      [](uintptr_t source, int64_t n, uintptr_t indices, int64_t k, uintptr_t out) {
+        const double* src = as_pointer<const double>(source);
+        const int64_t* idx = as_pointer<const int64_t>(indices);
+        double* o = as_pointer<double>(out);
+        for (int64_t j = 0; j < k; ++j) {
+          if (idx[j] < 0 || idx[j] >= n) {
+            throw std::out_of_range("index " + std::to_string(idx[j]) + " is out of range for " + std::to_string(n) + " items");
+          }
+          o[j] = src[idx[j]];
+        }
+        for (int64_t j = 0; j < k; ++j) {
+          if (o[j] != o[j]) return j;
+        }
+        return int64_t(-1);
+      },
+      py::arg("source"), py::arg("n"), py::arg("indices"), py::arg("k"), py::arg("out"),
+      "out[j] = source[indices[j]] (float64); returns the first j where that is NaN, else -1.");
   m.def(
       "uniforms",
       [](uint64_t seed, uint64_t offset, int64_t k, uintptr_t out) {
@@ -205,10 +233,11 @@ PYBIND11_MODULE(_core, m) {
           [](SoftmaxHandle& h, double t) { h.locked(h.tree.capacity(), [&] { h.tree.set_temperature(t); }); })
       .def(
           "update",
-          [](SoftmaxHandle& h, uintptr_t indices, uintptr_t scores, int64_t k) {
-            h.locked(k, [&] { h.tree.update(as_pointer<const int64_t>(indices), as_pointer<const double>(scores), k); });
+          [](SoftmaxHandle& h, uintptr_t indices, uintptr_t scores, int64_t k, double keep) {
+            h.locked(k, [&] { h.tree.update(as_pointer<const int64_t>(indices), as_pointer<const double>(scores), k, keep); });
           },
-          py::arg("indices"), py::arg("scores"), py::arg("k"))
+          py::arg("indices"), py::arg("scores"), py::arg("k"), py::arg("keep") = 0.0,
+          "s <- keep * s_before + (1 - keep) * scores at the indices.")
       .def(
           "assign",
           [](SoftmaxHandle& h, uintptr_t scores) {

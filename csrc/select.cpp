@@ -59,18 +59,37 @@ void SelectScratch::trim(size_t bytes) {
   release_if_larger(slots_swap, bytes);
 }
 
-bool smallest_in_order(const double* keys, int64_t n, int64_t k, int64_t* out, SelectScratch& s) {
+bool smallest_in_order(const double* keys, int64_t n, int64_t k, int64_t* out, SelectScratch& s, double* next_key) {
   const double max_finite = std::numeric_limits<double>::max();
   double threshold = estimate_threshold(keys, n, k, s.sample);
   int64_t count = compact(keys, n, threshold, s.candidates);
-  if (count < k && threshold < max_finite) count = compact(keys, n, max_finite, s.candidates);
+  if (count < k && threshold < max_finite) {
+    threshold = max_finite;
+    count = compact(keys, n, threshold, s.candidates);
+  }
   if (count < k) return false;
-  if (k == 0) return true;
   const int64_t* cand = s.candidates.data();
+  // The (k+1)-th smallest key. Outside the candidates every key exceeds the threshold, so
+  // when exactly k keys passed it, the answer is the smallest key of all the others.
+  auto smallest_outside = [&] {
+    double smallest = std::numeric_limits<double>::infinity();
+    for (int64_t i = 0; i < n; ++i) smallest = keys[i] > threshold ? std::min(smallest, keys[i]) : smallest;
+    return smallest;
+  };
+  if (k == 0) {
+    if (next_key != nullptr) {
+      double smallest = std::numeric_limits<double>::infinity();
+      for (int64_t j = 0; j < count; ++j) smallest = std::min(smallest, keys[cand[j]]);
+      *next_key = count > 0 ? smallest : smallest_outside();
+    }
+    return true;
+  }
   if (count > int64_t(UINT32_MAX)) {  // beyond the 32-bit slots below: plain partial sort
-    std::partial_sort(s.candidates.begin(), s.candidates.begin() + k, s.candidates.begin() + count,
+    const int64_t sorted = std::min(count, k + 1);
+    std::partial_sort(s.candidates.begin(), s.candidates.begin() + sorted, s.candidates.begin() + count,
                       [keys](int64_t a, int64_t b) { return keys[a] < keys[b] || (keys[a] == keys[b] && a < b); });
     std::copy(cand, cand + k, out);
+    if (next_key != nullptr) *next_key = count > k ? keys[cand[k]] : smallest_outside();
     return true;
   }
 
@@ -135,6 +154,16 @@ bool smallest_in_order(const double* keys, int64_t n, int64_t k, int64_t* out, S
     start = end;
   }
   for (int64_t j = 0; j < k; ++j) out[j] = cand[slots[j]];
+  if (next_key != nullptr) {
+    if (count == k) {
+      *next_key = smallest_outside();
+    } else {
+      // Position k starts or continues a run of equal quanta, possibly unsorted: its minimum.
+      double smallest = true_key(slots[k]);
+      for (int64_t j = k + 1; j < count && quanta[j] == quanta[k]; ++j) smallest = std::min(smallest, true_key(slots[j]));
+      *next_key = smallest;
+    }
+  }
   return true;
 }
 

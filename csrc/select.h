@@ -20,8 +20,10 @@ struct SelectScratch {
   void trim(size_t bytes);
 };
 
-// Writes to out[0..k) the indices of the k smallest keys in increasing order. A key of +inf
+// Writes to out[0..k) the indices of the k smallest keys in increasing order, and to
+// *next_key (when not null) the (k+1)-th smallest key (+inf if there is none). A key of +inf
 // is never selected. Returns false (out untouched) when fewer than k keys are finite.
-bool smallest_in_order(const double* keys, int64_t n, int64_t k, int64_t* out, SelectScratch& scratch);
+bool smallest_in_order(const double* keys, int64_t n, int64_t k, int64_t* out, SelectScratch& scratch,
+                       double* next_key = nullptr);
 
 }  // namespace isample

@@ -63,16 +63,24 @@ void SoftmaxTree::rebase() {
   tree_.rebuild_from([s, ref, t](int64_t i) { return std::exp((s[i] - ref) / t); });
 }
 
-void SoftmaxTree::update(const int64_t* indices, const double* scores, int64_t k) {
+void SoftmaxTree::update(const int64_t* indices, const double* scores, int64_t k, double keep) {
   if (k < 0) throw std::invalid_argument("the number of updates must be >= 0");
+  if (!(keep >= 0.0 && keep <= 1.0)) throw std::invalid_argument("keep must be in [0, 1]");
   tree_.check_indices(indices, k);
   check_scores(scores, k);
   leaf_scratch_.resize(size_t(k));
+  value_scratch_.resize(size_t(k));
   double* stored = scores_.data();
+  // New scores from the scores before the call (gathered first, so a repeated index blends
+  // with the old score, not with its own earlier occurrence); a convex mix of finite values
+  // is finite.
+  for (int64_t j = 0; j < k; ++j) {
+    value_scratch_[j] = keep == 0.0 ? scores[j] : keep * stored[indices[j]] + (1.0 - keep) * scores[j];
+  }
   double top = -std::numeric_limits<double>::infinity();
   for (int64_t j = 0; j < k; ++j) {
-    stored[indices[j]] = scores[j];
-    double exponent = (scores[j] - ref_) / temperature_;
+    stored[indices[j]] = value_scratch_[j];
+    double exponent = (value_scratch_[j] - ref_) / temperature_;
     top = std::max(top, exponent);
     leaf_scratch_[j] = exponent;
   }

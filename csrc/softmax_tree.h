@@ -32,8 +32,10 @@ class SoftmaxTree {
   const SumTree& tree() const { return tree_; }
   SumTree& tree() { return tree_; }
 
-  // Set s[indices[j]] = scores[j]; scores must be finite. A repeated index: the last wins.
-  void update(const int64_t* indices, const double* scores, int64_t k);
+  // Set s[indices[j]] = keep * s_old + (1 - keep) * scores[j], s_old being the score before
+  // the call (keep = 0: plain assignment; keep = beta: an exponential moving average).
+  // Scores must be finite and keep in [0, 1]. A repeated index: the last wins.
+  void update(const int64_t* indices, const double* scores, int64_t k, double keep = 0.0);
   // Set all n scores, O(n).
   void assign(const double* scores);
   void get(const int64_t* indices, int64_t k, double* out) const;
@@ -50,6 +52,7 @@ class SoftmaxTree {
   double temperature_;
   double ref_ = 0.0;
   std::vector<double> leaf_scratch_;
+  std::vector<double> value_scratch_;
 };
 
 }  // namespace isample

@@ -229,16 +229,36 @@ bool SumTree::race_is_cheaper(int64_t k) const {
 // that overflows belongs to an item that could only be drawn after every finite-key item,
 // so the linear keys are exact whenever k of them are finite. Otherwise the keys are
 // recomputed in the log domain, log(E_i) - log(w_i), which cannot overflow.
-void SumTree::sample_by_race(uint64_t key, int64_t k, int64_t* out) {
+void SumTree::sample_by_race(uint64_t key, int64_t k, int64_t* out, double* inclusion) {
   const int64_t n = layout_.capacity;
+  const double inverse_total = 1.0 / total();
   race_keys_.resize(size_t(n));
-  cpu_kernels().race_keys(leaves_.data(), n, key, 1.0 / total(), race_keys_.data());
-  if (!smallest_in_order(race_keys_.data(), n, k, out, select_scratch_)) {
+  double tau = 0.0;
+  cpu_kernels().race_keys(leaves_.data(), n, key, inverse_total, race_keys_.data());
+  const bool linear = smallest_in_order(race_keys_.data(), n, k, out, select_scratch_, &tau);
+  if (!linear) {
     cpu_kernels().race_log_keys(leaves_.data(), n, key, race_keys_.data());
-    smallest_in_order(race_keys_.data(), n, k, out, select_scratch_);
+    smallest_in_order(race_keys_.data(), n, k, out, select_scratch_, &tau);
+  }
+  if (inclusion != nullptr) {
+    // P(E / p < tau) = 1 - exp(-p tau) for linear keys; P(log E - log w < tau) = 1 - exp(-w e^tau).
+    const double* leaves = leaves_.data();
+    for (int64_t j = 0; j < k; ++j) {
+      const double rate = linear ? leaves[out[j]] * inverse_total * tau : leaves[out[j]] * std::exp(tau);
+      inclusion[j] = -std::expm1(-rate);
+    }
   }
   if (race_keys_.capacity() * sizeof(double) > kKeepScratchBytes) std::vector<double>().swap(race_keys_);
   select_scratch_.trim(kKeepScratchBytes);
+}
+
+void SumTree::sample_with_inclusion(uint64_t key, int64_t k, int64_t* out, double* inclusion) {
+  check_count(k, "the number of draws");
+  if (k > num_positive_) {
+    throw std::invalid_argument("cannot draw " + std::to_string(k) + " distinct items: only " +
+                                std::to_string(num_positive_) + " have a positive weight");
+  }
+  if (k > 0) sample_by_race(key, k, out, inclusion);
 }
 
 // Draws i.i.d. candidates in batches and keeps each first occurrence: the first k distinct

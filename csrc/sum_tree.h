@@ -62,6 +62,11 @@ class SumTree {
   // modified during the call and restored bit for bit before it returns.
   void sample_without_replacement(uint64_t key, int64_t k, int64_t* out,
                                   DistinctMethod method = DistinctMethod::kAuto);
+  // The exponential race, also writing each drawn item's inclusion probability given the
+  // other items' keys: pi_j = 1 - exp(-p_j * tau), tau the (k+1)-th smallest key. Then
+  // sum over the sample of f_j / pi_j is an exactly unbiased estimate of sum_i f_i
+  // (priority sampling; Duffield, Lund & Thorup 2007; Cohen & Kaplan 2007).
+  void sample_with_inclusion(uint64_t key, int64_t k, int64_t* out, double* inclusion);
 
   // For SoftmaxTree, which validates on its own: write leaves without checking values.
   void write_unchecked(const int64_t* indices, const double* weights, int64_t k);
@@ -82,7 +87,7 @@ class SumTree {
   void propagate_one(int64_t leaf);
   // Descend m <= kChunk targets in place: on return node[j] is the leaf of target[j].
   void descend_chunk(double* target, int64_t* node, int m) const;
-  void sample_by_race(uint64_t key, int64_t k, int64_t* out);
+  void sample_by_race(uint64_t key, int64_t k, int64_t* out, double* inclusion = nullptr);
   void sample_by_rejection_and_removal(uint64_t key, int64_t k, int64_t* out);
   bool race_is_cheaper(int64_t k) const;
 

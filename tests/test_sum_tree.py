@@ -451,3 +451,53 @@ def test_nbytes_matches_the_layout_formula():
             nodes = -(-nodes // 16)
         assert tree.nbytes == 8 * (leaf_slots + internal)
     assert isample.SumTree(10**6).nbytes / 10**6 < 8.6
+
+
+# -- inclusion probabilities --------------------------------------------------------------------
+
+
+@pytest.mark.statistical
+def test_inclusion_weighted_sum_is_unbiased(rng):
+    """sum over the sample of f / pi estimates sum(f) without bias (priority sampling)."""
+    n, k, calls = 40, 12, 20_000
+    weights = rng.random(n) ** 4 + 1e-3
+    f = rng.random(n) * 10 + 30 * weights  # correlated with the weights: a naive estimator is biased
+    tree = isample.SumTree.from_weights(weights, seed=0)
+    ht, naive = [], []
+    p = weights / weights.sum()
+    for call in range(calls):
+        idx, inclusion = tree.sample_with_inclusion(k, seed=call)
+        idx = idx.numpy()
+        ht.append((f[idx] / inclusion.numpy()).sum())
+        naive.append((f[idx] / (k * p[idx])).sum())  # 1 / (k p): right only with replacement
+    for estimates, unbiased in ((np.array(ht), True), (np.array(naive), False)):
+        z = (estimates.mean() - f.sum()) / (estimates.std(ddof=1) / math.sqrt(calls))
+        assert (abs(z) < 4.0) if unbiased else (abs(z) > 8.0), z
+
+
+def test_inclusion_probabilities_edge_cases(rng):
+    weights = rng.random(100)
+    weights[::3] = 0.0
+    tree = isample.SumTree.from_weights(weights, seed=0)
+    positive = int((weights > 0).sum())
+    idx, inclusion = tree.sample_with_inclusion(positive, seed=1)  # everything drawable: pi = 1
+    assert sorted(idx.tolist()) == np.flatnonzero(weights).tolist()
+    assert torch.all(inclusion == 1.0)
+    idx, inclusion = tree.sample_with_inclusion(10, seed=1)
+    assert torch.all((inclusion > 0) & (inclusion <= 1))
+    # the same draw as the race itself
+    assert torch.equal(idx, tree.sample(10, replace=False, seed=1, method="race"))
+    with pytest.raises(ValueError):
+        tree.sample_with_inclusion(positive + 1)
+
+
+def test_softmax_blend_is_an_exponential_moving_average():
+    tree = isample.SoftmaxTree(4, seed=0)
+    tree.update([0, 1, 2, 3], [1.0, 2.0, 3.0, 4.0])
+    tree.blend([1, 2, 2], [10.0, 0.0, 5.0], keep=0.25)
+    assert tree.get().tolist() == [1.0, 0.25 * 2 + 7.5, 0.25 * 3 + 0.75 * 5, 4.0]
+    with pytest.raises(ValueError):
+        tree.blend([0], [1.0], keep=1.5)
+    with pytest.raises(ValueError):
+        tree.blend([0], [float("nan")], keep=0.5)
+    assert tree.get().tolist()[0] == 1.0

@@ -1,15 +1,39 @@
 """isample: fast, exact importance sampling of training data for PyTorch.
 
-The core is a float64 sum tree compiled in C++ (and CUDA where built):
+The core is a float64 sum tree compiled in C++; on top of it, a DataLoader sampler that
+implements the seed paper's Algorithm 1, score policies and probability transforms:
 
 >>> import isample
+>>> sampler = isample.ImportanceSampler(50_000, score="running_loss", samples_per_epoch=30_000)
 >>> tree = isample.SoftmaxTree(50_000, temperature=1.0)
->>> tree.update([3, 7], [2.5, 0.1])
->>> batch = tree.sample(128)
 """
 
 from ._backend import build_info, cuda_available
 from ._version import __version__
+from .pruning import SoftPruningSampler
+from .sampler import EpochSampler, ImportanceSampler, IndexedDataset
+from .scores import GradNormBound, LastLoss, ReducibleLoss, RunningLoss, ScorePolicy
+from .transforms import Proportional, RankBased, Softmax, Transform
 from .tree import SoftmaxTree, SumTree, uniforms
 
-__all__ = ["SumTree", "SoftmaxTree", "uniforms", "build_info", "cuda_available", "__version__"]
+__all__ = [
+    "SumTree",
+    "SoftmaxTree",
+    "uniforms",
+    "ImportanceSampler",
+    "SoftPruningSampler",
+    "EpochSampler",
+    "IndexedDataset",
+    "ScorePolicy",
+    "LastLoss",
+    "RunningLoss",
+    "GradNormBound",
+    "ReducibleLoss",
+    "Transform",
+    "Softmax",
+    "Proportional",
+    "RankBased",
+    "build_info",
+    "cuda_available",
+    "__version__",
+]

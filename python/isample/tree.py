@@ -8,7 +8,7 @@ on the tree's device (int64 indices, float64 values).
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -124,6 +124,30 @@ class _Tree:
                 raise ValueError("method applies to replace=False only")
             self._core.sample(k, False, out.data_ptr(), seed, method)
         return out
+
+    def sample_with_inclusion(
+        self,
+        k: int,
+        *,
+        seed: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """k distinct items (as ``sample(k, replace=False, method="race")``) and, for each,
+        its inclusion probability given the other items' race keys.
+
+        The race keeps the k smallest of E_i / p_i (E_i ~ Exp(1)); with tau the (k+1)-th
+        smallest key, item j was included with probability pi_j = 1 - exp(-p_j tau) given
+        everything else, so ``(f[idx] / pi).sum()`` is an exactly unbiased estimate of
+        ``f.sum()`` (priority sampling: Duffield, Lund & Thorup 2007). Returns
+        ``(indices int64 (k,), inclusion float64 (k,))``.
+        """
+        k = _backend.check_count(k)
+        if seed is not None or generator is not None:
+            seed = _seed_of_call(seed, generator)
+        out = _backend.empty_indices(k, self._device)
+        inclusion = _backend.empty_values(k, self._device)
+        self._core.sample_with_inclusion(k, out.data_ptr(), inclusion.data_ptr(), seed)
+        return out, inclusion
 
     def sample_from_uniforms(self, u: Any) -> torch.Tensor:
         """Deterministic descent: for each u in [0, 1), the item holding mass u * total.
@@ -318,6 +342,16 @@ class SoftmaxTree(_Tree):
         k = idx.numel()
         val = _backend.as_values(scores, self._device, k, name="scores")
         self._core.update(idx.data_ptr(), val.data_ptr(), k)
+
+    def blend(self, indices: Any, values: Any, keep: float) -> None:
+        """s[i] <- keep * s[i] + (1 - keep) * value for each (i, value): an exponential moving
+        average in one call. Each item blends with its score from before the call; a
+        repeated index takes its last value. keep = 0 is ``update``.
+        """
+        idx = _backend.as_indices(indices, self._device)
+        k = idx.numel()
+        val = _backend.as_values(values, self._device, k, name="values")
+        self._core.update(idx.data_ptr(), val.data_ptr(), k, float(keep))
 
     def assign(self, scores: Any) -> None:
         """Set all n scores at once (shape (n,)), O(n)."""
