@@ -1,0 +1,434 @@
+"""ImportanceSampler, score policies, transforms and SoftPruningSampler."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import BatchSampler, DataLoader, TensorDataset
+
+import isample
+from conftest import ALPHA, chi_square_pvalue
+
+
+def drain(sampler) -> list:
+    return list(iter(sampler))
+
+
+# -- score policies against hand computations ---------------------------------------------------
+
+
+def test_last_loss_and_running_loss_by_hand():
+    s = isample.ImportanceSampler(4, score="last_loss", seed=0)
+    s.update([1, 2], torch.tensor([0.5, 2.0]))
+    assert s.scores().tolist() == [0.0, 0.5, 2.0, 0.0]
+    r = isample.ImportanceSampler(4, score=isample.RunningLoss(beta=0.2), initial_score=1.0, seed=0)
+    r.update([1, 2], [0.5, 2.0])
+    r.update([1], [3.0])
+    expected_1 = 0.2 * (0.2 * 1.0 + 0.8 * 0.5) + 0.8 * 3.0
+    np.testing.assert_allclose(r.scores().numpy(), [1.0, expected_1, 0.2 + 0.8 * 2.0, 1.0], rtol=1e-15)
+
+
+@pytest.mark.parametrize("transform", ["softmax", "proportional"])
+def test_running_loss_with_a_repeated_index_uses_the_score_before_the_call(transform):
+    # Both storage paths (SoftmaxTree in C++, a score tensor in Python) must agree.
+    r = isample.ImportanceSampler(3, score="running_loss", transform=transform, initial_score=2.0, seed=0)
+    r.update([0, 0, 1], [10.0, 4.0, 1.0])
+    np.testing.assert_allclose(r.scores().numpy(), [0.2 * 2 + 0.8 * 4, 0.2 * 2 + 0.8 * 1, 2.0], rtol=1e-15)
+
+
+def test_grad_norm_bound_by_hand():
+    logits = torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]])
+    targets = torch.tensor([0, 2])
+    p = torch.softmax(logits.double(), 1)
+    expected = [
+        math.sqrt((p[0, 0] - 1) ** 2 + p[0, 1] ** 2 + p[0, 2] ** 2),
+        math.sqrt((1 / 3) ** 2 * 2 + (1 / 3 - 1) ** 2),
+    ]
+    s = isample.ImportanceSampler(5, score="grad_norm", seed=0)
+    s.update([3, 1], torch.tensor([9.0, 9.0]), logits=logits, targets=targets)
+    np.testing.assert_allclose(s.scores()[[3, 1]].numpy(), expected, rtol=1e-14)
+    with pytest.raises(TypeError, match="logits"):
+        s.update([3], [1.0])
+    with pytest.raises(ValueError):
+        s.update([3], [1.0], logits=logits, targets=targets)
+
+
+def test_reducible_loss_by_hand():
+    irreducible = torch.tensor([0.5, 1.0, 0.25, 0.0])
+    s = isample.ImportanceSampler(4, score=isample.ReducibleLoss(irreducible), seed=0)
+    s.update([2, 1], [1.0, 0.5])
+    assert s.scores().tolist() == [0.0, -0.5, 0.75, 0.0]
+    with pytest.raises(ValueError):
+        isample.ReducibleLoss(torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="irreducible"):
+        isample.ImportanceSampler(4, score="reducible_loss")
+
+
+def test_unknown_names_are_refused():
+    with pytest.raises(ValueError, match="score policy"):
+        isample.ImportanceSampler(4, score="loss_squared")
+    with pytest.raises(ValueError, match="transform"):
+        isample.ImportanceSampler(4, transform="sigmoid")
+
+
+# -- transforms -------------------------------------------------------------------------------
+
+
+def test_transform_probabilities_by_hand():
+    scores = torch.tensor([0.0, 1.0, 3.0, -2.0], dtype=torch.float64)
+    soft = isample.ImportanceSampler(4, transform=isample.Softmax(temperature=2.0), seed=0)
+    soft.update(range(4), scores)
+    np.testing.assert_allclose(soft.probabilities().numpy(), torch.softmax(scores / 2, 0).numpy(), rtol=1e-14)
+    prop = isample.ImportanceSampler(4, transform=isample.Proportional(alpha=2.0, eps=0.5), seed=0)
+    prop.update(range(4), scores)
+    w = np.array([0.5**2, 1.5**2, 3.5**2, 0.5**2])  # negative scores clip to 0
+    np.testing.assert_allclose(prop.probabilities().numpy(), w / w.sum(), rtol=1e-14)
+    rank = isample.ImportanceSampler(4, transform=isample.RankBased(alpha=1.0), seed=0)
+    rank.update(range(4), scores)
+    w = np.array([1 / 3, 1 / 2, 1.0, 1 / 4])  # ranks 3, 2, 1, 4
+    np.testing.assert_allclose(rank.probabilities().numpy(), w / w.sum(), rtol=1e-14)
+    mixed = isample.ImportanceSampler(4, uniform_mix=0.2, seed=0)
+    mixed.update(range(4), scores)
+    np.testing.assert_allclose(
+        mixed.probabilities().numpy(), 0.8 * torch.softmax(scores, 0).numpy() + 0.05, rtol=1e-14
+    )
+
+
+@pytest.mark.statistical
+@pytest.mark.parametrize("transform", ["softmax", "proportional", "rank"])
+@pytest.mark.parametrize("uniform_mix", [0.0, 0.3])
+def test_epoch_draws_follow_the_probabilities(transform, uniform_mix):
+    n = 30
+    scores = torch.linspace(0.0, 3.0, n, dtype=torch.float64)
+    s = isample.ImportanceSampler(n, transform=transform, uniform_mix=uniform_mix, samples_per_epoch=20_000, seed=3)
+    s.update(range(n), scores)
+    p = s.probabilities().numpy()
+    counts = np.bincount(np.array(drain(s)), minlength=n)
+    assert chi_square_pvalue(counts, p) > ALPHA
+    assert chi_square_pvalue(counts, np.full(n, 1 / n)) < ALPHA  # negative control: not uniform
+
+
+# -- epochs, lengths, DataLoader ----------------------------------------------------------------
+
+
+def test_warmup_then_importance_epochs_and_lengths():
+    s = isample.ImportanceSampler(1000, samples_per_epoch=300, warmup_epochs=2, seed=0)
+    assert s.total_steps(5, 128) == 2 * 8 + 3 * 3
+    assert s.total_steps(5, 128, drop_last=True) == 2 * 7 + 3 * 2
+    lengths, kinds = [], []
+    for epoch in range(4):
+        assert s.epoch == epoch
+        assert s.steps_per_epoch(128) == (8 if epoch < 2 else 3)
+        items = drain(s)
+        lengths.append(len(items))
+        kinds.append(s.history[-1]["kind"])
+        if epoch < 2:
+            assert sorted(items) == list(range(1000))  # warm-up: a permutation of everything
+            assert torch.equal(s.weights(items[:10]), torch.ones(10, dtype=torch.float64))
+    assert lengths == [1000, 1000, 300, 300]
+    assert kinds == ["warmup", "warmup", "importance", "importance"]
+
+
+def test_set_epoch_reproduces_an_epoch_and_len_does_not_disturb_iteration():
+    s = isample.ImportanceSampler(200, samples_per_epoch=50, seed=1)
+    s.update(range(200), torch.rand(200))
+    s.set_epoch(7)
+    first = drain(s)
+    s.set_epoch(7)
+    assert drain(s) == first  # same seed, epoch and scores: the same draw
+    it = iter(s)
+    head = [next(it) for _ in range(10)]
+    assert len(s) == 50  # len() mid-epoch reports this epoch and draws nothing new
+    weights_before = s.weights(head)
+    rest = list(it)
+    assert len(head) + len(rest) == 50
+    assert torch.equal(s.weights(head), weights_before)
+
+
+def test_dataloader_and_batch_sampler_integration():
+    n = 500
+    data = TensorDataset(torch.randn(n, 3), torch.randint(0, 4, (n,)))
+    s = isample.ImportanceSampler(n, samples_per_epoch=200, seed=0)
+    loader = DataLoader(isample.IndexedDataset(data), batch_size=64, sampler=s)
+    assert len(loader) == s.steps_per_epoch(64) == 4
+    seen = []
+    for index, x, y in loader:
+        assert index.dtype == torch.int64 and x.shape[1] == 3
+        assert torch.equal(x, data.tensors[0][index]) and torch.equal(y, data.tensors[1][index])
+        losses = torch.rand(index.shape[0])
+        w = s.weights(index)
+        assert w.shape == index.shape
+        s.update(index, losses)
+        seen.extend(index.tolist())
+    assert len(seen) == 200
+    batches = list(BatchSampler(s, batch_size=50, drop_last=False))
+    assert [len(b) for b in batches] == [50, 50, 50, 50]
+    # a DataLoader with workers: the sampler runs in the main process, indices still arrive
+    workers = DataLoader(isample.IndexedDataset(data), batch_size=100, sampler=s, num_workers=2)
+    assert sum(batch[0].shape[0] for batch in workers) == 200
+
+
+def test_indexed_dataset_shapes():
+    assert isample.IndexedDataset([("a", 1)])[0] == (0, "a", 1)
+    assert isample.IndexedDataset([{"x": 5}])[0] == {"x": 5, "index": 0}
+    assert isample.IndexedDataset([7, 8])[1] == (1, 8)
+    with pytest.raises(ValueError, match="index"):
+        isample.IndexedDataset([{"index": 3}])[0]
+    with pytest.raises(TypeError):
+        isample.IndexedDataset(object())
+
+
+# -- weights ------------------------------------------------------------------------------------
+
+
+def test_weights_use_the_probabilities_of_the_draw():
+    n = 100
+    s = isample.ImportanceSampler(n, samples_per_epoch=1000, seed=0)
+    s.update(range(n), torch.linspace(0, 4, n))
+    p_draw = s.probabilities().clone()
+    items = drain(s)
+    expected = 1.0 / (n * p_draw[items])
+    s.update(range(n), torch.linspace(4, 0, n))  # scores change during the epoch
+    torch.testing.assert_close(s.weights(items), expected, rtol=1e-14, atol=0)
+
+
+@pytest.mark.statistical
+@pytest.mark.parametrize(
+    "replacement, weighting, unbiased",
+    [(True, "auto", True), (False, "auto", True), (False, "inverse_probability", False)],
+)
+def test_weighted_mean_is_unbiased_where_claimed(replacement, weighting, unbiased):
+    """Mean over an epoch of w_i f_i estimates the dataset mean of f exactly where we say so.
+
+    The seed paper's 1 / (N p) without replacement is the negative control: it is biased."""
+    rng = np.random.default_rng(0)
+    n, m, epochs = 60, 25, 6000
+    scores = torch.from_numpy(rng.normal(size=n) * 1.5)
+    f = torch.from_numpy(rng.random(n) * 10 + scores.numpy() ** 2)  # correlated with p: bias shows
+    s = isample.ImportanceSampler(n, samples_per_epoch=m, replacement=replacement, weighting=weighting, seed=5)
+    s.update(range(n), scores)
+    estimates = []
+    for _ in range(epochs):
+        items = torch.tensor(drain(s))
+        estimates.append(float((s.weights(items) * f[items]).mean()))
+    estimates = np.array(estimates)
+    z = (estimates.mean() - float(f.mean())) / (estimates.std(ddof=1) / math.sqrt(epochs))
+    if unbiased:
+        assert abs(z) < 4.0, z
+    else:
+        assert abs(z) > 8.0, z
+
+
+def test_weight_exponent_and_normalisation():
+    n = 50
+    base = isample.ImportanceSampler(n, samples_per_epoch=200, seed=0)
+    tempered = isample.ImportanceSampler(n, samples_per_epoch=200, weight_exponent=lambda e: 0.5, normalize_weights="max", seed=0)
+    for s in (base, tempered):
+        s.update(range(n), torch.linspace(0, 3, n))
+    a, b = drain(base), drain(tempered)
+    assert a == b  # the exponent changes weights, not draws
+    wa, wb = base.weights(a), tempered.weights(b)
+    torch.testing.assert_close(wb, wa.sqrt() / wa.sqrt().max(), rtol=1e-14, atol=0)
+    assert tempered.history[-1]["weight_exponent"] == 0.5
+    with pytest.raises(ValueError):
+        isample.ImportanceSampler(n, weight_exponent=1.5)
+
+
+def test_uniform_mix_bounds_the_weights():
+    n = 1000
+    s = isample.ImportanceSampler(n, uniform_mix=0.1, samples_per_epoch=5000, seed=0)
+    s.update(range(n), torch.linspace(0, 30, n))  # extremely skewed softmax
+    drain(s)
+    assert s.history[-1]["max_weight"] <= 1 / 0.1 + 1e-9
+
+
+# -- bad input --------------------------------------------------------------------------------
+
+
+def test_bad_updates_are_refused_and_change_nothing():
+    s = isample.ImportanceSampler(10, score="running_loss", seed=0)
+    s.update(range(10), torch.arange(10.0))
+    before = s.scores().clone()
+    cases = [
+        (ValueError, lambda: s.update([1, 2], torch.tensor([1.0, float("nan")]))),
+        (ValueError, lambda: s.update([1], torch.tensor([float("inf")]))),
+        (ValueError, lambda: s.update([1, 2], torch.tensor(3.0))),  # a reduced (scalar) loss
+        (ValueError, lambda: s.update([1, 2], torch.ones(3))),
+        (ValueError, lambda: s.update([1, 2], torch.ones(2, 1))),
+        (IndexError, lambda: s.update([10], [1.0])),
+        (TypeError, lambda: s.update([1.5], [1.0])),
+        (TypeError, lambda: s.update([1], torch.tensor([True]))),
+    ]
+    for error, call in cases:
+        with pytest.raises(error):
+            call()
+        assert torch.equal(s.scores(), before)
+
+
+def test_scalar_loss_error_says_what_to_change():
+    s = isample.ImportanceSampler(10, seed=0)
+    with pytest.raises(ValueError, match="reduction='none'"):
+        s.update([1, 2], torch.tensor(0.3))
+
+
+def test_nonfinite_skip_policy_counts_and_keeps_the_rest():
+    s = isample.ImportanceSampler(5, nonfinite="skip", seed=0)
+    s.update([0, 1, 2], torch.tensor([1.0, float("nan"), float("inf")]))
+    assert s.scores().tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
+    assert s.counters["nonfinite_skipped"] == 2
+    g = isample.ImportanceSampler(5, score="grad_norm", nonfinite="skip", seed=0)
+    logits = torch.tensor([[1.0, float("nan")], [0.0, 1.0]])
+    g.update([0, 1], torch.ones(2), logits=logits, targets=torch.tensor([0, 1]))
+    assert g.counters["nonfinite_skipped"] == 1 and g.scores()[0] == 0.0 and g.scores()[1] > 0
+
+
+def test_weights_errors():
+    s = isample.ImportanceSampler(10, samples_per_epoch=3, replacement=False, seed=0)
+    s.update([0], [1.0])  # updating before any epoch is allowed: it only records scores
+    with pytest.raises(RuntimeError, match="iterate"):
+        s.weights([0])
+    items = drain(s)
+    missing = next(i for i in range(10) if i not in items)
+    with pytest.raises(ValueError, match="not drawn"):
+        s.weights([items[0], missing])
+    with pytest.raises(IndexError):
+        s.weights([10])
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"samples_per_epoch": 0},
+        {"samples_per_epoch": 11, "replacement": False},
+        {"weighting": "fancy"},
+        {"uniform_mix": 1.5},
+        {"normalize_weights": "sum"},
+        {"initial_score": float("nan")},
+        {"nonfinite": "ignore"},
+        {"warmup_epochs": -1},
+    ],
+)
+def test_bad_configuration(kwargs):
+    with pytest.raises(ValueError):
+        isample.ImportanceSampler(10, **kwargs)
+
+
+# -- exact resume -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("replacement", [True, False])
+def test_resume_mid_epoch_is_exact(replacement):
+    def run(sampler, epochs, stop_at=None):
+        """Trains a fake model: the loss of an item depends on how often it was seen."""
+        log = []
+        seen = torch.zeros(sampler.num_items)
+        for _ in range(epochs):
+            items = []
+            for j, item in enumerate(sampler):
+                if stop_at is not None and len(log) == stop_at:
+                    return log, sampler.state_dict(consumed=j), seen
+                items.append(item)
+                if len(items) == 16:
+                    idx = torch.tensor(items)
+                    seen[idx] += 1
+                    sampler.update(idx, 1.0 / (1.0 + seen[idx]) + 0.01 * idx)
+                    log.append((idx.tolist(), sampler.weights(idx).tolist()))
+                    items = []
+        return log, None, seen
+
+    make = lambda: isample.ImportanceSampler(  # noqa: E731
+        100, score="running_loss", samples_per_epoch=64, replacement=replacement, warmup_epochs=1, seed=9
+    )
+    full, _, _ = run(make(), epochs=4)
+    head, state, seen = run(make(), epochs=4, stop_at=9)  # stops in the 3rd epoch (7 + 2 batches in)
+    resumed = make()
+    resumed.load_state_dict(state)
+    rest = []
+    seen_rest = seen.clone()
+    remaining_epochs = 4 - state["current"]["epoch"]
+    for _ in range(remaining_epochs):
+        items = []
+        for item in resumed:
+            items.append(item)
+            if len(items) == 16:
+                idx = torch.tensor(items)
+                seen_rest[idx] += 1
+                resumed.update(idx, 1.0 / (1.0 + seen_rest[idx]) + 0.01 * idx)
+                rest.append((idx.tolist(), resumed.weights(idx).tolist()))
+                items = []
+    assert head + rest == full
+
+
+def test_state_of_a_different_sampler_is_refused():
+    a = isample.ImportanceSampler(10, samples_per_epoch=5, seed=0)
+    drain(a)
+    state = a.state_dict()
+    for other in (
+        isample.ImportanceSampler(10, samples_per_epoch=6, seed=0),
+        isample.ImportanceSampler(11, samples_per_epoch=5, seed=0),
+        isample.ImportanceSampler(10, samples_per_epoch=5, transform="proportional", seed=0),
+    ):
+        with pytest.raises(ValueError):
+            other.load_state_dict(state)
+    with pytest.raises(ValueError):
+        isample.SoftPruningSampler(10, num_epochs=3).load_state_dict(state)
+    with pytest.raises(ValueError, match="consumed"):
+        a.state_dict(consumed=6)
+
+
+# -- soft pruning -------------------------------------------------------------------------------
+
+
+def test_soft_pruning_by_hand():
+    n = 1000
+    s = isample.SoftPruningSampler(n, num_epochs=8, prune_ratio=0.5, anneal_fraction=0.25, seed=0)
+    assert s.full_data_from == 6
+    first = drain(s)  # all scores equal: nothing is below the mean, nothing pruned
+    assert sorted(first) == list(range(n)) and s.history[-1]["pruned_fraction"] == 0.0
+    losses = torch.where(torch.arange(n) < 600, 0.1, 1.0).double()  # 600 items below the mean
+    s.update(range(n), losses)
+    items = drain(s)
+    pruned = s.history[-1]["pruned_fraction"]
+    assert abs(pruned - 0.3) < 0.05  # half of the 60% well learned
+    assert len(items) == n - round(pruned * n)
+    w = s.weights(items)
+    assert torch.all(w[torch.tensor(items) < 600] == 2.0) and torch.all(w[torch.tensor(items) >= 600] == 1.0)
+    for epoch in range(2, 8):
+        s.update(range(n), losses)
+        items = drain(s)
+        if epoch >= 6:
+            assert len(items) == n and s.history[-1]["kind"] == "full"
+            assert torch.all(s.weights(items) == 1.0)
+
+
+@pytest.mark.statistical
+def test_soft_pruning_weighted_sum_is_unbiased():
+    n, epochs = 200, 4000
+    f = torch.linspace(1.0, 3.0, n, dtype=torch.float64)
+    s = isample.SoftPruningSampler(n, num_epochs=10**6, prune_ratio=0.7, seed=1)
+    s.update(range(n), f)  # scores = f: the lower half is "well learned"
+    totals = []
+    for _ in range(epochs):
+        items = torch.tensor(drain(s))
+        totals.append(float((s.weights(items) * f[items]).sum()))
+    totals = np.array(totals)
+    z = (totals.mean() - float(f.sum())) / (totals.std(ddof=1) / math.sqrt(epochs))
+    assert abs(z) < 4.0
+    # without the reweighting the sum is clearly too small
+    unweighted = float(f.sum()) - 0.7 * float(f[f < f.mean()].sum())
+    assert abs(totals.mean() - unweighted) > 10 * totals.std(ddof=1) / math.sqrt(epochs)
+
+
+def test_soft_pruning_resume_and_errors():
+    s = isample.SoftPruningSampler(50, num_epochs=4, seed=2)
+    s.update(range(50), torch.rand(50))
+    drain(s)
+    other = isample.SoftPruningSampler(50, num_epochs=4, seed=2)
+    other.load_state_dict(s.state_dict())
+    assert drain(other) == drain(s)
+    for bad in ({"prune_ratio": 1.0}, {"anneal_fraction": 2.0}, {"initial_score": float("inf")}):
+        with pytest.raises(ValueError):
+            isample.SoftPruningSampler(50, num_epochs=4, **bad)
