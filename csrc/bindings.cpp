@@ -11,13 +11,17 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <limits>
+#include <memory>
 #include <mutex>
 #include <optional>
 #include <string>
+#include <utility>
 
 #include "buffer.h"
 #include "cpu_kernels.h"
 #include "descend.h"
+#include "gpu/device_tree_api.h"
 #include "softmax_tree.h"
 #include "sum_tree.h"
 
@@ -37,7 +41,7 @@ T* as_pointer(uintptr_t address) {
 template <class Tree>
 struct Handle {
   template <class... Args>
-  explicit Handle(uint64_t seed, Args... args) : tree(args...), stream_seed(seed) {}
+  explicit Handle(uint64_t seed, Args&&... args) : tree(std::forward<Args>(args)...), stream_seed(seed) {}
 
   // Runs f with the tree locked. Never waits for the mutex while holding the GIL: the
   // holder may be a thread that needs the GIL back before it can unlock.
@@ -74,6 +78,46 @@ DistinctMethod distinct_method(const std::string& name) {
 
 using SumHandle = Handle<SumTree>;
 using SoftmaxHandle = Handle<SoftmaxTree>;
+using DeviceHandle = Handle<std::unique_ptr<DeviceTreeApi>>;
+
+int cuda_devices() {
+#if defined(ISAMPLE_HAVE_CUDA)
+  return cuda_device_count();
+#else
+  return 0;
+#endif
+}
+
+// A device tree: "cuda" (on GPU `device`) or "host" (the GPU algorithms on the CPU).
+std::unique_ptr<DeviceTreeApi> make_device_tree(const std::string& kind, int64_t capacity, bool softmax,
+                                                double temperature, int device) {
+  if (capacity < 1 || capacity > kMaxCapacity) {
+    throw std::invalid_argument("capacity must be between 1 and 2^40, got " + std::to_string(capacity));
+  }
+  if (!(temperature > 0.0 && temperature <= std::numeric_limits<double>::max())) {
+    throw std::invalid_argument("temperature must be a finite number > 0");
+  }
+  if (kind == "host") {
+#if defined(ISAMPLE_HAVE_GPU_ON_HOST)
+    return make_host_gpu_tree(capacity, softmax, temperature);
+#else
+    throw std::invalid_argument("this build of isample has no host build of the GPU algorithms");
+#endif
+  }
+  if (kind == "cuda") {
+#if defined(ISAMPLE_HAVE_CUDA)
+    if (device < 0 || device >= cuda_device_count()) {
+      throw std::invalid_argument("CUDA device " + std::to_string(device) + " is not available (" +
+                                  std::to_string(cuda_device_count()) + " visible)");
+    }
+    return make_cuda_tree(capacity, softmax, temperature, device);
+#else
+    (void)device;
+    throw std::invalid_argument("this build of isample has no CUDA back end");
+#endif
+  }
+  throw std::invalid_argument("unknown device tree kind '" + kind + "'");
+}
 
 SumTree& sum_tree(SumHandle& h) { return h.tree; }
 SumTree& sum_tree(SoftmaxHandle& h) { return h.tree.tree(); }
@@ -149,13 +193,32 @@ PYBIND11_MODULE(_core, m) {
   py::register_exception<OutOfMemory>(m, "OutOfMemory", PyExc_MemoryError);
 
   m.def("fanout", [] { return kFanout; });
+  m.def("cuda_device_count", &cuda_devices, "CUDA devices visible to this build (0 without CUDA).");
   m.def(
       "build_info",
       [] {
         py::dict info;
+#if defined(ISAMPLE_HAVE_CUDA)
+        info["cuda"] = true;
+        py::list archs;
+        std::string text = ISAMPLE_CUDA_ARCHS;
+        size_t start = 0;
+        while (start <= text.size()) {
+          size_t end = text.find(',', start);
+          if (end == std::string::npos) end = text.size();
+          archs.append("sm_" + text.substr(start, end - start));
+          start = end + 1;
+        }
+        info["cuda_archs"] = archs;
+#else
         info["cuda"] = false;
         info["cuda_archs"] = py::list();
+#endif
+#if defined(ISAMPLE_HAVE_GPU_ON_HOST)
+        info["gpu_on_host"] = true;
+#else
         info["gpu_on_host"] = false;
+#endif
         info["fanout"] = kFanout;
         info["compiler"] = std::string(__VERSION__);
         info["cpu_kernels"] = std::string(cpu_kernels().name);
@@ -198,6 +261,112 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("seed"), py::arg("offset"), py::arg("k"), py::arg("out"),
       "The uniforms that sample(k, seed=seed) descends from, starting at stream position offset.");
+
+  py::class_<DeviceHandle> device_tree(m, "DeviceTree",
+      "A SumTree or SoftmaxTree run by the GPU algorithms: on a CUDA device, or built for the CPU "
+      "(kind 'host'). Array addresses are in the tree's memory; stream is a cudaStream_t as an int.");
+  device_tree
+      .def(py::init([](uint64_t stream_seed, const std::string& kind, int64_t capacity, bool softmax,
+                       double temperature, int device) {
+             return std::make_unique<DeviceHandle>(stream_seed, make_device_tree(kind, capacity, softmax, temperature, device));
+           }),
+           py::arg("stream_seed"), py::arg("kind"), py::arg("capacity"), py::arg("softmax"),
+           py::arg("temperature") = 1.0, py::arg("device") = 0)
+      .def_property_readonly("capacity", [](DeviceHandle& h) { return h.tree->capacity(); })
+      .def_property_readonly("softmax", [](DeviceHandle& h) { return h.tree->softmax(); })
+      .def_property_readonly("levels", [](DeviceHandle& h) { return h.tree->levels(); })
+      .def_property_readonly("nbytes", [](DeviceHandle& h) { return h.tree->nbytes(); })
+      .def_property(
+          "stream_seed", [](DeviceHandle& h) { return h.stream_seed; },
+          [](DeviceHandle& h, uint64_t seed) { h.locked(0, [&] { h.stream_seed = seed; }); })
+      .def_property(
+          "stream_calls", [](DeviceHandle& h) { return h.stream_calls; },
+          [](DeviceHandle& h, uint64_t calls) { h.locked(0, [&] { h.stream_calls = calls; }); })
+      .def(
+          "update",
+          [](DeviceHandle& h, uintptr_t indices, uintptr_t values, int64_t k, double keep, uintptr_t stream) {
+            h.locked(k, [&] { h.tree->update(as_pointer<const int64_t>(indices), as_pointer<const double>(values), k, keep, stream); });
+          },
+          py::arg("indices"), py::arg("values"), py::arg("k"), py::arg("keep") = 0.0, py::arg("stream") = 0)
+      .def(
+          "assign",
+          [](DeviceHandle& h, uintptr_t values, uintptr_t stream) {
+            h.locked(h.tree->capacity(), [&] { h.tree->assign(as_pointer<const double>(values), stream); });
+          },
+          py::arg("values"), py::arg("stream") = 0)
+      .def(
+          "load",
+          [](DeviceHandle& h, uintptr_t scores, double reference, uintptr_t stream) {
+            h.locked(h.tree->capacity(), [&] { h.tree->load(as_pointer<const double>(scores), reference, stream); });
+          },
+          py::arg("scores"), py::arg("reference"), py::arg("stream") = 0)
+      .def(
+          "set_temperature",
+          [](DeviceHandle& h, double temperature, uintptr_t stream) {
+            h.locked(h.tree->capacity(), [&] { h.tree->set_temperature(temperature, stream); });
+          },
+          py::arg("temperature"), py::arg("stream") = 0)
+      .def(
+          "get",
+          [](DeviceHandle& h, uintptr_t indices, int64_t k, uintptr_t out, uintptr_t stream) {
+            h.locked(k, [&] { h.tree->get(as_pointer<const int64_t>(indices), k, as_pointer<double>(out), stream); });
+          },
+          py::arg("indices"), py::arg("k"), py::arg("out"), py::arg("stream") = 0)
+      .def(
+          "probability",
+          [](DeviceHandle& h, uintptr_t indices, int64_t k, uintptr_t out, uintptr_t stream) {
+            h.locked(k, [&] { h.tree->probability(as_pointer<const int64_t>(indices), k, as_pointer<double>(out), stream); });
+          },
+          py::arg("indices"), py::arg("k"), py::arg("out"), py::arg("stream") = 0)
+      .def(
+          "sample_from_uniforms",
+          [](DeviceHandle& h, uintptr_t u, int64_t k, uintptr_t out, uintptr_t stream) {
+            h.locked(k, [&] { h.tree->sample_from_uniforms(as_pointer<const double>(u), k, as_pointer<int64_t>(out), stream); });
+          },
+          py::arg("u"), py::arg("k"), py::arg("out"), py::arg("stream") = 0)
+      .def(
+          "sample",
+          [](DeviceHandle& h, int64_t k, bool replace, uintptr_t out, std::optional<uint64_t> seed,
+             const std::string& method, uintptr_t stream) {
+            DistinctMethod how = distinct_method(method);
+            if (!replace && how == DistinctMethod::kRemoval) {
+              throw std::invalid_argument("method='removal' is CPU-only: device trees draw distinct items by the race");
+            }
+            h.locked(replace ? k : h.tree->capacity(), [&] {
+              uint64_t key = h.next_key(seed);
+              if (replace) {
+                h.tree->sample(key, k, as_pointer<int64_t>(out), stream);
+              } else {
+                h.tree->sample_distinct(key, k, as_pointer<int64_t>(out), nullptr, stream);
+              }
+            });
+          },
+          py::arg("k"), py::arg("replace"), py::arg("out"), py::arg("seed") = py::none(), py::arg("method") = "auto",
+          py::arg("stream") = 0)
+      .def(
+          "sample_with_inclusion",
+          [](DeviceHandle& h, int64_t k, uintptr_t out, uintptr_t inclusion, std::optional<uint64_t> seed, uintptr_t stream) {
+            h.locked(h.tree->capacity(), [&] {
+              h.tree->sample_distinct(h.next_key(seed), k, as_pointer<int64_t>(out), as_pointer<double>(inclusion), stream);
+            });
+          },
+          py::arg("k"), py::arg("out"), py::arg("inclusion"), py::arg("seed") = py::none(), py::arg("stream") = 0)
+      .def(
+          "status",
+          [](DeviceHandle& h, uintptr_t stream) {
+            DeviceTreeApi::Status st = h.locked(0, [&] { return h.tree->status(stream); });
+            py::dict d;
+            d["total"] = st.total;
+            d["reference"] = st.reference;
+            d["temperature"] = st.temperature;
+            d["positive"] = st.positive;
+            return d;
+          },
+          py::arg("stream") = 0, "Total, reference, temperature and positive count (synchronises).")
+      .def(
+          "check",
+          [](DeviceHandle& h, uintptr_t stream) { h.locked(0, [&] { h.tree->check(stream); }); },
+          py::arg("stream") = 0, "Raise the first error recorded on the device since the last check.");
 
   py::class_<SumHandle> sum(m, "SumTree", "Sum tree over non-negative float64 weights.");
   sum.def(py::init<uint64_t, int64_t>(), py::arg("stream_seed"), py::arg("capacity"))

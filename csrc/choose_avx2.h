@@ -21,7 +21,7 @@ namespace isample {
 ISAMPLE_FN int fall_off(const double* c, double& target) {
   int last_positive = 0;
   for (int j = 0; j < kFanout; ++j) last_positive = c[j] > 0.0 ? j : last_positive;
-  target = __builtin_huge_val();
+  target = positive_infinity();
   return last_positive;
 }
 

@@ -40,6 +40,10 @@ constexpr int kMaxLevels = 16;
 // Largest capacity accepted: indices are int64 and the padded leaf count must not overflow.
 constexpr int64_t kMaxCapacity = int64_t(1) << 40;
 
+// Usable in device code, unlike std::numeric_limits' (host-only) constexpr functions.
+ISAMPLE_FN double positive_infinity() { return __builtin_huge_val(); }
+ISAMPLE_FN double not_a_number() { return __builtin_nan(""); }
+
 ISAMPLE_FN int64_t round_up_to_block(int64_t x) {
   return (x + kFanout - 1) / kFanout * kFanout;
 }

@@ -60,7 +60,7 @@ ISAMPLE_FN int choose_child(const double* c, double& target) {
   if (within == 4) {  // only possible in the last group
     int last_positive = 0;
     for (int j = 0; j < kFanout; ++j) last_positive = c[j] > 0.0 ? j : last_positive;
-    target = __builtin_huge_val();
+    target = positive_infinity();
     return last_positive;
   }
   double before = start;
@@ -97,7 +97,7 @@ ISAMPLE_FN int choose_by_prefix(const double* prefix, const double* c, double& t
   if (below == kFanout) {
     int last_positive = 0;
     for (int j = 0; j < kFanout; ++j) last_positive = c[j] > 0.0 ? j : last_positive;
-    target = __builtin_huge_val();
+    target = positive_infinity();
     return last_positive;
   }
   target = t - before;

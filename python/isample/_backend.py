@@ -31,10 +31,14 @@ def resolve_device(device: DeviceLike) -> torch.device:
     if resolved.type == "cpu":
         return CPU
     if resolved.type == "cuda":
-        raise ValueError(
-            "device='cuda' is not supported by this build of isample: it was compiled "
-            "without the CUDA back end (see isample.build_info())"
-        )
+        if not _core.build_info()["cuda"]:
+            raise ValueError(
+                "device='cuda' is not supported by this build of isample: it was compiled "
+                "without the CUDA back end (see isample.build_info(); rebuild with nvcc on PATH)"
+            )
+        if not torch.cuda.is_available() or _core.cuda_device_count() == 0:
+            raise ValueError("device='cuda' was asked for, but no CUDA device is visible")
+        return torch.device("cuda", resolved.index if resolved.index is not None else torch.cuda.current_device())
     raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
 
 

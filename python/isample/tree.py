@@ -14,6 +14,7 @@ import torch
 
 from . import _backend, _core
 from ._backend import DeviceLike
+from ._device import DeviceCore
 
 __all__ = ["SumTree", "SoftmaxTree", "uniforms"]
 
@@ -25,13 +26,43 @@ class _Tree:
 
     _format: str
 
-    def __init__(self, capacity: int, device: DeviceLike, seed: Optional[int]) -> None:
+    def __init__(self, capacity: int, device: DeviceLike, seed: Optional[int], implementation: str) -> None:
         capacity = _backend.check_count(capacity, "capacity")
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self._device = _backend.resolve_device(device)
         self._capacity = capacity
         self._stream_seed = _backend.draw_seed() if seed is None else _backend.check_seed(seed)
+        # "cpu": the CPU tree; "cuda": the GPU algorithms on a CUDA device; "gpu_on_host": the
+        # GPU algorithms built for the CPU (Thrust's OpenMP system), which the tests use to run
+        # the GPU code on machines without a GPU.
+        if implementation not in ("auto", "gpu_on_host"):
+            raise ValueError(f"implementation must be 'auto' or 'gpu_on_host', got {implementation!r}")
+        if self._device.type == "cuda":
+            if implementation != "auto":
+                raise ValueError("implementation='gpu_on_host' runs on the CPU: use device='cpu'")
+            self._implementation = "cuda"
+        else:
+            if implementation == "gpu_on_host" and not _core.build_info()["gpu_on_host"]:
+                raise ValueError("this build of isample has no host build of the GPU algorithms")
+            self._implementation = "gpu_on_host" if implementation == "gpu_on_host" else "cpu"
+
+    def _device_core(self, softmax: bool, temperature: float, sync_errors: bool) -> DeviceCore:
+        kind = "cuda" if self._implementation == "cuda" else "host"
+        index = self._device.index if self._device.index is not None else 0
+        handle = _core.DeviceTree(self._stream_seed, kind, self._capacity, softmax, temperature, index)
+        return DeviceCore(handle, self._device, sync_errors)
+
+    def check(self) -> None:
+        """Raise the first bad-input error recorded on a CUDA device since the last check.
+
+        CUDA trees find bad data (NaN weights, indices out of range, sampling an all-zero
+        tree) on the device without synchronising; the call then changes nothing, and the
+        error waits here (or at the next synchronising query such as ``total``). CPU trees
+        raise at once; for them this does nothing.
+        """
+        if isinstance(self._core, DeviceCore):
+            self._core.check()
 
     # -- properties -------------------------------------------------------------------
     def __len__(self) -> int:
@@ -184,7 +215,8 @@ class _Tree:
         self._core.stream_calls = _backend.check_seed(state["stream_calls"])
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(capacity={self._capacity}, device='{self._device}', total={self.total:.6g})"
+        where = f"'{self._device}'" + (", gpu_on_host" if self._implementation == "gpu_on_host" else "")
+        return f"{type(self).__name__}(capacity={self._capacity}, device={where}, total={self.total:.6g})"
 
 
 def _seed_of_call(seed: Optional[int], generator: Optional[torch.Generator]) -> int:
@@ -218,20 +250,35 @@ class SumTree(_Tree):
         seed: seed of the tree's own random stream; by default drawn from torch's default
             generator.
 
+        sync_errors: CUDA only: check for bad input after every call (a synchronisation)
+            instead of at the next synchronising query or ``check()``.
+
     Updates re-sum the touched ancestors from their children (never by adding deltas), so
-    the total never drifts. Memory: about 8.53 bytes per item.
+    the total never drifts. Memory: about 8.53 bytes per item. On CUDA a weight must not
+    exceed DBL_MAX / (2n), so that no sum can overflow without a check on the host.
     """
 
     _format = "isample.SumTree"
 
-    def __init__(self, capacity: int, *, device: DeviceLike = "cpu", seed: Optional[int] = None) -> None:
-        super().__init__(capacity, device, seed)
-        self._core = _core.SumTree(self._stream_seed, self._capacity)
+    def __init__(
+        self,
+        capacity: int,
+        *,
+        device: DeviceLike = "cpu",
+        seed: Optional[int] = None,
+        sync_errors: bool = False,
+        _implementation: str = "auto",
+    ) -> None:
+        super().__init__(capacity, device, seed, _implementation)
+        if self._implementation == "cpu":
+            self._core = _core.SumTree(self._stream_seed, self._capacity)
+        else:
+            self._core = self._device_core(False, 1.0, sync_errors)
 
     @classmethod
-    def from_weights(cls, weights: Any, *, device: DeviceLike = "cpu", seed: Optional[int] = None) -> "SumTree":
+    def from_weights(cls, weights: Any, *, device: DeviceLike = "cpu", seed: Optional[int] = None, **kwargs: Any) -> "SumTree":
         """A tree holding `weights` (shape (n,)), built in O(n)."""
-        tree = cls(_length_of(weights), device=device, seed=seed)
+        tree = cls(_length_of(weights), device=device, seed=seed, **kwargs)
         tree.assign(weights)
         return tree
 
@@ -282,6 +329,7 @@ class SoftmaxTree(_Tree):
         temperature: T > 0; higher is flatter.
         device: ``"cpu"`` (or ``"cuda"`` in a CUDA build).
         seed: seed of the tree's own random stream; by default from torch's default generator.
+        sync_errors: CUDA only, as for SumTree.
 
     Memory: about 16.5 bytes per item (scores plus the tree).
     """
@@ -295,9 +343,15 @@ class SoftmaxTree(_Tree):
         temperature: float = 1.0,
         device: DeviceLike = "cpu",
         seed: Optional[int] = None,
+        sync_errors: bool = False,
+        _implementation: str = "auto",
     ) -> None:
-        super().__init__(capacity, device, seed)
-        self._core = _core.SoftmaxTree(self._stream_seed, self._capacity, _check_temperature(temperature))
+        super().__init__(capacity, device, seed, _implementation)
+        temperature = _check_temperature(temperature)
+        if self._implementation == "cpu":
+            self._core = _core.SoftmaxTree(self._stream_seed, self._capacity, temperature)
+        else:
+            self._core = self._device_core(True, temperature, sync_errors)
 
     @classmethod
     def from_scores(
@@ -307,9 +361,10 @@ class SoftmaxTree(_Tree):
         temperature: float = 1.0,
         device: DeviceLike = "cpu",
         seed: Optional[int] = None,
+        **kwargs: Any,
     ) -> "SoftmaxTree":
         """A tree holding `scores` (shape (n,)), built in O(n)."""
-        tree = cls(_length_of(scores), temperature=temperature, device=device, seed=seed)
+        tree = cls(_length_of(scores), temperature=temperature, device=device, seed=seed, **kwargs)
         tree.assign(scores)
         return tree
 

@@ -1,0 +1,151 @@
+"""Device trees behind the interface of the CPU trees' handles.
+
+A device tree runs the GPU algorithms (csrc/gpu/device_tree.h): on a CUDA device, on the
+caller's current stream with no host synchronisation in update or sample; or built for the
+CPU (``gpu_on_host``), which is how the tests check those algorithms without a GPU.
+
+Bad data found on the device (an index out of range, a NaN weight, sampling an all-zero
+tree...) makes the whole call a no-op, and the first such error is kept on the device. It is
+raised by ``check()``, which every synchronising query (``total``, ``num_positive``,
+``state_dict``...) calls first; with ``sync_errors=True`` it is checked after every call, at
+the cost of a synchronisation. The host build always checks at once (it costs nothing there),
+so it raises exactly where the CPU tree does.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from . import _core
+
+
+class DeviceCore:
+    """Wraps an ``_core.DeviceTree`` with the methods of ``_core.SumTree`` / ``SoftmaxTree``."""
+
+    def __init__(self, handle: "_core.DeviceTree", device: torch.device, sync_errors: bool) -> None:
+        self._handle = handle
+        self._device = device
+        self._cuda = device.type == "cuda"
+        self._sync_errors = sync_errors or not self._cuda
+
+    def _stream(self) -> int:
+        return torch.cuda.current_stream(self._device).cuda_stream if self._cuda else 0
+
+    def _done(self, stream: int) -> None:
+        if self._sync_errors:
+            self._handle.check(stream)
+
+    def check(self) -> None:
+        self._handle.check(self._stream())
+
+    # -- properties ---------------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        return self._handle.capacity
+
+    @property
+    def levels(self) -> int:
+        return self._handle.levels
+
+    @property
+    def nbytes(self) -> int:
+        return self._handle.nbytes
+
+    def _status(self) -> dict:
+        stream = self._stream()
+        self._handle.check(stream)
+        return self._handle.status(stream)
+
+    @property
+    def total(self) -> float:
+        return self._status()["total"]
+
+    @property
+    def num_positive(self) -> int:
+        return self._status()["positive"]
+
+    @property
+    def reference(self) -> float:
+        return self._status()["reference"]
+
+    @property
+    def log_total(self) -> float:
+        status = self._status()
+        return status["reference"] / status["temperature"] + math.log(status["total"])
+
+    @property
+    def temperature(self) -> float:
+        return self._status()["temperature"]
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        stream = self._stream()
+        self._handle.set_temperature(value, stream)
+        self._done(stream)
+
+    @property
+    def stream_seed(self) -> int:
+        return self._handle.stream_seed
+
+    @stream_seed.setter
+    def stream_seed(self, value: int) -> None:
+        self._handle.stream_seed = value
+
+    @property
+    def stream_calls(self) -> int:
+        return self._handle.stream_calls
+
+    @stream_calls.setter
+    def stream_calls(self, value: int) -> None:
+        self._handle.stream_calls = value
+
+    # -- calls ----------------------------------------------------------------------------------
+    def update(self, indices: int, values: int, k: int, keep: float = 0.0) -> None:
+        stream = self._stream()
+        self._handle.update(indices, values, k, keep, stream)
+        self._done(stream)
+
+    def assign(self, values: int) -> None:
+        stream = self._stream()
+        self._handle.assign(values, stream)
+        self._done(stream)
+
+    def load(self, scores: int, reference: float) -> None:
+        stream = self._stream()
+        self._handle.load(scores, reference, stream)
+        self._done(stream)
+
+    def get(self, indices: int, k: int, out: int) -> None:
+        stream = self._stream()
+        self._handle.get(indices, k, out, stream)
+        self._done(stream)
+
+    def probability(self, indices: int, k: int, out: int) -> None:
+        stream = self._stream()
+        self._handle.probability(indices, k, out, stream)
+        self._done(stream)
+
+    def sample_from_uniforms(self, u: int, k: int, out: int) -> None:
+        stream = self._stream()
+        self._handle.sample_from_uniforms(u, k, out, stream)
+        self._done(stream)
+
+    def sample(self, k: int, replace: bool, out: int, seed: Optional[int] = None, method: str = "auto") -> None:
+        stream = self._stream()
+        self._handle.sample(k, replace, out, seed, method, stream)
+        self._done(stream)
+
+    def sample_with_inclusion(self, k: int, out: int, inclusion: int, seed: Optional[int] = None) -> None:
+        stream = self._stream()
+        self._handle.sample_with_inclusion(k, out, inclusion, seed, stream)
+        self._done(stream)
+
+    def _export(self, out: int) -> None:
+        indices = torch.arange(self.capacity, dtype=torch.int64, device=self._device)
+        self.get(indices.data_ptr(), self.capacity, out)
+
+    export_leaves = _export
+    export_scores = _export
