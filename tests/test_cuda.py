@@ -141,3 +141,36 @@ def test_cuda_bad_input_is_deferred_then_raised():
     strict = isample.SumTree(100, device="cuda", sync_errors=True, seed=0)
     with pytest.raises(IndexError):
         strict.update(torch.tensor([100], device="cuda"), torch.ones(1, device="cuda", dtype=torch.float64))
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("transform", ["softmax", "proportional"])
+def test_sampler_steps_do_not_synchronise_on_cuda(transform):
+    n = 100_000
+    sampler = isample.ImportanceSampler(n, transform=transform, score="running_loss", samples_per_epoch=4096,
+                                        nonfinite="skip", device="cuda", seed=0)
+    order = torch.tensor(list(iter(sampler)), device="cuda")
+    losses = torch.rand(4096, device="cuda")
+    losses[7] = float("nan")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for start in range(0, 4096, 128):
+            batch = order[start : start + 128]
+            weights = sampler.weights(batch, dtype=torch.float32)
+            sampler.update(batch, losses[start : start + 128] * weights)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert sampler.counters["nonfinite_skipped"] == 1
+    list(iter(sampler))  # the next epoch: errors recorded on the device would surface here
+
+
+@pytest.mark.cuda
+@cuda
+def test_sampler_reports_rejected_batches_at_the_next_epoch():
+    sampler = isample.ImportanceSampler(1000, samples_per_epoch=100, device="cuda", seed=0)
+    items = torch.tensor(list(iter(sampler)), device="cuda")
+    sampler.update(items[:10], torch.full((10,), float("nan"), device="cuda"))
+    with pytest.raises(ValueError):
+        list(iter(sampler))

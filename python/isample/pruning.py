@@ -76,9 +76,7 @@ class SoftPruningSampler(EpochSampler):
         return self._scores[indices]
 
     def _write_scores(self, indices, scores):
-        if not bool(torch.isfinite(scores).all()):
-            raise ValueError("scores must be finite")
-        self._scores[indices] = scores
+        self._store_scores(self._scores, indices, scores)
 
     def scores(self) -> torch.Tensor:
         return self._scores.clone()

@@ -93,8 +93,22 @@ class EpochSampler(Sampler[int]):
         self._upcoming: Optional[_Epoch] = None
         #: one dict per drawn epoch: its kind, length, weight range and more
         self.history: List[Dict[str, Any]] = []
-        #: running totals: score updates made, non-finite scores skipped
-        self.counters: Dict[str, int] = {"updates": 0, "nonfinite_skipped": 0}
+        self._counters: Dict[str, int] = {"updates": 0, "nonfinite_skipped": 0}
+        self._skipped_on_device: Optional[torch.Tensor] = None  # CUDA: counted without a sync
+        self._rejected_on_device: Optional[torch.Tensor] = None  # CUDA: a batch held a non-finite score
+
+    @property
+    def counters(self) -> Dict[str, int]:
+        """Running totals: score updates made, non-finite scores skipped."""
+        if self._skipped_on_device is not None:
+            self._counters["nonfinite_skipped"] += int(self._skipped_on_device)
+            self._skipped_on_device = None
+        return self._counters
+
+    @counters.setter
+    def counters(self, value: Dict[str, int]) -> None:
+        self._counters = dict(value)
+        self._skipped_on_device = None
 
     # -- what subclasses provide ----------------------------------------------------------
     def _draw(self, epoch: int, generator: torch.Generator) -> _Epoch:
@@ -110,6 +124,28 @@ class EpochSampler(Sampler[int]):
     def scores(self) -> torch.Tensor:
         """All N current scores, float64 (N,)."""
         raise NotImplementedError
+
+    def _check_device(self) -> None:
+        """Raise errors a GPU recorded during the epoch (drawing an epoch synchronises anyway)."""
+        rejected, self._rejected_on_device = self._rejected_on_device, None
+        if rejected is not None and bool(rejected):
+            raise ValueError(
+                "a score update during the last epoch held a non-finite score and was left out; "
+                "pass nonfinite='skip' to drop only the bad items"
+            )
+
+    def _store_scores(self, store: torch.Tensor, indices: torch.Tensor, scores: torch.Tensor) -> None:
+        """store[indices] = scores, all or nothing: non-finite scores reject the whole batch.
+        On a GPU the check is made without a synchronisation and reported by _check_device."""
+        if self.device.type != "cuda":
+            if not bool(torch.isfinite(scores).all()):
+                raise ValueError("scores must be finite")
+            store[indices] = scores
+            return
+        accepted = torch.isfinite(scores).all()
+        store[indices] = torch.where(accepted, scores, store[indices])
+        rejected = ~accepted
+        self._rejected_on_device = rejected if self._rejected_on_device is None else self._rejected_on_device | rejected
 
     def _config(self) -> Dict[str, Any]:
         return {"num_items": self.num_items, "score": self.score_policy.config(), "seed": self.seed}
@@ -141,6 +177,7 @@ class EpochSampler(Sampler[int]):
         upcoming = self._upcoming
         if upcoming is not None and upcoming.epoch == self._next_epoch:
             return upcoming
+        self._check_device()
         epoch = self._next_epoch
         generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch, "epoch"))
         upcoming = self._draw(epoch, generator)
@@ -199,7 +236,8 @@ class EpochSampler(Sampler[int]):
 
         Multiply the per-example losses by them before averaging. They use the
         probabilities the items were drawn with. Raises ValueError for an item that the
-        current epoch did not draw, RuntimeError before the first epoch is drawn.
+        current epoch did not draw (on CUDA its weight is NaN instead: a check would
+        synchronise), RuntimeError before the first epoch is drawn.
         """
         current = self._current
         if current is None:
@@ -214,10 +252,8 @@ class EpochSampler(Sampler[int]):
             if missing >= 0:
                 raise ValueError(f"item {int(idx[missing])} was not drawn in epoch {current.epoch}: it has no weight")
         else:
+            # On a GPU an undrawn item's weight comes back NaN: checking would synchronise.
             weights = current.weight_of[idx]
-            if bool(torch.isnan(weights).any()):
-                missing = idx[torch.isnan(weights)][:5].tolist()
-                raise ValueError(f"items {missing} were not drawn in epoch {current.epoch}: they have no weight")
         if dtype is not None or device is not None:
             weights = weights.to(dtype=dtype or weights.dtype, device=device or weights.device)
         return weights
@@ -238,17 +274,16 @@ class EpochSampler(Sampler[int]):
         """
         idx = _backend.as_indices(indices, self.device)
         losses = _as_losses(losses, idx.numel(), self.device)
+        if self.device.type == "cuda":
+            self._update_on_device(idx, losses, extra)
+            return
         policy = self.score_policy
         new = None
         try:
             if policy.keep is not None:
                 self._blend_scores(idx, losses, policy.keep)
             else:
-                previous = self._read_scores(idx) if policy.needs_previous else None
-                new = policy(losses, previous, idx, **extra)
-                if not isinstance(new, torch.Tensor) or new.shape != losses.shape:
-                    raise TypeError(f"{policy!r} must return a tensor of shape {tuple(losses.shape)}")
-                new = new.to(dtype=torch.float64, device=self.device)
+                new = self._new_scores(idx, losses, extra)
                 self._write_scores(idx, new)
         except ValueError:
             finite = torch.isfinite(losses if new is None else new)
@@ -261,12 +296,40 @@ class EpochSampler(Sampler[int]):
                     f"{losses[~finite][:5].tolist()}); the scores are unchanged. "
                     "Pass nonfinite='skip' to leave such items out of the update."
                 ) from None
-            self.counters["nonfinite_skipped"] += bad
+            self._counters["nonfinite_skipped"] += bad
             if new is None:
                 self._blend_scores(idx[finite], losses[finite], policy.keep)
             else:
                 self._write_scores(idx[finite], new[finite])
-        self.counters["updates"] += 1
+        self._counters["updates"] += 1
+
+    def _new_scores(self, idx: torch.Tensor, losses: torch.Tensor, extra: Dict[str, Any]) -> torch.Tensor:
+        policy = self.score_policy
+        previous = self._read_scores(idx) if policy.needs_previous else None
+        new = policy(losses, previous, idx, **extra)
+        if not isinstance(new, torch.Tensor) or new.shape != losses.shape:
+            raise TypeError(f"{policy!r} must return a tensor of shape {tuple(losses.shape)}")
+        return new.to(dtype=torch.float64, device=self.device)
+
+    def _update_on_device(self, idx: torch.Tensor, losses: torch.Tensor, extra: Dict[str, Any]) -> None:
+        """The CUDA path: no host synchronisation. A non-finite score is left out by keeping
+        the item's current score (nonfinite="skip", counted on the device), or recorded by
+        the tree and raised when the next epoch is drawn (nonfinite="raise")."""
+        policy = self.score_policy
+        if policy.keep is not None:
+            values, finite = losses, torch.isfinite(losses)
+        else:
+            values = self._new_scores(idx, losses, extra)
+            finite = torch.isfinite(values)
+        if self.nonfinite == "skip":
+            values = torch.where(finite, values, self._read_scores(idx))
+            skipped = (~finite).sum()
+            self._skipped_on_device = skipped if self._skipped_on_device is None else self._skipped_on_device + skipped
+        if policy.keep is not None:
+            self._blend_scores(idx, values, policy.keep)
+        else:
+            self._write_scores(idx, values)
+        self._counters["updates"] += 1
 
     # -- state ----------------------------------------------------------------------------
     def state_dict(self, *, consumed: Optional[int] = None) -> Dict[str, Any]:
@@ -428,6 +491,10 @@ class ImportanceSampler(EpochSampler):
     def _read_scores(self, indices):
         return self._tree.get(indices) if self._scores is None else self._scores[indices]
 
+    def _check_device(self):
+        self._tree.check()
+        super()._check_device()
+
     def _blend_scores(self, indices, losses, keep):
         if self._scores is None:  # one call of the core; it validates before writing
             self._tree.blend(indices, losses, keep)
@@ -438,11 +505,11 @@ class ImportanceSampler(EpochSampler):
         if self._scores is None:  # the SoftmaxTree holds the scores and validates them itself
             self._tree.update(indices, scores)
             return
-        if not bool(torch.isfinite(scores).all()):
+        if self.device.type != "cuda" and not bool(torch.isfinite(scores).all()):
             raise ValueError("scores must be finite")
         if not self.transform.epoch_level:
             self._tree.update(indices, self.transform.leaf_values(scores))  # validates before writing
-        self._scores[indices] = scores
+        self._store_scores(self._scores, indices, scores)
 
     def scores(self) -> torch.Tensor:
         return self._tree.get() if self._scores is None else self._scores.clone()
