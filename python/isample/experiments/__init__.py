@@ -1,0 +1,18 @@
+"""Experiment runner for isample: the seed paper's study and more, from the ``isample`` command.
+
+Not imported by ``import isample``, so the library stays light; import the modules directly:
+
+>>> from isample.experiments import augment, data, models
+>>> ds = data.load_dataset("fashion-mnist")        # uint8 tensors in memory, with mean/std
+>>> model = models.build_model("small_cnn", ds.num_classes, ds.in_channels, ds.image_size)
+>>> x = augment.normalize(augment.random_crop_flip(ds.train_images[:128]), ds.mean, ds.std)
+
+Modules:
+
+- ``data``: ``load_dataset`` (CIFAR-10/100, Fashion-MNIST, MNIST), ``long_tailed``, ``subset``;
+- ``augment``: batched random crop + horizontal flip, and normalisation, on any device;
+- ``models``: the CIFAR ResNet18 of the seed paper and a small CNN for CPU-sized studies;
+- ``config``: ``RunConfig`` and the presets of the paper's Appendix A;
+- ``train``: the training loop (metrics per epoch, Appendix C time split, exact resume);
+- ``plots`` and ``report``: the paper's figures 1-6 and a markdown table from run folders.
+"""
