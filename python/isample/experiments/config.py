@@ -1,0 +1,148 @@
+"""Run configurations and the seed paper's presets (its Appendix A).
+
+A ``RunConfig`` is everything one training run depends on; it is saved as ``config.json`` in
+the run folder and checked when a run is resumed. ``preset(name)`` gives the paper's
+settings; ``grid(...)`` expands presets × augmentation × seeds into the runs of a study.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+METHODS = ("uniform", "last_loss", "running_loss", "grad_norm", "infobatch")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """One training run. Defaults are the seed paper's (Appendix A) on CIFAR-10 with ResNet18."""
+
+    # data
+    dataset: str = "cifar10"
+    data_dir: Optional[str] = None
+    imbalance_ratio: float = 1.0  # > 1: the long-tailed variant (exponential profile)
+    train_subset: Optional[int] = None  # a stratified subset, for short runs
+    test_subset: Optional[int] = None
+    augment: bool = True  # random crop (pad 4) + horizontal flip
+    # model and optimiser
+    model: str = "resnet18"
+    batch_size: int = 128
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    lr_milestones: Tuple[int, ...] = (15, 30)
+    lr_gamma: float = 0.1
+    max_epochs: int = 60
+    patience: int = 15  # early stopping: epochs without a better test accuracy
+    # sampling
+    method: str = "uniform"
+    samples_fraction: float = 1.0  # |Z| / N in importance epochs (the paper: 8192/50000, 30000/50000)
+    replacement: bool = False
+    warmup_epochs: int = 0
+    beta: float = 0.2  # running loss: S = beta S + (1 - beta) L
+    temperature: float = 1.0
+    weighting: str = "inverse_probability"  # the paper's 1/(N p); "auto": isample's unbiased weights
+    uniform_mix: float = 0.0
+    prune_ratio: float = 0.5  # InfoBatch
+    anneal_fraction: float = 0.125  # InfoBatch: the last epochs on the full data
+    # budgets (for equal-budget comparisons); None: no limit
+    budget_steps: Optional[int] = None
+    budget_seconds: Optional[float] = None
+    target_accuracy: Optional[float] = None  # epochs / steps / seconds to reach it are reported
+    # run
+    seed: int = 0
+    device: str = "auto"  # "auto": cuda if available, else cpu
+    amp: bool = True  # bf16 autocast and channels-last on a GPU (ignored on the CPU)
+    eval_batch_size: int = 1000
+    score_bins: int = 40  # per-epoch histogram of the scores (figures 4-5)
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if not 0.0 < self.samples_fraction <= (10.0 if self.replacement else 1.0):
+            raise ValueError(f"samples_fraction must be in (0, 1] without replacement, got {self.samples_fraction}")
+        if self.weighting not in ("inverse_probability", "auto", "none"):
+            raise ValueError(f"weighting must be 'inverse_probability', 'auto' or 'none', got {self.weighting!r}")
+        for name in ("batch_size", "max_epochs", "eval_batch_size", "score_bins"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.imbalance_ratio < 1.0:
+            raise ValueError("imbalance_ratio must be >= 1 (1: balanced)")
+        object.__setattr__(self, "lr_milestones", tuple(int(m) for m in self.lr_milestones))
+
+    @property
+    def name(self) -> str:
+        """A folder name that identifies the run within a study."""
+        parts = [self.dataset]
+        if self.imbalance_ratio > 1:
+            parts.append(f"lt{self.imbalance_ratio:g}")
+        if self.train_subset:
+            parts.append(f"sub{self.train_subset}")
+        parts += [self.model, self.method_label, "aug" if self.augment else "noaug", f"s{self.seed}"]
+        return "-".join(parts)
+
+    @property
+    def method_label(self) -> str:
+        """The method with what distinguishes it from the same method in other settings."""
+        label = self.method
+        if self.method in ("last_loss", "running_loss", "grad_norm") and self.samples_fraction < 1.0:
+            label += f"-z{self.samples_fraction:g}"
+        if self.weighting == "auto" and self.method in ("last_loss", "running_loss", "grad_norm"):
+            label += "-unbiased"
+        return label
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any]) -> "RunConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown configuration keys: {unknown}")
+        values = dict(values)
+        if "lr_milestones" in values:
+            values["lr_milestones"] = tuple(values["lr_milestones"])
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        return dataclasses.replace(self, **changes)
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+# Appendix A of the seed paper, on CIFAR-10 (N = 50,000): |Z| is kept as a fraction of N so
+# the budgets scale to other data sets.
+PRESETS: Dict[str, Dict[str, Any]] = {
+    "uniform": {"method": "uniform"},
+    "last_loss": {"method": "last_loss", "samples_fraction": 8192 / 50000, "warmup_epochs": 5, "replacement": False},
+    "running_loss": {
+        "method": "running_loss", "samples_fraction": 30000 / 50000, "beta": 0.2, "warmup_epochs": 0,
+        "replacement": False,
+    },
+    # Beyond the paper: the gradient-norm bound (Katharopoulos & Fleuret 2018) with the
+    # paper's running-loss budget, and InfoBatch's soft pruning (Qin et al. 2024).
+    "grad_norm": {"method": "grad_norm", "samples_fraction": 30000 / 50000, "warmup_epochs": 1, "replacement": False},
+    "infobatch": {"method": "infobatch", "prune_ratio": 0.5, "anneal_fraction": 0.125},
+}
+PAPER_PRESETS = ("uniform", "last_loss", "running_loss")
+
+
+def preset(name: str, **overrides: Any) -> RunConfig:
+    """The configuration of a named preset (see PRESETS), with overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return RunConfig(**{**PRESETS[name], **overrides})
+
+
+def grid(
+    presets: Sequence[str],
+    *,
+    seeds: Iterable[int] = (0, 1, 2),
+    augment: Iterable[bool] = (True, False),
+    **overrides: Any,
+) -> List[RunConfig]:
+    """Every preset × augmentation setting × seed, with the same overrides."""
+    return [preset(name, augment=aug, seed=seed, **overrides) for name in presets for aug in augment for seed in seeds]

@@ -1,0 +1,178 @@
+"""The experiment runner: presets, accuracy, a real short run, exact resume, a killed run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from isample.experiments.config import PRESETS, RunConfig, grid, preset
+from isample.experiments.train import class_accuracy, evaluate, load_history, train
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+needs_fashion = pytest.mark.skipif(
+    not (FASHION / "train-images-idx3-ubyte.gz").exists(),
+    reason="Fashion-MNIST is not installed (apt-get install -y dataset-fashion-mnist)",
+)
+
+
+def test_presets_are_the_papers_appendix_a():
+    last, running, uniform = preset("last_loss"), preset("running_loss"), preset("uniform")
+    n = 50_000  # CIFAR-10
+    assert round(last.samples_fraction * n) == 8192 and last.warmup_epochs == 5 and not last.replacement
+    assert round(running.samples_fraction * n) == 30_000 and running.beta == 0.2 and running.warmup_epochs == 0
+    assert uniform.method == "uniform" and uniform.samples_fraction == 1.0
+    for c in (last, running, uniform):
+        assert (c.batch_size, c.lr, c.momentum, c.weight_decay) == (128, 0.01, 0.9, 5e-4)
+        assert c.lr_milestones == (15, 30) and c.lr_gamma == 0.1 and c.patience == 15
+        assert c.weighting == "inverse_probability" and c.temperature == 1.0
+    runs = grid(("uniform", "last_loss", "running_loss"), seeds=range(3))
+    assert len(runs) == 18 and len({r.name for r in runs}) == 18
+    assert set(PRESETS) >= {"uniform", "last_loss", "running_loss", "grad_norm", "infobatch"}
+
+
+def test_config_round_trip_and_errors():
+    c = preset("running_loss", dataset="fashion-mnist", imbalance_ratio=10.0, seed=2)
+    assert RunConfig.from_dict(json.loads(c.dumps())) == c
+    assert c.name == "fashion-mnist-lt10-resnet18-running_loss-z0.6-aug-s2"
+    with pytest.raises(ValueError, match="unknown"):
+        RunConfig.from_dict({"learning_rate": 0.1})
+    for bad in ({"method": "oracle"}, {"samples_fraction": 1.5}, {"weighting": "fancy"}, {"imbalance_ratio": 0.5}):
+        with pytest.raises(ValueError):
+            RunConfig(**bad)
+
+
+def test_class_accuracy_by_hand():
+    predictions = torch.tensor([0, 1, 1, 2, 2, 2, 0])
+    labels = torch.tensor([0, 1, 2, 2, 2, 0, 0])
+    acc = class_accuracy(predictions, labels, num_classes=4)
+    assert acc[:3].tolist() == [2 / 3, 1.0, 2 / 3]
+    assert torch.isnan(acc[3])  # class 3 absent
+
+
+class _ModeProbe(torch.nn.Module):
+    """Predicts class 0 in train mode and the true class (from the input) in eval mode."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.classes = classes
+
+    def forward(self, x):
+        label = x.flatten(1)[:, 0].round().long().clamp(0, self.classes - 1)
+        logits = torch.zeros(x.shape[0], self.classes)
+        logits[torch.arange(x.shape[0]), 0 if self.training else label] = 5.0
+        return logits
+
+
+def test_evaluate_uses_eval_mode_the_whole_set_and_no_augmentation():
+    from isample.experiments.data import Dataset
+
+    labels = torch.arange(30) % 3
+    images = labels.to(torch.uint8).view(30, 1, 1, 1).expand(30, 1, 2, 2).contiguous()
+    data = Dataset("probe", images, labels, images, labels, 3, ("a", "b", "c"), (0.0,), (1 / 255,), (10, 10, 10))
+    model = _ModeProbe(3).train()
+    result = evaluate(model, images, labels, data, batch_size=7, autocast=_Null, channels_last=False)
+    assert result["accuracy"] == 1.0  # eval mode, all 30 examples (5 batches, the last short)
+    assert result["per_class_accuracy"] == [1.0, 1.0, 1.0]
+    assert model.training  # restored
+    expected_loss = torch.nn.functional.cross_entropy(torch.eye(3)[labels] * 5.0, labels).item()
+    assert result["loss"] == pytest.approx(expected_loss, rel=1e-6)
+
+
+class _Null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _tiny(method: str, **overrides) -> RunConfig:
+    settings = dict(
+        dataset="fashion-mnist", model="small_cnn", train_subset=1200, test_subset=500, max_epochs=2,
+        lr_milestones=(1,), lr=0.05, device="cpu", warmup_epochs=0, samples_fraction=0.5, augment=False,
+    )
+    settings.update(overrides)
+    if method in ("uniform", "infobatch"):
+        settings.pop("samples_fraction")
+        settings.pop("warmup_epochs")
+    return preset(method, **settings)
+
+
+@needs_fashion
+def test_a_short_real_run_learns_and_writes_its_records(tmp_path):
+    config = _tiny("running_loss", max_epochs=2, train_subset=3000, samples_fraction=1.0, augment=True)
+    summary = train(config, tmp_path / config.name, progress=False, log=lambda _: None)
+    assert summary["complete"] and summary["epochs"] == 2
+    assert summary["final_test_accuracy"] > 0.5  # chance is 0.1
+    history = load_history(tmp_path / config.name)
+    assert [r["epoch"] for r in history] == [0, 1]
+    for r in history:
+        assert set(r["seconds"]) == {"training", "evaluation", "sampling"} and r["seconds"]["sampling"] > 0
+        assert len(r["per_class_accuracy"]) == 10 and r["scores"]["histogram"]
+    assert (tmp_path / config.name / "metrics.csv").read_text().count("\n") == 3
+    assert 0 < summary["sampling_share"] < 0.5
+
+
+def _strip_times(history):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
+
+
+@needs_fashion
+@pytest.mark.parametrize("method", ["uniform", "last_loss", "infobatch"])
+def test_resume_mid_epoch_equals_an_uninterrupted_run(tmp_path, method):
+    config = _tiny(method)
+    torch.set_num_threads(1)  # bit-identical CPU arithmetic across the two runs
+    try:
+        straight = train(config, tmp_path / "straight", progress=False, log=lambda _: None)
+        stopped = train(config, tmp_path / "stopped", progress=False, log=lambda _: None, max_wall_seconds=0.0)
+        assert not stopped["complete"]
+        assert (tmp_path / "stopped" / "checkpoint.pt").exists()
+        resumed = train(config, tmp_path / "stopped", progress=False, log=lambda _: None)
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)
+    assert resumed["complete"]
+    assert _strip_times(load_history(tmp_path / "stopped")) == _strip_times(load_history(tmp_path / "straight"))
+    assert resumed["best_test_accuracy"] == straight["best_test_accuracy"]
+
+
+@needs_fashion
+def test_a_killed_training_process_resumes_with_nothing_lost(tmp_path):
+    """SIGKILL a real `isample train` mid-epoch, resume it, and get the uninterrupted run."""
+    args = [
+        sys.executable, "-m", "isample.cli", "train", "--preset", "running_loss", "--dataset", "fashion-mnist",
+        "--model", "small_cnn", "--train-subset", "1200", "--test-subset", "500", "--max-epochs", "2",
+        "--lr-milestones", "1", "--device", "cpu", "--no-augment", "--no-progress", "--checkpoint-seconds", "0",
+        "--samples-fraction", "0.5",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(args + ["--out", str(tmp_path / "straight")], env=env, check=True, capture_output=True, timeout=300)
+    victim = subprocess.Popen(args + ["--out", str(tmp_path / "killed")], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT)
+    run = next(iter((tmp_path / "straight").iterdir())).name
+    checkpoint = tmp_path / "killed" / run / "checkpoint.pt"
+    deadline = time.monotonic() + 120
+    while not checkpoint.exists() and time.monotonic() < deadline and victim.poll() is None:
+        time.sleep(0.02)
+    time.sleep(0.3)  # let it get further into an epoch, writing checkpoints as it goes
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert not (tmp_path / "killed" / run / "summary.json").exists()
+    subprocess.run(args + ["--out", str(tmp_path / "killed")], env=env, check=True, capture_output=True, timeout=300)
+    assert _strip_times(load_history(tmp_path / "killed" / run)) == _strip_times(load_history(tmp_path / "straight" / run))
+
+
+@needs_fashion
+def test_a_diverging_run_stops_with_a_reason_instead_of_crashing(tmp_path):
+    config = _tiny("last_loss", lr=1e6, max_epochs=3, train_subset=600, test_subset=200)
+    summary = train(config, tmp_path / "run", progress=False, log=lambda _: None)
+    assert summary["complete"] and summary["stop_reason"].startswith("diverged")
+    assert summary["epochs"] <= 3 and (tmp_path / "run" / "summary.json").exists()
