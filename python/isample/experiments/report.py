@@ -1,0 +1,360 @@
+"""A markdown report of training runs, and the reader of run folders that the figures share.
+
+``load_runs(paths)`` reads each run folder once (``config.json``, ``metrics.jsonl``, and
+``summary.json`` when the run is complete) and groups the runs that differ only by seed.
+``report(paths)`` turns the groups into one markdown table (one row per data set, model,
+method and augmentation setting) and a paired comparison of each method against uniform
+sampling with the same seeds.
+
+Everything is computed from the per-epoch records, so an incomplete run (no summary.json)
+counts with the epochs it has. Accuracies are fractions in the records and percentages in the
+report; "± x" is the sample standard deviation over seeds (ddof = 1).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, TypedDict, Union
+
+from .config import METHODS, RunConfig
+from .train import load_history
+
+__all__ = ["load_runs", "run_folders", "report", "group_stats", "paired_comparisons", "time_split"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+# Configuration fields that do not make two runs different experiments: the seed is what a
+# group averages over; the others change where a run ran or what it reports, not what it trains.
+NOT_GROUPED = ("seed", "device", "data_dir", "target_accuracy", "eval_batch_size", "score_bins")
+PHASES = ("training", "evaluation", "sampling")
+
+
+class Run(TypedDict):
+    """One run folder, read."""
+
+    path: Path
+    config: RunConfig
+    seed: int
+    history: List[Dict[str, Any]]  # the records of metrics.jsonl, one per finished epoch
+    summary: Optional[Dict[str, Any]]  # summary.json; None while the run is incomplete
+
+
+class Group(TypedDict):
+    """Runs that differ only by seed, sorted by seed."""
+
+    dataset: str  # with its variant, as in RunConfig.name: "cifar10-lt100", "fashion-mnist-sub2000"
+    model: str
+    method: str  # RunConfig.method_label, plus what else tells it apart from a same-named group
+    augment: bool
+    long_tailed: bool  # imbalanced data: balanced and worst-class accuracy are reported too
+    runs: List[Run]
+
+
+def run_folders(paths: Iterable[PathLike]) -> List[Path]:
+    """The run folders named by `paths`: each is a run folder (it holds config.json) or a folder
+    of run folders. Raises ValueError for anything else."""
+    found: List[Path] = []
+    for entry in paths:
+        path = Path(entry)
+        if (path / "config.json").is_file():
+            found.append(path)
+            continue
+        children = sorted(p for p in path.iterdir() if (p / "config.json").is_file()) if path.is_dir() else []
+        if not children:
+            what = "does not exist" if not path.exists() else "holds no config.json and no run folders"
+            raise ValueError(f"{path} is not a run folder: it {what}")
+        found.extend(children)
+    unique: Dict[Path, Path] = {}
+    for path in found:
+        unique.setdefault(path.resolve(), path)  # the same run named twice counts once
+    return list(unique.values())
+
+
+def _read_run(path: Path) -> Tuple[Run, Dict[str, Any]]:
+    """The run, and its config.json as written (for grouping)."""
+    try:
+        values = json.loads((path / "config.json").read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not a run folder: config.json is not valid JSON ({error})") from None
+    # Keep only the fields this version knows, so folders written by an older or newer
+    # version still load; the grouping below uses the raw values, so nothing is merged by it.
+    known = {f.name for f in dataclasses.fields(RunConfig)}
+    config = RunConfig.from_dict({k: v for k, v in values.items() if k in known})
+    history = load_history(path) if (path / "metrics.jsonl").is_file() else []
+    summary_path = path / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
+    return {"path": path, "config": config, "seed": config.seed, "history": history, "summary": summary}, values
+
+
+def _dataset_label(config: RunConfig) -> str:
+    parts = [config.dataset]
+    if config.imbalance_ratio > 1:
+        parts.append(f"lt{config.imbalance_ratio:g}")
+    if config.train_subset:
+        parts.append(f"sub{config.train_subset}")
+    return "-".join(parts)
+
+
+def _method_order(label: str) -> Tuple[int, str]:
+    base = label.split("-")[0]
+    return (METHODS.index(base) if base in METHODS else len(METHODS), label)
+
+
+def load_runs(paths: Iterable[PathLike]) -> List[Group]:
+    """Read the run folders in `paths` (run folders or folders of them) and group them.
+
+    Runs are in one group when their config.json agree on everything but the seed (and the
+    fields in NOT_GROUPED). Groups come sorted by data set, model, augmentation (augmented
+    first) and method (uniform first).
+    """
+    by_key: Dict[str, List[Run]] = collections.defaultdict(list)
+    for path in run_folders(paths):
+        run, raw = _read_run(path)
+        key = json.dumps({k: v for k, v in raw.items() if k not in NOT_GROUPED}, sort_keys=True)
+        by_key[key].append(run)
+    groups: List[Group] = []
+    keys: List[Dict[str, Any]] = []
+    for key, members in by_key.items():
+        seeds = [r["seed"] for r in members]
+        if len(set(seeds)) < len(seeds):
+            where = ", ".join(str(r["path"]) for r in members)
+            raise ValueError(f"two runs of the same configuration share a seed: {where}")
+        config = members[0]["config"]
+        groups.append({
+            "dataset": _dataset_label(config),
+            "model": config.model,
+            "method": config.method_label,
+            "augment": config.augment,
+            "long_tailed": config.imbalance_ratio > 1 or any(_imbalanced(r["history"]) for r in members),
+            "runs": sorted(members, key=lambda r: r["seed"]),
+        })
+        keys.append(json.loads(key))
+    _disambiguate(groups, keys)
+    groups.sort(key=lambda g: (g["dataset"], g["model"], not g["augment"], _method_order(g["method"])))
+    return groups
+
+
+def _imbalanced(history: Sequence[Dict[str, Any]]) -> bool:
+    # On a test set with equal class counts the balanced accuracy equals the accuracy.
+    return any(abs(r.get("balanced_accuracy", r["test_accuracy"]) - r["test_accuracy"]) > 1e-9 for r in history)
+
+
+def _disambiguate(groups: List[Group], keys: List[Dict[str, Any]]) -> None:
+    """Append the differing settings to the labels of groups that would otherwise read the same
+    (`keys`: each group's configuration without the seed)."""
+    same: Dict[Tuple[str, str, str, bool], List[int]] = collections.defaultdict(list)
+    for i, g in enumerate(groups):
+        same[(g["dataset"], g["model"], g["method"], g["augment"])].append(i)
+    for indices in same.values():
+        if len(indices) == 1:
+            continue
+        members, configs = [groups[i] for i in indices], [keys[i] for i in indices]
+        differing = sorted(k for k in set().union(*configs) if len({json.dumps(d.get(k)) for d in configs}) > 1)
+        for g, d in zip(members, configs):
+            g["method"] += " (" + ", ".join(f"{k}={d.get(k)}" for k in differing) + ")"
+
+
+# -- per-run and per-group numbers ---------------------------------------------------------
+
+
+def time_split(run: Run) -> Dict[str, float]:
+    """Seconds of the run in training, evaluation and sampling (summed over its epochs)."""
+    return {k: sum(r["seconds"].get(k, 0.0) for r in run["history"]) for k in PHASES}
+
+
+def _time_to_target(history: Sequence[Dict[str, Any]], target: float) -> Optional[Tuple[int, float]]:
+    """(epochs, training + sampling seconds) until the test accuracy first reaches `target`."""
+    elapsed = 0.0
+    for count, r in enumerate(history, start=1):
+        elapsed += r["seconds"].get("training", 0.0) + r["seconds"].get("sampling", 0.0)
+        if r["test_accuracy"] >= target:
+            return count, elapsed
+    return None
+
+
+def _mean_std(values: Sequence[float]) -> Tuple[Optional[float], Optional[float]]:
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def _resolve_target(groups: Sequence[Group], target_accuracy: Optional[float]) -> Optional[float]:
+    if target_accuracy is None:
+        # Fall back to the target the runs were trained with, when they all agree on one.
+        targets = {r["config"].target_accuracy for g in groups for r in g["runs"]}
+        target_accuracy = targets.pop() if len(targets) == 1 else None
+    if target_accuracy is not None and target_accuracy > 1.0:
+        target_accuracy /= 100.0  # given in percent
+    return target_accuracy
+
+
+def group_stats(group: Group, target_accuracy: Optional[float] = None) -> Dict[str, Any]:
+    """The numbers of one report row, as fractions and seconds (None where undefined).
+
+    Keys: seeds, incomplete, best/final (test accuracy), final_balanced, final_worst (each a
+    (mean, std) pair), overhead (sampling share of all wall-clock, (mean, std)), reached (seeds
+    that reached the target), epochs_to_target and seconds_to_target (means over those),
+    stop_reasons (a Counter).
+    """
+    runs = [r for r in group["runs"] if r["history"]]
+    stats: Dict[str, Any] = {"seeds": len(runs), "incomplete": sum(r["summary"] is None for r in group["runs"])}
+    for name, key, pick in (
+        ("best", "test_accuracy", max),
+        ("final", "test_accuracy", lambda v: v[-1]),
+        ("final_balanced", "balanced_accuracy", lambda v: v[-1]),
+        ("final_worst", "worst_class_accuracy", lambda v: v[-1]),
+    ):
+        stats[name] = _mean_std([pick([rec[key] for rec in r["history"]]) for r in runs if key in r["history"][0]])
+    shares = []
+    for r in runs:
+        split = time_split(r)
+        total = sum(split.values())
+        shares.append(split["sampling"] / total if total > 0 else 0.0)
+    stats["overhead"] = _mean_std(shares)
+    stats["target"] = target_accuracy
+    hits = []
+    if target_accuracy is not None:
+        hits = [h for h in (_time_to_target(r["history"], target_accuracy) for r in runs) if h is not None]
+    stats["reached"] = len(hits)
+    stats["epochs_to_target"] = _mean_std([float(h[0]) for h in hits])[0]
+    stats["seconds_to_target"] = _mean_std([h[1] for h in hits])[0]
+    stats["stop_reasons"] = collections.Counter(
+        f"incomplete ({len(r['history'])} epochs)" if r["summary"] is None else str(r["summary"].get("stop_reason"))
+        for r in group["runs"]
+    )
+    return stats
+
+
+def paired_comparisons(groups: Sequence[Group]) -> List[Dict[str, Any]]:
+    """Each method against uniform sampling with the same data, model and augmentation.
+
+    The best test accuracies are paired by seed (seeds only one side has are left out).
+    Returns dicts with the two groups, seeds (paired), differences (method − uniform, one per
+    paired seed), mean, se (standard error of the mean, None with one seed) and p (two-sided
+    paired t-test, None with fewer than two seeds or without scipy).
+    """
+    def uniform(g: Group) -> bool:
+        return g["runs"][0]["config"].method == "uniform"
+
+    out: List[Dict[str, Any]] = []
+    for g in groups:
+        if uniform(g):
+            continue
+        for base in groups:
+            if not uniform(base) or (base["dataset"], base["model"], base["augment"]) != (
+                g["dataset"], g["model"], g["augment"]
+            ):
+                continue
+            best_base = {r["seed"]: max(x["test_accuracy"] for x in r["history"]) for r in base["runs"] if r["history"]}
+            best = {r["seed"]: max(x["test_accuracy"] for x in r["history"]) for r in g["runs"] if r["history"]}
+            seeds = sorted(set(best) & set(best_base))
+            diffs = [best[s] - best_base[s] for s in seeds]
+            mean, std = _mean_std(diffs)
+            se = None if std is None else std / math.sqrt(len(diffs))
+            out.append({"method": g, "uniform": base, "seeds": seeds, "differences": diffs, "mean": mean,
+                        "se": se, "p": _paired_p(diffs)})
+    return out
+
+
+def _paired_p(diffs: Sequence[float]) -> Optional[float]:
+    if len(diffs) < 2:
+        return None
+    if all(d == diffs[0] for d in diffs):
+        return 1.0 if diffs[0] == 0 else 0.0  # no spread: the t statistic is 0 or infinite
+    try:
+        import scipy.stats
+    except ImportError:
+        return None
+    return float(scipy.stats.ttest_1samp(diffs, 0.0).pvalue)  # the paired t-test on the differences
+
+
+# -- markdown ------------------------------------------------------------------------------
+
+
+def _pct(value: Optional[Tuple[Optional[float], Optional[float]]], digits: int = 2) -> str:
+    mean, std = value if value is not None else (None, None)
+    if mean is None:
+        return "–"
+    return f"{100 * mean:.{digits}f}" + ("" if std is None else f" ± {100 * std:.{digits}f}")
+
+
+def _verdict(c: Dict[str, Any], alpha: float = 0.05) -> str:
+    if c["mean"] is None:
+        return "no seed in common with uniform"
+    if c["se"] is None:
+        return "one seed: no estimate of the noise"
+    outside = c["p"] < alpha if c["p"] is not None else abs(c["mean"]) >= 2 * c["se"]
+    if not outside:
+        return "within the noise"
+    return "better than uniform" if c["mean"] > 0 else "worse than uniform"
+
+
+def report(runs: Iterable[PathLike], target_accuracy: Optional[float] = None) -> str:
+    """A markdown report of the run folders in `runs` (run folders or folders of them).
+
+    target_accuracy: test accuracy (a fraction, or a percentage if > 1) for the epochs and
+    training time to reach it; default: the runs' own config target_accuracy, if they share one.
+    """
+    groups = load_runs(runs)
+    target = _resolve_target(groups, target_accuracy)
+    long_tailed = any(g["long_tailed"] for g in groups)
+    header = ["data", "model", "method", "augment", "seeds", "best test acc %", "final test acc %"]
+    if long_tailed:
+        header += ["final balanced acc %", "final worst-class acc %"]
+    if target is not None:
+        header += [f"epochs to {100 * target:g}% (reached)", f"train s to {100 * target:g}%"]
+    header += ["sampling % of time", "stop"]
+    rows = []
+    for g in groups:
+        s = group_stats(g, target)
+        seeds = str(s["seeds"]) + (f" ({s['incomplete']} incomplete)" if s["incomplete"] else "")
+        row = [g["dataset"], g["model"], g["method"], "yes" if g["augment"] else "no", seeds, _pct(s["best"]),
+               _pct(s["final"])]
+        if long_tailed:
+            row += [_pct(s["final_balanced"]), _pct(s["final_worst"])] if g["long_tailed"] else ["–", "–"]
+        if target is not None:
+            epochs = "–" if s["epochs_to_target"] is None else f"{s['epochs_to_target']:.1f}"
+            seconds = "–" if s["seconds_to_target"] is None else f"{s['seconds_to_target']:.1f}"
+            row += [f"{epochs} ({s['reached']}/{s['seeds']})", seconds]
+        reasons = "; ".join(r if n == 1 else f"{r} ×{n}" for r, n in sorted(s["stop_reasons"].items()))
+        row += [_pct(s["overhead"], 3), reasons]
+        rows.append(row)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += [
+        "",
+        "Accuracies: mean ± sample standard deviation over seeds. Epochs (counted from 1) and training "
+        "seconds (training + sampling, without evaluation) to the target are means over the seeds that "
+        "reached it. Sampling % is the sampler's share of all wall-clock (training + evaluation + sampling).",
+    ]
+    comparisons = paired_comparisons(groups)
+    if comparisons:
+        lines += [
+            "",
+            "**Paired comparison against uniform** (best test accuracy, method − uniform, paired by seed; "
+            "mean ± standard error in percentage points). Rule: within the noise when a two-sided paired "
+            "t-test gives p ≥ 0.05, i.e. |mean| < t(0.975, n − 1) standard errors (with 2 or 3 seeds that "
+            "is 12.7 or 4.3, not 2); without scipy, |mean| < 2 standard errors.",
+            "",
+        ]
+        for c in comparisons:
+            g, base = c["method"], c["uniform"]
+            where = f"{g['dataset']} / {g['model']}, {'augmented' if g['augment'] else 'not augmented'}"
+            if c["mean"] is None:
+                lines.append(f"- {where}: {g['method']} vs {base['method']}: {_verdict(c)}.")
+                continue
+            se = "" if c["se"] is None else f" ± {100 * c['se']:.2f}"
+            p = "" if c["p"] is None else f", p = {c['p']:.3g}"
+            lines.append(
+                f"- {where}: {g['method']} − {base['method']} = {100 * c['mean']:+.2f}{se} pp "
+                f"(n = {len(c['seeds'])}{p}): {_verdict(c)}."
+            )
+    return "\n".join(lines) + "\n"
