@@ -501,3 +501,18 @@ def test_softmax_blend_is_an_exponential_moving_average():
     with pytest.raises(ValueError):
         tree.blend([0], [float("nan")], keep=0.5)
     assert tree.get().tolist()[0] == 1.0
+
+
+def test_python_floats_keep_full_precision():
+    """Regression: lists of Python floats once passed through torch's float32 default dtype."""
+    tree = isample.SumTree(3, seed=0)
+    values = [5e-324, 0.1, 1e300]
+    tree.update([0, 1, 2], values)
+    assert tree.get().tolist() == values
+    soft = isample.SoftmaxTree(2, seed=0)
+    soft.update((0, 1), (0.1, 1e-310))
+    assert soft.get().tolist() == [0.1, 1e-310]
+    with pytest.raises(TypeError):
+        tree.update([0], ["0.5"])
+    with pytest.raises(TypeError):
+        tree.update([0], [None])

@@ -59,16 +59,17 @@ def check_count(k: Any, name: str = "k") -> int:
 def _as_tensor(x: Any, name: str) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x
-    if isinstance(x, np.ndarray):
-        if x.dtype == object:
-            raise TypeError(f"{name} must be numeric, got a numpy array of objects")
-        return torch.from_numpy(np.ascontiguousarray(x))
     if isinstance(x, (str, bytes)):
         raise TypeError(f"{name} must be an array of numbers, got {type(x).__name__}")
+    # Sequences go through numpy, not torch.as_tensor: torch would make Python floats float32
+    # (its default dtype) and lose precision before they ever reach float64.
     try:
-        return torch.as_tensor(x)
-    except (TypeError, ValueError, RuntimeError) as error:
+        array = np.asarray(x)
+    except (TypeError, ValueError) as error:
         raise TypeError(f"{name} must be an array of numbers: {error}") from error
+    if array.dtype.kind not in "biuf":
+        raise TypeError(f"{name} must be numeric, got an array of dtype {array.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(array))
 
 
 def _on(t: torch.Tensor, device: torch.device) -> bool:
