@@ -7,10 +7,21 @@ import os
 import numpy as np
 import pytest
 import scipy.stats
+from hypothesis import HealthCheck, settings
 
 from isample import _core
 
 ALPHA = 1e-3  # significance level of every statistical test
+
+# Property-based tests: bounded by default ("ci"); `pytest --hypothesis-profile thorough`
+# runs many more examples.
+settings.register_profile(
+    "ci", max_examples=25, stateful_step_count=25, deadline=None, suppress_health_check=list(HealthCheck)
+)
+settings.register_profile(
+    "thorough", max_examples=1000, stateful_step_count=60, deadline=None, suppress_health_check=list(HealthCheck)
+)
+settings.load_profile("ci")
 
 
 def reference_descent(weights: np.ndarray, u: np.ndarray) -> np.ndarray:
