@@ -432,3 +432,36 @@ def test_soft_pruning_resume_and_errors():
     for bad in ({"prune_ratio": 1.0}, {"anneal_fraction": 2.0}, {"initial_score": float("inf")}):
         with pytest.raises(ValueError):
             isample.SoftPruningSampler(50, num_epochs=4, **bad)
+
+
+# -- the public hooks wrappers build on --------------------------------------------------------
+
+
+def test_begin_epoch_and_epoch_views():
+    s = isample.ImportanceSampler(50, samples_per_epoch=20, warmup_epochs=1, seed=0)
+    assert s.current_epoch is None and s.active_epoch is None
+    assert (s.epoch_length(0), s.epoch_length(1)) == (50, 20)
+    assert len(s) == 50 and s.history == []  # drawn ahead by len(): not an epoch yet
+    epoch = s.begin_epoch()
+    assert epoch.epoch == 0 and epoch.position == 0 and epoch.order.numel() == 50
+    assert s.current_epoch is epoch and s.active_epoch is epoch and len(s.history) == 1
+    epoch.position = 10  # a wrapper hands out part of the order itself
+    assert s.active_epoch is epoch
+    epoch.position = 50
+    assert s.active_epoch is None and s.epoch == 1
+    assert len(list(iter(s))) == 20 and [h["kind"] for h in s.history] == ["warmup", "importance"]
+
+
+def test_prepare_then_apply_equals_update():
+    a = isample.ImportanceSampler(10, score="running_loss", nonfinite="skip", seed=0)
+    b = isample.ImportanceSampler(10, score="running_loss", nonfinite="skip", seed=0)
+    idx, losses = torch.tensor([1, 2, 2, 7]), torch.tensor([0.5, float("nan"), 3.0, 1.0])
+    a.update(idx, losses)
+    prepared = b.prepare_update(idx, losses)
+    assert prepared.skipped == 1 and prepared.indices.tolist() == [1, 2, 7]
+    assert torch.equal(b.scores(), torch.zeros(10, dtype=torch.float64))  # nothing written yet
+    b.apply_update(prepared)
+    assert torch.equal(a.scores(), b.scores()) and a.counters == b.counters
+    with pytest.raises(IndexError):
+        b.prepare_update([10], [1.0])
+    assert b.prepare_update([10], [1.0], num_items=20).indices.tolist() == [10]

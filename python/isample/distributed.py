@@ -67,7 +67,7 @@ from torch.utils.data import Sampler
 
 from . import _backend
 from ._backend import DeviceLike
-from .sampler import ImportanceSampler, _as_losses, _Epoch, derive_seed
+from .sampler import Epoch, ImportanceSampler, ScoreUpdate, _as_losses, derive_seed
 from .scores import ScorePolicy
 from .transforms import Transform
 from .tree import SoftmaxTree, SumTree, uniforms
@@ -263,12 +263,11 @@ class _Replicated:
         return _rank_length(length, self.comm.world, self.drop_last)
 
     def length(self) -> int:
-        inner = self.local
-        current = inner._in_progress() or inner._resumable()
-        return self.rank_length(current.order.numel() if current is not None else len(inner))
+        current = self.local.active_epoch
+        return self.rank_length(current.order.numel() if current is not None else len(self.local))
 
     def epoch_length(self, epoch: int) -> int:
-        return self.rank_length(self.local._epoch_length(epoch))
+        return self.rank_length(self.local.epoch_length(epoch))
 
     def set_epoch(self, epoch: int) -> None:
         self.local.set_epoch(epoch)
@@ -279,16 +278,9 @@ class _Replicated:
 
     def iter(self) -> Iterator[int]:
         # EpochSampler.__iter__, with this rank's part of the order instead of all of it.
-        inner = self.local
-        current = inner._resumable()
-        if current is None:
-            current = inner._upcoming_epoch()
-            inner._upcoming = None
-            inner._current = current
-        inner._next_epoch = current.epoch + 1
-        return self._yield_from(current)
+        return self._yield_from(self.local.begin_epoch())
 
-    def _yield_from(self, current: _Epoch) -> Iterator[int]:
+    def _yield_from(self, current: Epoch) -> Iterator[int]:
         # The inner epoch's position counts global items, W per step of this rank (all ranks
         # step together), so that its state_dict and an exact resume keep working.
         world, n = self.comm.world, current.order.numel()
@@ -312,7 +304,7 @@ class _Replicated:
         values = torch.empty(0, dtype=torch.float64, device=inner.device)
         skipped = 0
         try:
-            idx, values, skipped = _prepare_update(inner, indices, losses, extra, self.num_items)
+            idx, values, skipped = inner.prepare_update(indices, losses, **extra)
         except Exception as caught:  # every rank must hear of it, or the others would wait
             error = caught
         code = 0 if error is None else _code_of(error)
@@ -328,7 +320,7 @@ class _Replicated:
             gathered = comm.all_gather(pairs) if widest else [pairs] * comm.world
             pairs = torch.cat([g[:, :k] for g, k in zip(gathered, sizes)], dim=1).to(inner.device)
             idx, values = pairs[0].contiguous(), pairs[1].contiguous().view(torch.float64)
-        _apply_update(inner, idx, values, sum(r[2] for r in rows))
+        inner.apply_update(ScoreUpdate(idx, values, sum(r[2] for r in rows)))
 
     def weights(self, indices: Any, dtype: Optional[torch.dtype], device: Optional[DeviceLike]) -> torch.Tensor:
         return self.local.weights(indices, dtype=dtype, device=device)
@@ -345,7 +337,7 @@ class _Replicated:
         position = None
         if consumed is not None:
             consumed = _backend.check_count(consumed, "consumed")
-            current = inner._current
+            current = inner.current_epoch
             if current is None:
                 raise ValueError("consumed was given but no epoch has been drawn yet")
             n = current.order.numel()
@@ -370,9 +362,9 @@ class _Replicated:
 
     def digest(self, full: bool) -> int:
         inner = self.local
-        current = inner._current
+        current = inner.current_epoch
         where = None if current is None else (current.epoch, current.position)
-        parts: List[Any] = [inner._next_epoch, where, inner.counters]
+        parts: List[Any] = [inner.epoch, where, inner.counters]
         if full:
             parts.append(_tensor_digest(inner.scores()))
         return _fingerprint(parts)
@@ -639,7 +631,7 @@ class _Sharded:
         skipped = 0
         if error is None:
             try:
-                idx, values, skipped = _prepare_update(local, indices, losses, extra, self.num_items)
+                idx, values, skipped = local.prepare_update(indices, losses, num_items=self.num_items, **extra)
             except Exception as caught:
                 error = caught
         if error is not None:
@@ -657,8 +649,8 @@ class _Sharded:
         pairs = comm.all_to_all(pairs, send.tolist(), heard[:, 0].tolist()).to(local.device)
         mine = pairs[:, 0] - self.start  # in source-rank order, so the last write wins as in one process
         try:
-            _apply_update(
-                local, mine.contiguous(), pairs[:, 1].contiguous().view(torch.float64), int(heard[:, 2].sum())
+            local.apply_update(
+                ScoreUpdate(mine.contiguous(), pairs[:, 1].contiguous().view(torch.float64), int(heard[:, 2].sum()))
             )
         except Exception as caught:
             # Only this owner failed; the other ranks learn of it at the next update.
@@ -772,44 +764,6 @@ class _Sharded:
         current = self._current
         where = None if current is None else (current.epoch, current.position)
         return _fingerprint([self._next_epoch, where, self.counters])
-
-
-def _prepare_update(
-    sampler: ImportanceSampler, indices: Any, losses: Any, extra: Dict[str, Any], num_items: int
-) -> Tuple[torch.Tensor, torch.Tensor, int]:
-    """Check a rank's batch and turn it into (global indices, values, items skipped) before
-    anything is exchanged. Values are the losses for EMA policies (applied by the replica or
-    owner, which holds the previous scores) and the new scores for the others (computed here,
-    where the extra inputs such as logits are). Raises for anything the update would refuse."""
-    idx = _backend.as_indices(indices, sampler.device)
-    loss = _as_losses(losses, idx.numel(), sampler.device)
-    if idx.numel():
-        outside = (idx < 0) | (idx >= num_items)
-        if bool(outside.any()):
-            raise IndexError(f"indices {idx[outside][:5].tolist()} are outside [0, {num_items})")
-    policy = sampler.score_policy
-    values = loss if policy.keep is not None else sampler._new_scores(idx, loss, extra)
-    finite = torch.isfinite(values)
-    if bool(finite.all()):
-        return idx, values, 0
-    bad = int((~finite).sum())
-    if sampler.nonfinite == "raise":
-        raise ValueError(
-            f"{bad} non-finite score(s) (items {idx[~finite][:5].tolist()}, losses {loss[~finite][:5].tolist()}); "
-            "pass nonfinite='skip' to leave such items out of the update"
-        )
-    return idx[finite], values[finite], bad
-
-
-def _apply_update(sampler: ImportanceSampler, idx: torch.Tensor, values: torch.Tensor, skipped: int) -> None:
-    """Apply checked (index, value) pairs in one call, so a repeated index takes its last value
-    and an EMA blends with the score from before the call, as one process would."""
-    if sampler.score_policy.keep is not None:
-        sampler.update(idx, values)
-    else:
-        sampler._write_scores(idx, values)
-        sampler._counters["updates"] += 1
-    sampler._counters["nonfinite_skipped"] += skipped
 
 
 class DistributedImportanceSampler(Sampler[int]):

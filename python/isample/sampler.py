@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Union
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Union
 
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -33,7 +33,7 @@ from .scores import ScorePolicy, get_score_policy
 from .transforms import Transform, get_transform
 from .tree import SumTree
 
-__all__ = ["EpochSampler", "ImportanceSampler", "IndexedDataset"]
+__all__ = ["EpochSampler", "ImportanceSampler", "IndexedDataset", "Epoch", "ScoreUpdate"]
 
 _STATE_VERSION = 1
 _MASK64 = 2**64 - 1
@@ -53,14 +53,29 @@ def derive_seed(*parts: Union[int, str]) -> int:
 
 
 @dataclass
-class _Epoch:
-    """An epoch once drawn: the order of its items and their importance weights."""
+class Epoch:
+    """An epoch once drawn: the order of its items and their importance weights.
+
+    ``position`` counts the items of ``order`` already handed out; a wrapper that yields its
+    own part of the order (a distributed sampler) advances it itself.
+    """
 
     epoch: int
     order: torch.Tensor  # int64 (L,): the items, in the order they are yielded
     weight_of: Optional[torch.Tensor]  # float64 (N,): the weight of each drawn item, NaN elsewhere; None = all 1
     position: int = 0  # items yielded so far
     info: Dict[str, Any] = field(default_factory=dict)
+
+
+_Epoch = Epoch  # the name subclasses used before Epoch was public
+
+
+class ScoreUpdate(NamedTuple):
+    """A checked batch of score updates: what ``prepare_update`` returns, ``apply_update`` writes."""
+
+    indices: torch.Tensor  # int64 (b,), all in [0, N)
+    values: torch.Tensor  # float64 (b,): losses for EMA policies (keep is not None), new scores otherwise
+    skipped: int  # items left out as non-finite (nonfinite="skip")
 
 
 class EpochSampler(Sampler[int]):
@@ -160,20 +175,20 @@ class EpochSampler(Sampler[int]):
     # _current is the epoch being yielded (or last yielded): weights() answer for it.
     # _upcoming is the next epoch when len() drew it ahead of iter(), so that both agree.
 
-    def _resumable(self) -> Optional[_Epoch]:
+    def _resumable(self) -> Optional[Epoch]:
         """The current epoch if the next iter() must continue it (it was saved part-way)."""
         current = self._current
         if current is not None and current.epoch == self._next_epoch and current.position < len(current.order):
             return current
         return None
 
-    def _in_progress(self) -> Optional[_Epoch]:
+    def _in_progress(self) -> Optional[Epoch]:
         current = self._current
         if current is not None and current.epoch == self._next_epoch - 1 and current.position < len(current.order):
             return current
         return None
 
-    def _upcoming_epoch(self) -> _Epoch:
+    def _upcoming_epoch(self) -> Epoch:
         upcoming = self._upcoming
         if upcoming is not None and upcoming.epoch == self._next_epoch:
             return upcoming
@@ -184,13 +199,40 @@ class EpochSampler(Sampler[int]):
         upcoming.info.setdefault("epoch", epoch)
         upcoming.info.setdefault("samples", int(upcoming.order.numel()))
         self._upcoming = upcoming
-        self.history.append(upcoming.info)
         return upcoming
+
+    @property
+    def current_epoch(self) -> Optional[Epoch]:
+        """The epoch being (or last) iterated; ``weights`` answer for it. None before the first."""
+        return self._current
+
+    @property
+    def active_epoch(self) -> Optional[Epoch]:
+        """The epoch being iterated, or the one the next ``iter()`` continues (saved part-way);
+        None when the next ``iter()`` starts a new epoch."""
+        return self._in_progress() or self._resumable()
+
+    def begin_epoch(self) -> Epoch:
+        """What ``iter()`` does before yielding: continue the epoch saved part-way, or start
+        the next one (drawing it now if ``len()`` has not). Returns it; it becomes the current
+        epoch and enters ``history``."""
+        current = self._resumable()
+        if current is None:
+            current = self._upcoming_epoch()
+            self._upcoming = None
+            self._current = current
+            self.history.append(current.info)
+        self._next_epoch = current.epoch + 1
+        return current
+
+    def epoch_length(self, epoch: int) -> Optional[int]:
+        """Items epoch `epoch` will yield, when that is known before drawing it (else None)."""
+        return None
 
     @property
     def epoch(self) -> int:
         """The epoch being iterated, or else the one the next ``iter()`` yields."""
-        current = self._in_progress() or self._resumable()
+        current = self.active_epoch
         return current.epoch if current is not None else self._next_epoch
 
     def set_epoch(self, epoch: int) -> None:
@@ -200,22 +242,16 @@ class EpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         """Number of items in the epoch being iterated, or else in the next one."""
-        current = self._in_progress() or self._resumable()
+        current = self.active_epoch
         if current is not None:
             return int(current.order.numel())
         return int(self._upcoming_epoch().order.numel())
 
     def __iter__(self) -> Iterator[int]:
-        current = self._resumable()
-        if current is None:
-            current = self._upcoming_epoch()
-            self._upcoming = None
-            self._current = current
-        self._next_epoch = current.epoch + 1
-        return self._yield_from(current)
+        return self._yield_from(self.begin_epoch())
 
     @staticmethod
-    def _yield_from(current: _Epoch) -> Iterator[int]:
+    def _yield_from(current: Epoch) -> Iterator[int]:
         for item in current.order[current.position :].tolist():
             current.position += 1
             yield item
@@ -278,30 +314,54 @@ class EpochSampler(Sampler[int]):
             self._update_on_device(idx, losses, extra)
             return
         policy = self.score_policy
-        new = None
-        try:
+        try:  # the fast path: the tree validates (atomically) while it writes
             if policy.keep is not None:
                 self._blend_scores(idx, losses, policy.keep)
             else:
-                new = self._new_scores(idx, losses, extra)
-                self._write_scores(idx, new)
-        except ValueError:
-            finite = torch.isfinite(losses if new is None else new)
-            if bool(finite.all()):
-                raise
-            bad = int((~finite).sum())
-            if self.nonfinite == "raise":
-                raise ValueError(
-                    f"{bad} non-finite score(s) (items {idx[~finite][:5].tolist()}, losses "
-                    f"{losses[~finite][:5].tolist()}); the scores are unchanged. "
-                    "Pass nonfinite='skip' to leave such items out of the update."
-                ) from None
-            self._counters["nonfinite_skipped"] += bad
-            if new is None:
-                self._blend_scores(idx[finite], losses[finite], policy.keep)
-            else:
-                self._write_scores(idx[finite], new[finite])
+                self._write_scores(idx, self._new_scores(idx, losses, extra))
+            self._counters["updates"] += 1
+        except (ValueError, IndexError):
+            # Rejected, nothing written: check explicitly, which raises the clear error or,
+            # with nonfinite="skip", leaves out the bad items.
+            self.apply_update(self.prepare_update(idx, losses, **extra))
+
+    def prepare_update(self, indices: Any, losses: Any, *, num_items: Optional[int] = None, **extra: Any) -> ScoreUpdate:
+        """Check a batch and run the score policy without writing anything: raises what
+        ``update`` would raise, or (nonfinite="skip") leaves out the non-finite items. A
+        distributed sampler prepares on every rank, exchanges, then applies. ``num_items``
+        is the range the indices are checked against (default: this sampler's N; a shard of
+        a larger item set passes the global N)."""
+        idx = _backend.as_indices(indices, self.device)
+        losses = _as_losses(losses, idx.numel(), self.device)
+        limit = self.num_items if num_items is None else num_items
+        if idx.numel():
+            outside = (idx < 0) | (idx >= limit)
+            if bool(outside.any()):
+                raise IndexError(f"indices {idx[outside][:5].tolist()} are outside [0, {limit})")
+        policy = self.score_policy
+        values = losses if policy.keep is not None else self._new_scores(idx, losses, extra)
+        finite = torch.isfinite(values)
+        if bool(finite.all()):
+            return ScoreUpdate(idx, values, 0)
+        bad = int((~finite).sum())
+        if self.nonfinite == "raise":
+            raise ValueError(
+                f"{bad} non-finite score(s) (items {idx[~finite][:5].tolist()}, losses "
+                f"{losses[~finite][:5].tolist()}); the scores are unchanged. "
+                "Pass nonfinite='skip' to leave such items out of the update."
+            )
+        return ScoreUpdate(idx[finite], values[finite], bad)
+
+    def apply_update(self, update: ScoreUpdate) -> None:
+        """Write a prepared update in one step: a repeated index takes its last value, and an
+        EMA policy blends each item with its score from before the call."""
+        keep = self.score_policy.keep
+        if keep is not None:
+            self._blend_scores(update.indices, update.values, keep)
+        else:
+            self._write_scores(update.indices, update.values)
         self._counters["updates"] += 1
+        self._counters["nonfinite_skipped"] += update.skipped
 
     def _new_scores(self, idx: torch.Tensor, losses: torch.Tensor, extra: Dict[str, Any]) -> torch.Tensor:
         policy = self.score_policy
@@ -575,15 +635,17 @@ class ImportanceSampler(EpochSampler):
         weight_of[items] = weights
         info = {
             "kind": "importance",
-            "distinct": int(torch.unique(items).numel()),
+            "distinct": int((~torch.isnan(weight_of)).sum()),  # cheaper than torch.unique(items)
             "min_weight": float(weights.min()),
             "max_weight": float(weights.max()),
             "weight_exponent": exponent,
         }
         return _Epoch(epoch, order, weight_of, info=info)
 
-    def _epoch_length(self, epoch: int) -> int:
+    def epoch_length(self, epoch: int) -> Optional[int]:
         return self.num_items if epoch < self.warmup_epochs else self.samples_per_epoch
+
+    _epoch_length = epoch_length
 
     def total_steps(self, num_epochs: int, batch_size: int, *, drop_last: bool = False) -> int:
         """Optimizer steps over epochs 0 .. num_epochs - 1 (warm-up epochs are N long, the
@@ -594,7 +656,7 @@ class ImportanceSampler(EpochSampler):
             raise ValueError("batch_size must be at least 1")
         steps = 0
         for epoch in range(num_epochs):
-            length = self._epoch_length(epoch)
+            length = self.epoch_length(epoch)
             steps += length // batch_size if drop_last else -(-length // batch_size)
         return steps
 

@@ -173,7 +173,7 @@ class ImportanceSamplingCallback(Callback):
         """The sampler's state, saved in every Lightning checkpoint. A checkpoint taken
         part-way through an epoch records the items used so far (not what the DataLoader
         prefetched), so a resumed fit continues the epoch with the same order and weights."""
-        current = self.sampler._current  # the epoch being (or last) iterated
+        current = self.sampler.current_epoch  # the epoch being (or last) iterated
         consumed = None
         if current is not None and current.epoch == self._epoch and self._consumed < current.position:
             consumed = self._consumed
