@@ -465,3 +465,28 @@ def test_prepare_then_apply_equals_update():
     with pytest.raises(IndexError):
         b.prepare_update([10], [1.0])
     assert b.prepare_update([10], [1.0], num_items=20).indices.tolist() == [10]
+
+
+def test_early_importance_by_hand():
+    n = 4
+    s = isample.ImportanceSampler(n, score=isample.EarlyImportance(n, observations=2), transform="proportional",
+                                  warmup_epochs=2, seed=0)
+    logits = torch.log(torch.tensor([[0.5, 0.5], [0.9, 0.1], [0.2, 0.8]]))
+    targets = torch.tensor([0, 0, 0])
+    s.update([0, 1, 2], torch.zeros(3), logits=logits, targets=targets)  # 1 - p: 0.5, 0.1, 0.8
+    torch.testing.assert_close(s.scores(), torch.tensor([0.5, 0.1, 0.8, 0.0], dtype=torch.float64))
+    s.update([0], torch.zeros(1), logits=torch.log(torch.tensor([[0.9, 0.1]])), targets=torch.tensor([0]))
+    assert s.scores()[0].item() == pytest.approx((0.5 + 0.1) / 2)  # the mean of two sightings
+    state = s.state_dict()
+    s.update([0], torch.zeros(1), logits=torch.log(torch.tensor([[0.0001, 0.9999]])), targets=torch.tensor([0]))
+    assert s.scores()[0].item() == pytest.approx(0.3)  # frozen after two sightings
+    # a rejected batch does not count as a sighting
+    with pytest.raises(ValueError):
+        s.update([3], torch.zeros(1), logits=torch.tensor([[float("nan"), 0.0]]), targets=torch.tensor([0]))
+    assert s.score_policy.counts.tolist() == [2, 1, 1, 0]
+    other = isample.ImportanceSampler(n, score=isample.EarlyImportance(n, observations=2), transform="proportional",
+                                      warmup_epochs=2, seed=0)
+    other.load_state_dict(state)
+    assert other.score_policy.counts.tolist() == [2, 1, 1, 0]
+    with pytest.raises(TypeError, match="logits"):
+        s.update([0], torch.zeros(1))

@@ -12,7 +12,7 @@ from ._backend import build_info, cuda_available
 from ._version import __version__
 from .pruning import SoftPruningSampler
 from .sampler import EpochSampler, ImportanceSampler, IndexedDataset
-from .scores import GradNormBound, LastLoss, ReducibleLoss, RunningLoss, ScorePolicy
+from .scores import EarlyImportance, GradNormBound, LastLoss, ReducibleLoss, RunningLoss, ScorePolicy
 from .transforms import Proportional, RankBased, Softmax, Transform
 from .tree import SoftmaxTree, SumTree, uniforms
 
@@ -29,6 +29,7 @@ __all__ = [
     "RunningLoss",
     "GradNormBound",
     "ReducibleLoss",
+    "EarlyImportance",
     "Transform",
     "Softmax",
     "Proportional",

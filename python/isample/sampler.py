@@ -319,6 +319,7 @@ class EpochSampler(Sampler[int]):
                 self._blend_scores(idx, losses, policy.keep)
             else:
                 self._write_scores(idx, self._new_scores(idx, losses, extra))
+                policy.commit(idx)
             self._counters["updates"] += 1
         except (ValueError, IndexError):
             # Rejected, nothing written: check explicitly, which raises the clear error or,
@@ -360,6 +361,7 @@ class EpochSampler(Sampler[int]):
             self._blend_scores(update.indices, update.values, keep)
         else:
             self._write_scores(update.indices, update.values)
+            self.score_policy.commit(update.indices)
         self._counters["updates"] += 1
         self._counters["nonfinite_skipped"] += update.skipped
 
@@ -389,6 +391,7 @@ class EpochSampler(Sampler[int]):
             self._blend_scores(idx, values, policy.keep)
         else:
             self._write_scores(idx, values)
+            policy.commit(idx)
         self._counters["updates"] += 1
 
     # -- state ----------------------------------------------------------------------------
@@ -417,6 +420,7 @@ class EpochSampler(Sampler[int]):
             "current": saved_current,
             "history": [dict(entry) for entry in self.history],
             "counters": dict(self.counters),
+            "policy": self.score_policy.state_dict(),
             **self._state_extra(),
         }
 
@@ -449,7 +453,13 @@ class EpochSampler(Sampler[int]):
             if position > order.numel() or (order.numel() and int(order.max()) >= self.num_items):
                 raise ValueError("the saved epoch is inconsistent with this sampler")
             restored = _Epoch(int(current["epoch"]), order, weight_of, position, dict(current.get("info", {})))
-        self._load_extra(state)  # validates and restores scores; raises before anything else changes
+        previous_policy = self.score_policy.state_dict()
+        self.score_policy.load_state_dict(state.get("policy", {}))  # validates before changing
+        try:
+            self._load_extra(state)  # validates and restores scores; raises before changing them
+        except Exception:
+            self.score_policy.load_state_dict(previous_policy)
+            raise
         self._current = restored
         self._upcoming = None
         next_epoch = _backend.check_count(state["next_epoch"], "next_epoch")

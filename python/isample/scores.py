@@ -12,6 +12,8 @@ policy                 score                                        source
 ``RunningLoss(beta)``  S_i = beta S_i + (1 - beta) L_i              seed paper (000), Sec. 3.1
 ``GradNormBound``      ||softmax(z_i) - onehot(y_i)||_2             Katharopoulos & Fleuret 2018
 ``ReducibleLoss(irr)`` S_i = L_i - irr_i                            Mindermann et al. 2022 (RHO-LOSS)
+``EarlyImportance(E)`` mean of 1 - p(true class) over the first E   the third seed (002):
+                       times the item is seen, then frozen          "Sample importance in SGD"
 =====================  ===========================================  ===========================
 """
 
@@ -27,6 +29,7 @@ __all__ = [
     "RunningLoss",
     "GradNormBound",
     "ReducibleLoss",
+    "EarlyImportance",
     "get_score_policy",
 ]
 
@@ -49,6 +52,18 @@ class ScorePolicy:
     def config(self) -> Dict[str, Any]:
         """The policy's settings, saved with the sampler's state and checked on load."""
         return {"name": self.name}
+
+    def commit(self, indices: torch.Tensor) -> None:
+        """Called after the scores returned for `indices` were written (a rejected batch is
+        never committed): where a policy with state advances it."""
+
+    def state_dict(self) -> Dict[str, Any]:
+        """State the policy keeps between calls (most keep none); saved with the sampler."""
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if state:
+            raise ValueError(f"{self!r} keeps no state, but the saved state has {sorted(state)}")
 
     def __repr__(self) -> str:
         settings = ", ".join(f"{k}={v!r}" for k, v in self.config().items() if k != "name")
@@ -141,6 +156,65 @@ class ReducibleLoss(ScorePolicy):
 
     def config(self):
         return {"name": self.name, "items": int(self.irreducible.shape[0])}
+
+
+class EarlyImportance(ScorePolicy):
+    """Importance estimated once, early in training, from the prediction probabilities the
+    forward pass already computes (the third seed, 002: "Sample importance in SGD training"):
+    each item's score is the mean of 1 - p(true class) over the first `observations` times it
+    is trained on, then stays fixed. With uniform warm-up epochs each item is seen once per
+    epoch, so `observations` = E means "over the first E epochs": no extra passes, no restart.
+
+    Pass ``logits`` (b, C) and ``targets`` (b,) to ``ImportanceSampler.update``. Sample in
+    proportion to the score, with a uniform mixture to bound the weights, e.g.
+    ``ImportanceSampler(n, score=EarlyImportance(n, 2), transform="proportional",
+    warmup_epochs=2, uniform_mix=0.1)``. Keeps a count per item (4 bytes each).
+    """
+
+    name = "early_importance"
+    needs_previous = True
+
+    def __init__(self, num_items: int, observations: int = 2) -> None:
+        if not (isinstance(observations, int) and observations >= 1):
+            raise ValueError(f"observations must be an int >= 1, got {observations!r}")
+        if not (isinstance(num_items, int) and num_items >= 1):
+            raise ValueError(f"num_items must be an int >= 1, got {num_items!r}")
+        self.observations = observations
+        self.counts = torch.zeros(num_items, dtype=torch.int32)
+
+    def __call__(self, losses, previous, indices, *, logits: Optional[torch.Tensor] = None,
+                 targets: Optional[torch.Tensor] = None, **extra):
+        if logits is None or targets is None:
+            raise TypeError("EarlyImportance needs update(indices, losses, logits=..., targets=...)")
+        if logits.dim() != 2 or targets.shape != (logits.shape[0],) or logits.shape[0] != losses.shape[0]:
+            raise ValueError(f"logits must be (b, C) and targets (b,) for {losses.shape[0]} losses")
+        with torch.no_grad():
+            p = torch.softmax(logits.detach().to(torch.float64), dim=1)
+            hardness = 1.0 - p.gather(1, targets.to(p.device).view(-1, 1)).squeeze(1)
+        hardness = hardness.to(losses.device)
+        counts = self.counts.to(indices.device)[indices].to(torch.float64)
+        # a running mean over the first `observations` sightings; later ones change nothing
+        averaged = previous + (hardness - previous) / (counts + 1.0)
+        # the counts advance in commit(), once the sampler has written these scores
+        return torch.where(counts < self.observations, averaged, previous)
+
+    def commit(self, indices: torch.Tensor) -> None:
+        counts = self.counts
+        idx = indices.to(counts.device)
+        counts.index_put_((idx,), torch.ones_like(idx, dtype=counts.dtype), accumulate=True)
+        counts.clamp_(max=self.observations)
+
+    def config(self):
+        return {"name": self.name, "observations": self.observations, "items": int(self.counts.numel())}
+
+    def state_dict(self):
+        return {"counts": self.counts.clone()}
+
+    def load_state_dict(self, state):
+        counts = state.get("counts")
+        if not isinstance(counts, torch.Tensor) or counts.shape != self.counts.shape:
+            raise ValueError("the saved EarlyImportance counts do not match this policy")
+        self.counts = counts.to(torch.int32).clone()
 
 
 _POLICIES = {"last_loss": LastLoss, "running_loss": RunningLoss, "grad_norm": GradNormBound}

@@ -11,7 +11,7 @@ import dataclasses
 import json
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
-METHODS = ("uniform", "last_loss", "running_loss", "grad_norm", "infobatch")
+METHODS = ("uniform", "last_loss", "running_loss", "grad_norm", "early_importance", "infobatch")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +41,7 @@ class RunConfig:
     replacement: bool = False
     warmup_epochs: int = 0
     beta: float = 0.2  # running loss: S = beta S + (1 - beta) L
+    importance_epochs: int = 2  # early_importance: epochs (sightings) the importance is averaged over
     temperature: float = 1.0
     weighting: str = "inverse_probability"  # the paper's 1/(N p); "auto": isample's unbiased weights
     uniform_mix: float = 0.0
@@ -86,9 +87,10 @@ class RunConfig:
     def method_label(self) -> str:
         """The method with what distinguishes it from the same method in other settings."""
         label = self.method
-        if self.method in ("last_loss", "running_loss", "grad_norm") and self.samples_fraction < 1.0:
+        sampled = ("last_loss", "running_loss", "grad_norm", "early_importance")
+        if self.method in sampled and self.samples_fraction < 1.0:
             label += f"-z{self.samples_fraction:g}"
-        if self.weighting == "auto" and self.method in ("last_loss", "running_loss", "grad_norm"):
+        if self.weighting == "auto" and self.method in sampled:
             label += "-unbiased"
         return label
 
@@ -126,6 +128,13 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # paper's running-loss budget, and InfoBatch's soft pruning (Qin et al. 2024).
     "grad_norm": {"method": "grad_norm", "samples_fraction": 30000 / 50000, "warmup_epochs": 1, "replacement": False},
     "infobatch": {"method": "infobatch", "prune_ratio": 0.5, "anneal_fraction": 0.125},
+    # The third seed (002): importance = mean of 1 - p(true class) over the first 2 (uniform)
+    # epochs, then sampling in proportion to it, mixed with 10% uniform; SGD is biased
+    # towards important items on purpose (no reweighting), as that paper does.
+    "early_importance": {
+        "method": "early_importance", "importance_epochs": 2, "warmup_epochs": 2, "replacement": True,
+        "uniform_mix": 0.1, "weighting": "none",
+    },
 }
 PAPER_PRESETS = ("uniform", "last_loss", "running_loss")
 

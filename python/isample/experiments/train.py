@@ -120,14 +120,17 @@ def make_sampler(config: RunConfig, num_items: int, device: torch.device) -> Opt
             anneal_fraction=config.anneal_fraction, seed=config.seed, device=device,
         )
     score = {
-        "last_loss": isample.LastLoss(),
-        "running_loss": isample.RunningLoss(config.beta),
-        "grad_norm": isample.GradNormBound(),
-    }[config.method]
+        "last_loss": lambda: isample.LastLoss(),
+        "running_loss": lambda: isample.RunningLoss(config.beta),
+        "grad_norm": lambda: isample.GradNormBound(),
+        "early_importance": lambda: isample.EarlyImportance(num_items, config.importance_epochs),
+    }[config.method]()
+    # The third seed samples in proportion to its importance; the others use the paper's softmax.
+    transform = isample.Proportional(1.0, 1e-6) if config.method == "early_importance" else isample.Softmax(config.temperature)
     return isample.ImportanceSampler(
         num_items,
         score=score,
-        transform=isample.Softmax(config.temperature),
+        transform=transform,
         samples_per_epoch=max(1, round(config.samples_fraction * num_items)),
         replacement=config.replacement,
         warmup_epochs=config.warmup_epochs,
@@ -352,7 +355,8 @@ def train(
                 optimizer.step()
             if sampler is not None:
                 with clock.measure("sampling"):
-                    extra = {"logits": logits.detach(), "targets": y} if config.method == "grad_norm" else {}
+                    needs_logits = config.method in ("grad_norm", "early_importance")
+                    extra = {"logits": logits.detach(), "targets": y} if needs_logits else {}
                     try:
                         sampler.update(idx.to(sampler_device), losses.detach(), **extra)
                     except ValueError:
