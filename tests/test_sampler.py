@@ -490,3 +490,12 @@ def test_early_importance_by_hand():
     assert other.score_policy.counts.tolist() == [2, 1, 1, 0]
     with pytest.raises(TypeError, match="logits"):
         s.update([0], torch.zeros(1))
+
+
+def test_nonfinite_clamp_policy():
+    s = isample.ImportanceSampler(5, nonfinite="clamp", clamp_value=50.0, seed=0)
+    s.update([0, 1, 2, 3], torch.tensor([1.0, float("inf"), -float("inf"), float("nan")]))
+    assert s.scores().tolist() == [1.0, 50.0, -50.0, 0.0, 0.0]
+    assert s.counters["nonfinite_clamped"] == 2 and s.counters["nonfinite_skipped"] == 1
+    with pytest.raises(ValueError, match="clamp_value"):
+        isample.ImportanceSampler(5, nonfinite="clamp", clamp_value=float("inf"))

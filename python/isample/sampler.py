@@ -92,12 +92,16 @@ class EpochSampler(Sampler[int]):
         nonfinite: str,
         seed: int,
         device: DeviceLike,
+        clamp_value: float = 1e4,
     ) -> None:
         num_items = _backend.check_count(num_items, "num_items")
         if num_items < 1:
             raise ValueError("num_items must be at least 1")
-        if nonfinite not in ("raise", "skip"):
-            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {nonfinite!r}")
+        if nonfinite not in ("raise", "skip", "clamp"):
+            raise ValueError(f"nonfinite must be 'raise', 'skip' or 'clamp', got {nonfinite!r}")
+        if not (isinstance(clamp_value, numbers.Real) and 0 < clamp_value < math.inf):
+            raise ValueError(f"clamp_value must be a finite number > 0, got {clamp_value!r}")
+        self.clamp_value = float(clamp_value)
         self.num_items = num_items
         self.device = _backend.resolve_device(device)
         self.score_policy = get_score_policy(score)
@@ -108,13 +112,13 @@ class EpochSampler(Sampler[int]):
         self._upcoming: Optional[_Epoch] = None
         #: one dict per drawn epoch: its kind, length, weight range and more
         self.history: List[Dict[str, Any]] = []
-        self._counters: Dict[str, int] = {"updates": 0, "nonfinite_skipped": 0}
+        self._counters: Dict[str, int] = {"updates": 0, "nonfinite_skipped": 0, "nonfinite_clamped": 0}
         self._skipped_on_device: Optional[torch.Tensor] = None  # CUDA: counted without a sync
         self._rejected_on_device: Optional[torch.Tensor] = None  # CUDA: a batch held a non-finite score
 
     @property
     def counters(self) -> Dict[str, int]:
-        """Running totals: score updates made, non-finite scores skipped."""
+        """Running totals: score updates made, non-finite scores skipped or clamped."""
         if self._skipped_on_device is not None:
             self._counters["nonfinite_skipped"] += int(self._skipped_on_device)
             self._skipped_on_device = None
@@ -349,8 +353,14 @@ class EpochSampler(Sampler[int]):
             raise ValueError(
                 f"{bad} non-finite score(s) (items {idx[~finite][:5].tolist()}, losses "
                 f"{losses[~finite][:5].tolist()}); the scores are unchanged. "
-                "Pass nonfinite='skip' to leave such items out of the update."
+                "Pass nonfinite='skip' (leave such items out) or 'clamp' (inf becomes +-clamp_value)."
             )
+        if self.nonfinite == "clamp":
+            # +-inf -> +-clamp_value (counted as clamped); NaN has no value to clamp to: skipped
+            values = values.clamp(-self.clamp_value, self.clamp_value)
+            keep = ~torch.isnan(values)
+            self._counters["nonfinite_clamped"] += bad - int((~keep).sum())
+            return ScoreUpdate(idx[keep], values[keep], int((~keep).sum()))
         return ScoreUpdate(idx[finite], values[finite], bad)
 
     def apply_update(self, update: ScoreUpdate) -> None:
@@ -383,7 +393,10 @@ class EpochSampler(Sampler[int]):
         else:
             values = self._new_scores(idx, losses, extra)
             finite = torch.isfinite(values)
-        if self.nonfinite == "skip":
+        if self.nonfinite == "clamp":
+            values = values.clamp(-self.clamp_value, self.clamp_value)  # inf only: NaN stays NaN
+            finite = ~torch.isnan(values)
+        if self.nonfinite in ("skip", "clamp"):
             values = torch.where(finite, values, self._read_scores(idx))
             skipped = (~finite).sum()
             self._skipped_on_device = skipped if self._skipped_on_device is None else self._skipped_on_device + skipped
@@ -491,7 +504,11 @@ class ImportanceSampler(EpochSampler):
         normalize_weights: None (default), ``"max"`` (divide by the epoch's largest weight,
             as PER does) or ``"mean"``.
         initial_score: score of every item before its first update (default 0).
-        nonfinite: ``"raise"`` (default) or ``"skip"`` for NaN/inf losses in ``update``.
+        nonfinite: what ``update`` does with a NaN or infinite score (a diverging model):
+            ``"raise"`` (default: ValueError, nothing changes), ``"skip"`` (leave those items
+            out, counted in ``counters["nonfinite_skipped"]``) or ``"clamp"`` (+-inf becomes
+            +-``clamp_value``, counted in ``counters["nonfinite_clamped"]``; NaN is skipped).
+        clamp_value: the bound for ``nonfinite="clamp"`` (default 1e4).
         seed: makes every epoch's draw reproducible.
         device: where the tree lives (``"cpu"``).
 
@@ -516,10 +533,11 @@ class ImportanceSampler(EpochSampler):
         normalize_weights: Optional[str] = None,
         initial_score: float = 0.0,
         nonfinite: str = "raise",
+        clamp_value: float = 1e4,
         seed: int = 0,
         device: DeviceLike = "cpu",
     ) -> None:
-        super().__init__(num_items, score=score, nonfinite=nonfinite, seed=seed, device=device)
+        super().__init__(num_items, score=score, nonfinite=nonfinite, seed=seed, device=device, clamp_value=clamp_value)
         self.transform = get_transform(transform)
         samples = num_items if samples_per_epoch is None else _backend.check_count(samples_per_epoch, "samples_per_epoch")
         if samples < 1:
