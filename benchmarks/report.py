@@ -1,6 +1,7 @@
 """Markdown table of pytest-benchmark medians, with each method's time relative to isample.
 
 Usage: python benchmarks/report.py RESULTS.json [MORE.json ...]
+       python benchmarks/report.py --compact RESULTS.json   # drop the raw timings (MBs) before committing
 """
 
 from __future__ import annotations
@@ -33,9 +34,23 @@ def table(groups) -> str:
     return "\n".join(lines)
 
 
+def compact(path: str) -> None:
+    """Rewrite a pytest-benchmark JSON without each benchmark's raw timings (stats["data"])."""
+    with open(path) as f:
+        data = json.load(f)
+    for bench in data["benchmarks"]:
+        bench["stats"].pop("data", None)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+
+
 if __name__ == "__main__":
     if len(sys.argv) < 2:
         sys.exit(__doc__)
+    if sys.argv[1] == "--compact":
+        for path in sys.argv[2:]:
+            compact(path)
+        sys.exit(0)
     groups, machine = load(sys.argv[1:])
     cpu = machine.get("cpu", {}).get("brand_raw", "unknown CPU")
     print(f"Machine: {cpu}, {machine.get('cpu', {}).get('count', '?')} cores, Python {machine.get('python_version', '?')}\n")
