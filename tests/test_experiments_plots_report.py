@@ -12,7 +12,9 @@ import pytest
 import torch
 
 from isample.experiments.config import RunConfig
-from isample.experiments.report import group_stats, load_runs, paired_comparisons, report
+from isample.experiments.report import (
+    best_within, equal_time_budgets, group_stats, load_runs, paired_comparisons, relative_targets, report,
+)
 from isample.experiments.train import _write_metrics, score_snapshot, summarize
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -127,6 +129,8 @@ def test_group_stats_match_a_hand_computation(study):
     # target 0.75: seed 0 at epoch 3, seed 1 at epoch 2 (0.75 >= 0.75), seed 2 never
     assert s["reached"] == 2
     assert s["epochs_to_target"] == pytest.approx(2.5)
+    assert s["steps_to_target"] == pytest.approx((12 + 8) / 2)  # 4 steps an epoch
+    assert s["steps"] == pytest.approx(12)
     assert s["seconds_to_target"] == pytest.approx((3 * 10.01 + 2 * 11.01) / 2)
     shares = [0.01 / (12.01 + seed) for seed in range(3)]
     assert s["overhead"] == pytest.approx(mean_std(shares))
@@ -182,6 +186,36 @@ def test_report_markdown(study):
     assert "epochs to" not in report([study]).splitlines()[0]
 
 
+def test_equal_budgets_match_a_hand_computation(study):
+    groups = by_label(load_runs([study]))
+    seed0 = groups[("uniform", True)]["runs"][0]["history"]  # epochs end at 10.01, 20.02, 30.03 s
+    assert best_within(seed0, 20.02) == pytest.approx(0.70)
+    assert best_within(seed0, 20.0) == pytest.approx(0.50)
+    assert best_within(seed0, 5.0) is None
+    budgets = equal_time_budgets(load_runs([study]))
+    # augmented: uniform's mean time 3 × 11.01 = 33.03 s is below last loss's 3 × 11.5
+    assert budgets[("fashion-mnist-sub100", "small_cnn", True)] == pytest.approx(33.03)
+    # not augmented: running loss (seed 1 has 2 epochs) is the shorter one
+    running = [3 * 10.25, 2 * 11.25, 3 * 12.25]
+    assert budgets[("fashion-mnist-sub100", "small_cnn", False)] == pytest.approx(sum(running) / 3)
+    targets = relative_targets(load_runs([study]), 0.9)
+    assert targets[("fashion-mnist-sub100", "small_cnn", True)] == pytest.approx(0.9 * (0.80 + 0.78 + 0.70) / 3)
+    assert targets[("fashion-mnist-sub100", "small_cnn", False)] == pytest.approx(0.9 * (0.72 + 0.71) / 2)
+
+
+def test_report_with_relative_target_and_equal_time(study):
+    text = report([study], relative_target=0.9, equal_time=True)
+    header = text.splitlines()[0]
+    assert "within the time budget" in header and "target: 90% of uniform's best" in header
+    uniform_aug = next(line for line in text.splitlines() if "| uniform | yes |" in line).split(" | ")
+    assert f"{100 * 0.9 * 0.76:.2f}" in uniform_aug  # the setting's target, 68.40
+    assert "33 s)" in " | ".join(uniform_aug)  # the budget of the augmented setting
+    sections = [line for line in text.splitlines() if line.startswith("**Paired comparison")]
+    assert len(sections) == 2 and "within the time budget" in sections[1]
+    with pytest.raises(ValueError, match="not both"):
+        report([study], 0.75, relative_target=0.9)
+
+
 def test_report_long_tailed_columns(tmp_path):
     config = RunConfig(**BASE, imbalance_ratio=10.0)
     fabricate_run(tmp_path, config, [0.6, 0.7], seconds_of(0, 0.1), balanced=[0.5, 0.55], worst=[0.1, 0.2])
@@ -213,6 +247,7 @@ def test_plot_runs_writes_every_figure(study, tmp_path):
     assert names == sorted([
         "fig1_train_loss.png", "fig2_train_accuracy.png", "fig3_test_accuracy.png",
         "fig4_scores_last_loss-z0.5.png", "fig4_scores_running_loss-z0.6.png", "fig6_cost_breakdown.png",
+        "fig7_test_accuracy_by_budget.png",
     ])
     for path in written:
         image = read_png(path)
@@ -234,7 +269,7 @@ def test_plot_runs_long_tailed_and_several_settings(tmp_path):
     assert "fig_balanced_accuracy_fashion-mnist-sub100_small_cnn.png" not in names
     assert "fig3_test_accuracy_fashion-mnist-sub100_small_cnn.png" in names
     assert "fig4_scores_running_loss-z0.6_fashion-mnist-lt10-sub100_small_cnn.png" in names
-    assert len(names) == 6 + 4  # long-tailed: fig1-3, fig4, fig6, balanced; balanced: fig1-3, fig6
+    assert len(names) == 7 + 5  # long-tailed: fig1-3, fig4, fig6, fig7, balanced; balanced: fig1-3, fig6, fig7
     for path in written:
         read_png(path)
 
@@ -248,7 +283,7 @@ def test_an_incomplete_run_is_drawn_with_what_it_has(tmp_path):
     written = plot_runs([run], tmp_path / "figures")
     assert {p.name for p in written} == {
         "fig1_train_loss.png", "fig2_train_accuracy.png", "fig3_test_accuracy.png",
-        "fig4_scores_last_loss-z0.5.png", "fig6_cost_breakdown.png",
+        "fig4_scores_last_loss-z0.5.png", "fig6_cost_breakdown.png", "fig7_test_accuracy_by_budget.png",
     }
     assert "incomplete (1 epochs)" in report([run])
     # a run that has not finished an epoch yet has nothing to draw

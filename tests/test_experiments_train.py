@@ -176,3 +176,48 @@ def test_a_diverging_run_stops_with_a_reason_instead_of_crashing(tmp_path):
     summary = train(config, tmp_path / "run", progress=False, log=lambda _: None)
     assert summary["complete"] and summary["stop_reason"].startswith("diverged")
     assert summary["epochs"] <= 3 and (tmp_path / "run" / "summary.json").exists()
+
+
+def test_the_science_study_is_every_policy_on_three_data_settings():
+    from isample.experiments.config import STUDIES, study
+
+    configs = study("science")
+    spec = STUDIES["science"]
+    assert len(configs) == len(spec.presets) * 3 * 3  # presets × (balanced, LT10, LT100) × seeds
+    assert {c.method for c in configs} == {"uniform", "last_loss", "running_loss", "grad_norm", "early_importance",
+                                           "infobatch"}
+    assert sorted({c.imbalance_ratio for c in configs}) == [1.0, 10.0, 100.0]
+    assert {c.budget_steps for c in configs} == {1200} and {c.dataset for c in configs} == {"fashion-mnist"}
+    last = next(c for c in configs if c.method == "last_loss")
+    assert last.samples_fraction == pytest.approx(8192 / 50000) and last.warmup_epochs == 5  # the paper's |Z|
+    # an override of the variant's field replaces the variants; unknown presets are refused
+    assert {c.imbalance_ratio for c in study("science", seeds=[0], imbalance_ratio=10.0)} == {10.0}
+    with pytest.raises(ValueError, match="not in study"):
+        study("science", presets=["nonsense"])
+
+
+@needs_fashion
+def test_the_science_study_command_runs_end_to_end(tmp_path):
+    """The study's command on a tiny trial: running loss against uniform, one epoch, long-tailed.
+    It checks the command, the records, the report and the exported metrics, not the conclusion."""
+    from isample.cli import main
+
+    out, results = tmp_path / "runs", tmp_path / "results"
+    code = main([
+        "study", "science", "--preset", "uniform", "running_loss", "--seeds", "2", "--imbalance-ratio", "10",
+        "--train-subset", "2000", "--test-subset", "400", "--max-epochs", "1", "--no-progress",
+        "--out", str(out), "--results", str(results),
+    ])
+    assert code == 0
+    names = sorted(p.name for p in (results / "runs").iterdir())
+    assert len(names) == 4 and all("lt10-sub2000" in n for n in names)
+    for name in names:
+        records = load_history(results / "runs" / name)
+        assert len(records) == 1 and records[0]["test_accuracy"] > 0.25  # chance is 0.1
+        assert json.loads((results / "runs" / name / "summary.json").read_text())["complete"]
+    text = (results / "report.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| fashion-mnist-lt10-sub2000")]
+    assert len(rows) == 2 and "running_loss-z0.6" in rows[1]
+    assert "within the time budget" in text and "98% of uniform's best" in text
+    assert "Paired comparison against uniform: best test accuracy**" in text
+    assert (results / "figures" / "fig7_test_accuracy_by_budget.png").stat().st_size > 1000

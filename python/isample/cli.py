@@ -4,6 +4,7 @@
     isample train --grid paper --dataset cifar10 --data-dir data/     # the seed paper's study
     isample plot runs/* --out figures/
     isample report runs/*
+    isample study science                     # a named study: runs, report, figures, metrics
     isample bench --quick
 """
 
@@ -20,10 +21,8 @@ GRIDS = {
 }
 
 
-def _train(args: argparse.Namespace) -> int:
-    from .experiments.config import PRESETS, RunConfig, grid, preset
-    from .experiments.train import train
-
+def _overrides(args: argparse.Namespace) -> dict:
+    """The RunConfig fields given on the command line."""
     overrides = {}
     for name in (
         "dataset", "data_dir", "model", "max_epochs", "patience", "batch_size", "lr", "imbalance_ratio",
@@ -35,6 +34,13 @@ def _train(args: argparse.Namespace) -> int:
             overrides[name] = value
     if args.lr_milestones is not None:
         overrides["lr_milestones"] = tuple(args.lr_milestones)
+    return overrides
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .experiments.config import PRESETS, grid, preset
+
+    overrides = _overrides(args)
     seeds = range(args.seed, args.seed + args.seeds)
     augment = (True, False) if args.augment is None else (args.augment,)
     if args.grid:
@@ -45,7 +51,13 @@ def _train(args: argparse.Namespace) -> int:
         if unknown:
             raise SystemExit(f"unknown preset(s) {unknown}; choose from {sorted(PRESETS)}")
         configs = [preset(n, augment=a, seed=s, **overrides) for n in names for a in augment for s in seeds]
-    out = Path(args.out)
+    return _run_all(configs, Path(args.out), args)
+
+
+def _run_all(configs: list, out: Path, args: argparse.Namespace) -> int:
+    """Train each configuration in its folder under `out` (resuming where it stopped)."""
+    from .experiments.train import train
+
     print(f"{len(configs)} run(s) in {out}/", flush=True)
     for config in configs:
         summary = train(
@@ -64,6 +76,46 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _study(args: argparse.Namespace) -> int:
+    import shutil
+
+    from .experiments.config import STUDIES, study
+    from .experiments.plots import plot_runs
+    from .experiments.report import report
+
+    if args.name not in STUDIES:
+        raise SystemExit(f"unknown study {args.name!r}; choose from {sorted(STUDIES)}")
+    spec = STUDIES[args.name]
+    overrides = _overrides(args)
+    if args.augment is not None:
+        overrides["augment"] = args.augment
+    seeds = range(args.seed, args.seed + (spec.seeds if args.seeds is None else args.seeds))
+    try:
+        configs = study(args.name, presets=args.preset, seeds=seeds, **overrides)
+    except ValueError as error:
+        raise SystemExit(str(error))
+    out = Path(args.out or Path("runs") / args.name)
+    code = _run_all(configs, out, args)
+    if code:
+        return code
+    results = Path(args.results or Path("docs") / "results" / args.name)
+    folders = [out / c.name for c in configs]
+    results.mkdir(parents=True, exist_ok=True)
+    text = report(folders, **spec.report)
+    (results / "report.md").write_text(text)
+    figures = plot_runs(folders, results / "figures")
+    # The per-epoch metrics of every run (not the checkpoints), so the tables can be recomputed.
+    for folder in folders:
+        dest = results / "runs" / folder.name
+        dest.mkdir(parents=True, exist_ok=True)
+        for name in ("config.json", "metrics.jsonl", "summary.json"):
+            shutil.copy2(folder / name, dest / name)
+    print(text)
+    print(f"wrote {results / 'report.md'}, {len(figures)} figures in {results / 'figures'}, "
+          f"metrics of {len(folders)} runs in {results / 'runs'}")
+    return 0
+
+
 def _plot(args: argparse.Namespace) -> int:
     from .experiments.plots import plot_runs
 
@@ -76,7 +128,8 @@ def _plot(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from .experiments.report import report
 
-    text = report(args.runs, target_accuracy=args.target)
+    text = report(args.runs, target_accuracy=args.target, relative_target=args.relative_target,
+                  equal_time=args.equal_time)
     if args.out:
         Path(args.out).write_text(text)
         print(f"wrote {args.out}")
@@ -100,14 +153,58 @@ def _bool(text: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .experiments.config import STUDIES
+
     parser = argparse.ArgumentParser(prog="isample", description="isample: importance sampling of training data.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="run training experiments (presets from the seed paper's Appendix A)")
-    t.add_argument("--preset", nargs="+", help="uniform, last_loss, running_loss, grad_norm, infobatch")
+    t.add_argument("--preset", nargs="+", help="uniform, last_loss, running_loss, grad_norm, early_importance, infobatch")
     t.add_argument("--grid", choices=sorted(GRIDS), help="a study: paper = uniform + last_loss + running_loss")
     t.add_argument("--seeds", type=int, default=1, help="number of seeds (default 1)")
     t.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    _add_run_options(t)
+    t.add_argument("--out", default="runs", help="folder of the run folders (default runs/)")
+    t.set_defaults(handler=_train)
+
+    st = sub.add_parser(
+        "study", help="run a named study end to end: its runs (resumable), report, figures and metrics",
+        description="Run a named study (isample.experiments.config.STUDIES): train every run that is not "
+                    "complete yet, then write report.md, the figures and each run's per-epoch metrics to "
+                    "--results. Training options override the study's settings (for a smaller trial).",
+    )
+    st.add_argument("name", help="the study: " + ", ".join(f"{k} ({v.description})" for k, v in STUDIES.items()))
+    st.add_argument("--preset", nargs="+", help="only these of the study's presets")
+    st.add_argument("--seeds", type=int, help="number of seeds (default: the study's)")
+    st.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    _add_run_options(st)
+    st.add_argument("--out", help="folder of the run folders (default runs/NAME)")
+    st.add_argument("--results", help="where report, figures and metrics go (default docs/results/NAME)")
+    st.set_defaults(handler=_study)
+
+    p = sub.add_parser("plot", help="the seed paper's figures 1-6 from run folders")
+    p.add_argument("runs", nargs="+")
+    p.add_argument("--out", default="figures")
+    p.set_defaults(handler=_plot)
+
+    r = sub.add_parser("report", help="a markdown table of the runs")
+    r.add_argument("runs", nargs="+")
+    target = r.add_mutually_exclusive_group()
+    target.add_argument("--target", type=float, help="target test accuracy for epochs / time to target")
+    target.add_argument("--relative-target", type=float,
+                        help="per setting, this fraction of uniform's mean best test accuracy (e.g. 0.98)")
+    r.add_argument("--equal-time", action="store_true",
+                   help="also compare the methods at an equal wall-clock budget per setting")
+    r.add_argument("--out", help="write the table here instead of printing it")
+    r.set_defaults(handler=_report)
+
+    b = sub.add_parser("bench", help="time isample against the samplers users would pick instead", add_help=False)
+    b.set_defaults(handler=None)
+    return parser
+
+
+def _add_run_options(t: argparse.ArgumentParser) -> None:
+    """The options of one training run, shared by train and study."""
     aug = t.add_mutually_exclusive_group()
     aug.add_argument("--augment", dest="augment", action="store_const", const=True, help="only with augmentation")
     aug.add_argument("--no-augment", dest="augment", action="store_const", const=False, help="only without")
@@ -133,27 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--budget-seconds", type=float, help="stop after this much training + sampling time")
     t.add_argument("--target-accuracy", type=float, help="report when the test accuracy first reaches this")
     t.add_argument("--device", help="auto (default), cpu or cuda")
-    t.add_argument("--out", default="runs", help="folder of the run folders (default runs/)")
     t.add_argument("--restart", action="store_true", help="ignore existing checkpoints and start over")
     t.add_argument("--no-progress", action="store_true", help="no progress bars")
     t.add_argument("--checkpoint-seconds", type=float, default=300.0, help="mid-epoch checkpoint interval")
     t.add_argument("--max-wall-seconds", type=float, help="stop (resumably) after this long")
-    t.set_defaults(handler=_train)
-
-    p = sub.add_parser("plot", help="the seed paper's figures 1-6 from run folders")
-    p.add_argument("runs", nargs="+")
-    p.add_argument("--out", default="figures")
-    p.set_defaults(handler=_plot)
-
-    r = sub.add_parser("report", help="a markdown table of the runs")
-    r.add_argument("runs", nargs="+")
-    r.add_argument("--target", type=float, help="target test accuracy for epochs / time to target")
-    r.add_argument("--out", help="write the table here instead of printing it")
-    r.set_defaults(handler=_report)
-
-    b = sub.add_parser("bench", help="time isample against the samplers users would pick instead", add_help=False)
-    b.set_defaults(handler=None)
-    return parser
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -9,6 +9,8 @@
   paper's Figures 4-5;
 - ``fig6_cost_breakdown.png``: the share of wall-clock in training, evaluation and sampling
   per method, as the paper's Appendix C Figure 6;
+- ``fig7_test_accuracy_by_budget.png``: test accuracy against gradient steps and against
+  training + sampling seconds, where methods with short epochs (|Z| < N, pruning) compete;
 - ``fig_balanced_accuracy.png`` on long-tailed data: balanced and worst-class test accuracy.
 
 When the runs hold more than one data set / model, every file name gets a ``_<data>_<model>``
@@ -81,6 +83,11 @@ def plot_runs(runs: Iterable[PathLike], out: PathLike) -> List[Path]:
         _cost_breakdown(fig, members)
         fig.suptitle(f"Where the wall-clock goes: training, evaluation, sampling\n{where}", fontsize=11)
         save(fig, "fig6_cost_breakdown")
+        fig = Figure(figsize=(11, 4.2 * len({g["augment"] for g in members})), layout="constrained")
+        _budget_curves(fig, members, colors)
+        fig.suptitle(f"Test accuracy against gradient steps and training time\n{where}; mean ± std over seeds",
+                     fontsize=11)
+        save(fig, "fig7_test_accuracy_by_budget")
         if any(g["long_tailed"] for g in members):
             fig = Figure(figsize=(_width(members), 7), layout="constrained")
             _curves(fig, members, [("balanced_accuracy", "balanced test accuracy (%)"),
@@ -179,6 +186,47 @@ def _curves(fig: Any, groups: Sequence[Group], metrics: Sequence[Tuple[str, str]
                 ax.set_xlabel("epoch")
             if row == 0 or partial:
                 ax.legend(fontsize=8, loc="best", framealpha=0.85)
+
+
+def _budget_x(runs: Sequence[Run], length: int, seconds: bool) -> np.ndarray:
+    """Per epoch index, the mean over the seeds that have it of the gradient steps, or of the
+    training + sampling seconds, at the end of that epoch."""
+    values = np.full((len(runs), length), np.nan)
+    for i, r in enumerate(runs):
+        if seconds:
+            x = np.cumsum([rec["seconds"].get("training", 0.0) + rec["seconds"].get("sampling", 0.0)
+                           for rec in r["history"]])
+        else:
+            x = np.array([float(rec.get("steps", np.nan)) for rec in r["history"]])
+        values[i, : len(x)] = x
+    return np.nanmean(values, axis=0)
+
+
+def _budget_curves(fig: Any, groups: Sequence[Group], colors: Dict[str, Any]) -> None:
+    """Rows: augmentation settings; columns: test accuracy against steps and against seconds.
+
+    Methods whose epochs are shorter (|Z| < N, pruning) do more epochs in the same budget, so
+    these axes, not the epoch, are where they compete with uniform sampling."""
+    settings = sorted({g["augment"] for g in groups}, reverse=True)
+    axes = fig.subplots(len(settings), 2, sharey=True, squeeze=False)
+    for row, augment in enumerate(settings):
+        for col, (seconds, xlabel) in enumerate(((False, "gradient steps"), (True, "training + sampling seconds"))):
+            ax = axes[row, col]
+            for g in groups:
+                runs = [r for r in g["runs"] if r["history"]]
+                if g["augment"] != augment or not runs:
+                    continue
+                _, mean, std, _ = _curve(runs, "test_accuracy")
+                x = _budget_x(runs, len(mean), seconds)
+                color = colors[g["method"]]
+                ax.plot(x, 100 * mean, color=color, lw=1.6, label=g["method"])
+                ax.fill_between(x, np.clip(100 * (mean - std), 0, 100), np.clip(100 * (mean + std), 0, 100),
+                                color=color, alpha=0.15, lw=0)
+            ax.set_xlabel(xlabel)
+            ax.grid(alpha=0.3)
+            if col == 0:
+                ax.set_ylabel(f"test accuracy (%), {_aug_label(augment)}")
+                ax.legend(fontsize=8, loc="lower right", framealpha=0.85)
 
 
 def _scored_run(group: Group) -> Optional[Run]:

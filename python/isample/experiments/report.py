@@ -19,12 +19,15 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, TypedDict, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, TypedDict, Union
 
 from .config import METHODS, RunConfig
 from .train import load_history
 
-__all__ = ["load_runs", "run_folders", "report", "group_stats", "paired_comparisons", "time_split"]
+__all__ = [
+    "load_runs", "run_folders", "report", "group_stats", "paired_comparisons", "time_split", "best_within",
+    "equal_time_budgets", "relative_targets",
+]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -167,14 +170,60 @@ def time_split(run: Run) -> Dict[str, float]:
     return {k: sum(r["seconds"].get(k, 0.0) for r in run["history"]) for k in PHASES}
 
 
-def _time_to_target(history: Sequence[Dict[str, Any]], target: float) -> Optional[Tuple[int, float]]:
-    """(epochs, training + sampling seconds) until the test accuracy first reaches `target`."""
+def _train_seconds(record: Dict[str, Any]) -> float:
+    return record["seconds"].get("training", 0.0) + record["seconds"].get("sampling", 0.0)
+
+
+def _time_to_target(history: Sequence[Dict[str, Any]], target: float) -> Optional[Tuple[int, float, int]]:
+    """(epochs, training + sampling seconds, gradient steps) until the test accuracy first
+    reaches `target`."""
     elapsed = 0.0
     for count, r in enumerate(history, start=1):
-        elapsed += r["seconds"].get("training", 0.0) + r["seconds"].get("sampling", 0.0)
+        elapsed += _train_seconds(r)
         if r["test_accuracy"] >= target:
-            return count, elapsed
+            return count, elapsed, int(r.get("steps", 0))
     return None
+
+
+def best_within(history: Sequence[Dict[str, Any]], seconds: float) -> Optional[float]:
+    """The best test accuracy of the epochs that ended within `seconds` of training + sampling
+    time (a wall-clock budget, evaluation not counted); None if the first epoch took longer."""
+    elapsed, best = 0.0, None
+    for r in history:
+        elapsed += _train_seconds(r)
+        if elapsed > seconds * (1 + 1e-9):
+            break
+        best = r["test_accuracy"] if best is None else max(best, r["test_accuracy"])
+    return best
+
+
+def _setting(g: Group) -> Tuple[str, str, bool]:
+    return g["dataset"], g["model"], g["augment"]
+
+
+def equal_time_budgets(groups: Sequence[Group]) -> Dict[Tuple[str, str, bool], float]:
+    """Per setting (data, model, augmentation): the wall-clock budget at which its methods are
+    compared, the smallest mean training + sampling time of any of its groups, so that every
+    method ran at least that long on average."""
+    budgets: Dict[Tuple[str, str, bool], float] = {}
+    for g in groups:
+        runs = [r for r in g["runs"] if r["history"]]
+        if not runs:
+            continue
+        mean = sum(sum(_train_seconds(x) for x in r["history"]) for r in runs) / len(runs)
+        key = _setting(g)
+        budgets[key] = min(budgets.get(key, math.inf), mean)
+    return budgets
+
+
+def relative_targets(groups: Sequence[Group], fraction: float) -> Dict[Tuple[str, str, bool], float]:
+    """Per setting: `fraction` × the mean best test accuracy of uniform sampling there."""
+    targets = {}
+    for g in groups:
+        runs = [r for r in g["runs"] if r["history"]]
+        if g["runs"][0]["config"].method == "uniform" and runs:
+            targets[_setting(g)] = fraction * sum(max(x["test_accuracy"] for x in r["history"]) for r in runs) / len(runs)
+    return targets
 
 
 def _mean_std(values: Sequence[float]) -> Tuple[Optional[float], Optional[float]]:
@@ -201,8 +250,8 @@ def group_stats(group: Group, target_accuracy: Optional[float] = None) -> Dict[s
 
     Keys: seeds, incomplete, best/final (test accuracy), final_balanced, final_worst (each a
     (mean, std) pair), overhead (sampling share of all wall-clock, (mean, std)), reached (seeds
-    that reached the target), epochs_to_target and seconds_to_target (means over those),
-    stop_reasons (a Counter).
+    that reached the target), epochs_to_target, seconds_to_target and steps_to_target (means
+    over those), steps (mean gradient steps trained), stop_reasons (a Counter).
     """
     runs = [r for r in group["runs"] if r["history"]]
     stats: Dict[str, Any] = {"seeds": len(runs), "incomplete": sum(r["summary"] is None for r in group["runs"])}
@@ -226,6 +275,8 @@ def group_stats(group: Group, target_accuracy: Optional[float] = None) -> Dict[s
     stats["reached"] = len(hits)
     stats["epochs_to_target"] = _mean_std([float(h[0]) for h in hits])[0]
     stats["seconds_to_target"] = _mean_std([h[1] for h in hits])[0]
+    stats["steps_to_target"] = _mean_std([float(h[2]) for h in hits])[0]
+    stats["steps"] = _mean_std([float(r["history"][-1].get("steps", 0)) for r in runs])[0]
     stats["stop_reasons"] = collections.Counter(
         f"incomplete ({len(r['history'])} epochs)" if r["summary"] is None else str(r["summary"].get("stop_reason"))
         for r in group["runs"]
@@ -233,10 +284,13 @@ def group_stats(group: Group, target_accuracy: Optional[float] = None) -> Dict[s
     return stats
 
 
-def paired_comparisons(groups: Sequence[Group]) -> List[Dict[str, Any]]:
+def paired_comparisons(
+    groups: Sequence[Group], value: Optional[Callable[[Group, Run], Optional[float]]] = None
+) -> List[Dict[str, Any]]:
     """Each method against uniform sampling with the same data, model and augmentation.
 
-    The best test accuracies are paired by seed (seeds only one side has are left out).
+    `value(group, run)` is the number compared (default: the run's best test accuracy); the
+    values are paired by seed (seeds only one side has, or with no value, are left out).
     Returns dicts with the two groups, seeds (paired), differences (method − uniform, one per
     paired seed), mean, se (standard error of the mean, None with one seed) and p (two-sided
     paired t-test, None with fewer than two seeds or without scipy).
@@ -253,14 +307,25 @@ def paired_comparisons(groups: Sequence[Group]) -> List[Dict[str, Any]]:
                 g["dataset"], g["model"], g["augment"]
             ):
                 continue
-            best_base = {r["seed"]: max(x["test_accuracy"] for x in r["history"]) for r in base["runs"] if r["history"]}
-            best = {r["seed"]: max(x["test_accuracy"] for x in r["history"]) for r in g["runs"] if r["history"]}
+            best_base = _values(base, value)
+            best = _values(g, value)
             seeds = sorted(set(best) & set(best_base))
             diffs = [best[s] - best_base[s] for s in seeds]
             mean, std = _mean_std(diffs)
             se = None if std is None else std / math.sqrt(len(diffs))
             out.append({"method": g, "uniform": base, "seeds": seeds, "differences": diffs, "mean": mean,
                         "se": se, "p": _paired_p(diffs)})
+    return out
+
+
+def _values(group: Group, value: Optional[Callable[[Group, Run], Optional[float]]]) -> Dict[int, float]:
+    out = {}
+    for r in group["runs"]:
+        if not r["history"]:
+            continue
+        v = max(x["test_accuracy"] for x in r["history"]) if value is None else value(group, r)
+        if v is not None:
+            out[r["seed"]] = v
     return out
 
 
@@ -297,49 +362,95 @@ def _verdict(c: Dict[str, Any], alpha: float = 0.05) -> str:
     return "better than uniform" if c["mean"] > 0 else "worse than uniform"
 
 
-def report(runs: Iterable[PathLike], target_accuracy: Optional[float] = None) -> str:
+def report(
+    runs: Iterable[PathLike],
+    target_accuracy: Optional[float] = None,
+    *,
+    relative_target: Optional[float] = None,
+    equal_time: bool = False,
+) -> str:
     """A markdown report of the run folders in `runs` (run folders or folders of them).
 
-    target_accuracy: test accuracy (a fraction, or a percentage if > 1) for the epochs and
-    training time to reach it; default: the runs' own config target_accuracy, if they share one.
+    target_accuracy: test accuracy (a fraction, or a percentage if > 1) for the epochs, steps
+        and training time to reach it; default: the runs' own config target_accuracy, if they
+        share one.
+    relative_target: instead, a target per setting (data, model, augmentation): this fraction
+        of uniform sampling's mean best test accuracy there (0.98: within 2% of uniform's best).
+    equal_time: add the best test accuracy within an equal wall-clock budget per setting (see
+        :func:`equal_time_budgets`), and a paired comparison at that budget.
     """
     groups = load_runs(runs)
-    target = _resolve_target(groups, target_accuracy)
+    if relative_target is not None and target_accuracy is not None:
+        raise ValueError("give target_accuracy or relative_target, not both")
+    if relative_target is not None and not 0.0 < relative_target <= 1.0:
+        raise ValueError(f"relative_target must be in (0, 1], got {relative_target}")
+    targets = relative_targets(groups, relative_target) if relative_target is not None else {}
+    target = None if relative_target is not None else _resolve_target(groups, target_accuracy)
+    budgets = equal_time_budgets(groups) if equal_time else {}
     long_tailed = any(g["long_tailed"] for g in groups)
-    header = ["data", "model", "method", "augment", "seeds", "best test acc %", "final test acc %"]
+    header = ["data", "model", "method", "augment", "seeds", "steps", "best test acc %", "final test acc %"]
     if long_tailed:
         header += ["final balanced acc %", "final worst-class acc %"]
-    if target is not None:
-        header += [f"epochs to {100 * target:g}% (reached)", f"train s to {100 * target:g}%"]
+    if equal_time:
+        header += ["best test acc % within the time budget (s)"]
+    if target is not None or relative_target is not None:
+        name = f"{100 * target:g}%" if target is not None else "target"
+        if relative_target is not None:
+            header += [f"target: {100 * relative_target:g}% of uniform's best"]
+        header += [f"epochs to {name} (reached)", f"steps to {name}", f"train s to {name}"]
     header += ["sampling % of time", "stop"]
     rows = []
     for g in groups:
-        s = group_stats(g, target)
+        goal = targets.get(_setting(g)) if relative_target is not None else target
+        s = group_stats(g, goal)
         seeds = str(s["seeds"]) + (f" ({s['incomplete']} incomplete)" if s["incomplete"] else "")
-        row = [g["dataset"], g["model"], g["method"], "yes" if g["augment"] else "no", seeds, _pct(s["best"]),
+        steps = "–" if s["steps"] is None else f"{s['steps']:.0f}"
+        row = [g["dataset"], g["model"], g["method"], "yes" if g["augment"] else "no", seeds, steps, _pct(s["best"]),
                _pct(s["final"])]
         if long_tailed:
             row += [_pct(s["final_balanced"]), _pct(s["final_worst"])] if g["long_tailed"] else ["–", "–"]
-        if target is not None:
+        if equal_time:
+            budget = budgets.get(_setting(g))
+            within = [v for v in (best_within(r["history"], budget) for r in g["runs"] if r["history"]) if v is not None]
+            row += ["–" if budget is None or not within else f"{_pct(_mean_std(within))} ({budget:.0f} s)"]
+        if target is not None or relative_target is not None:
+            if relative_target is not None:
+                row += ["–" if goal is None else f"{100 * goal:.2f}"]
             epochs = "–" if s["epochs_to_target"] is None else f"{s['epochs_to_target']:.1f}"
+            steps_to = "–" if s["steps_to_target"] is None else f"{s['steps_to_target']:.0f}"
             seconds = "–" if s["seconds_to_target"] is None else f"{s['seconds_to_target']:.1f}"
-            row += [f"{epochs} ({s['reached']}/{s['seeds']})", seconds]
+            row += [f"{epochs} ({s['reached']}/{s['seeds']})", steps_to, seconds]
         reasons = "; ".join(r if n == 1 else f"{r} ×{n}" for r, n in sorted(s["stop_reasons"].items()))
         row += [_pct(s["overhead"], 3), reasons]
         rows.append(row)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
-    lines += [
-        "",
-        "Accuracies: mean ± sample standard deviation over seeds. Epochs (counted from 1) and training "
-        "seconds (training + sampling, without evaluation) to the target are means over the seeds that "
-        "reached it. Sampling % is the sampler's share of all wall-clock (training + evaluation + sampling).",
-    ]
-    comparisons = paired_comparisons(groups)
-    if comparisons:
+    notes = (
+        "Accuracies: mean ± sample standard deviation over seeds. Steps: gradient steps trained (mean). "
+        "Epochs (counted from 1), steps and training seconds (training + sampling, without evaluation) "
+        "to the target are means over the seeds that reached it. Sampling % is the sampler's share of all "
+        "wall-clock (training + evaluation + sampling)."
+    )
+    if equal_time:
+        notes += (
+            " The time budget of a setting is the smallest mean training + sampling time of its methods; "
+            "each run counts the epochs that ended within it."
+        )
+    lines += ["", notes]
+    sections = [("best test accuracy", None)]
+    if equal_time:
+        def within_budget(g: Group, r: Run) -> Optional[float]:
+            budget = budgets.get(_setting(g))
+            return None if budget is None else best_within(r["history"], budget)
+
+        sections.append(("best test accuracy within the time budget", within_budget))
+    for title, value in sections:
+        comparisons = paired_comparisons(groups, value)
+        if not comparisons:
+            continue
         lines += [
             "",
-            "**Paired comparison against uniform** (best test accuracy, method − uniform, paired by seed; "
+            f"**Paired comparison against uniform: {title}** (method − uniform, paired by seed; "
             "mean ± standard error in percentage points). Rule: within the noise when a two-sided paired "
             "t-test gives p ≥ 0.05, i.e. |mean| < t(0.975, n − 1) standard errors (with 2 or 3 seeds that "
             "is 12.7 or 4.3, not 2); without scipy, |mean| < 2 standard errors.",
