@@ -178,7 +178,7 @@ STUDIES: Dict[str, Study] = {
     # When does importance sampling pay off? Every policy of the library against uniform
     # sampling on real Fashion-MNIST, balanced and long-tailed (ratios 10 and 100), with the
     # small CNN, sized to finish in about an hour on 2 CPU cores. Every run gets the same
-    # budget of gradient steps (1,000 of batch 128, about 13 passes over the 10,000 items),
+    # budget of gradient steps (700 of batch 128, about 9 passes over the 10,000 items),
     # so methods with short epochs (|Z| < N, pruning) do more epochs; the report compares
     # them at equal steps and at equal wall-clock. A constant learning rate and no early
     # stopping, since an epoch-based schedule would treat methods with short epochs
@@ -188,7 +188,7 @@ STUDIES: Dict[str, Study] = {
         variants=({"imbalance_ratio": 1.0}, {"imbalance_ratio": 10.0}, {"imbalance_ratio": 100.0}),
         settings={
             "dataset": "fashion-mnist", "model": "small_cnn", "train_subset": 10_000, "test_subset": 2_000,
-            "augment": False, "budget_steps": 1_000, "max_epochs": 10_000, "patience": 10_000,
+            "augment": False, "budget_steps": 700, "max_epochs": 10_000, "patience": 10_000,
             "lr_milestones": (),
         },
         seeds=3,
