@@ -6,7 +6,8 @@
 //
 // Each tree is wrapped in a Handle that serialises calls with a mutex (the GIL is dropped
 // for long calls, so two Python threads could otherwise meet inside one tree) and owns the
-// tree's random stream: draws with no seed use key_for_call(stream_seed, calls++).
+// tree's random stream: draws with no seed use key_for_call(stream_seed, calls), and calls
+// advances only once the draw has succeeded, so a rejected call leaves the stream as it was.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -59,8 +60,13 @@ struct Handle {
     return f();
   }
 
-  uint64_t next_key(std::optional<uint64_t> seed) {
-    return seed ? key_from_seed(*seed) : key_for_call(stream_seed, stream_calls++);
+  // The key of a draw, and (once the draw succeeded) the step past it on the tree's stream.
+  // Split in two because a draw that throws must not move the stream.
+  uint64_t key_of(const std::optional<uint64_t>& seed) const {
+    return seed ? key_from_seed(*seed) : key_for_call(stream_seed, stream_calls);
+  }
+  void advance(const std::optional<uint64_t>& seed) {
+    if (!seed) ++stream_calls;
   }
 
   Tree tree;
@@ -156,12 +162,13 @@ void bind_common(py::class_<H>& cls) {
           [](H& h, int64_t k, bool replace, uintptr_t out, std::optional<uint64_t> seed, const std::string& method) {
             DistinctMethod how = distinct_method(method);
             h.locked(replace ? k : h.tree.capacity(), [&] {
-              uint64_t key = h.next_key(seed);
+              uint64_t key = h.key_of(seed);
               if (replace) {
                 sum_tree(h).sample_with_replacement(key, k, as_pointer<int64_t>(out));
               } else {
                 sum_tree(h).sample_without_replacement(key, k, as_pointer<int64_t>(out), how);
               }
+              h.advance(seed);
             });
           },
           py::arg("k"), py::arg("replace"), py::arg("out"), py::arg("seed") = py::none(), py::arg("method") = "auto",
@@ -170,7 +177,8 @@ void bind_common(py::class_<H>& cls) {
           "sample_with_inclusion",
           [](H& h, int64_t k, uintptr_t out, uintptr_t inclusion, std::optional<uint64_t> seed) {
             h.locked(h.tree.capacity(), [&] {
-              sum_tree(h).sample_with_inclusion(h.next_key(seed), k, as_pointer<int64_t>(out), as_pointer<double>(inclusion));
+              sum_tree(h).sample_with_inclusion(h.key_of(seed), k, as_pointer<int64_t>(out), as_pointer<double>(inclusion));
+              h.advance(seed);
             });
           },
           py::arg("k"), py::arg("out"), py::arg("inclusion"), py::arg("seed") = py::none(),
@@ -327,30 +335,40 @@ PYBIND11_MODULE(_core, m) {
       .def(
           "sample",
           [](DeviceHandle& h, int64_t k, bool replace, uintptr_t out, std::optional<uint64_t> seed,
-             const std::string& method, uintptr_t stream) {
+             const std::string& method, uintptr_t stream, bool check) {
             DistinctMethod how = distinct_method(method);
             if (!replace && how == DistinctMethod::kRemoval) {
               throw std::invalid_argument("method='removal' is CPU-only: device trees draw distinct items by the race");
             }
             h.locked(replace ? k : h.tree->capacity(), [&] {
-              uint64_t key = h.next_key(seed);
+              uint64_t key = h.key_of(seed);
               if (replace) {
                 h.tree->sample(key, k, as_pointer<int64_t>(out), stream);
               } else {
                 h.tree->sample_distinct(key, k, as_pointer<int64_t>(out), nullptr, stream);
               }
+              // Checked under the lock, before the stream moves: a draw the device rejected
+              // (an all-zero tree, too few positive items) must leave stream_calls as it was.
+              if (check) h.tree->check(stream);
+              h.advance(seed);
             });
           },
           py::arg("k"), py::arg("replace"), py::arg("out"), py::arg("seed") = py::none(), py::arg("method") = "auto",
-          py::arg("stream") = 0)
+          py::arg("stream") = 0, py::arg("check") = false,
+          "k draws into out. check=True raises the device's errors before the stream advances; "
+          "without it (the no-sync path) a draw the device rejects still advances the stream.")
       .def(
           "sample_with_inclusion",
-          [](DeviceHandle& h, int64_t k, uintptr_t out, uintptr_t inclusion, std::optional<uint64_t> seed, uintptr_t stream) {
+          [](DeviceHandle& h, int64_t k, uintptr_t out, uintptr_t inclusion, std::optional<uint64_t> seed, uintptr_t stream,
+             bool check) {
             h.locked(h.tree->capacity(), [&] {
-              h.tree->sample_distinct(h.next_key(seed), k, as_pointer<int64_t>(out), as_pointer<double>(inclusion), stream);
+              h.tree->sample_distinct(h.key_of(seed), k, as_pointer<int64_t>(out), as_pointer<double>(inclusion), stream);
+              if (check) h.tree->check(stream);
+              h.advance(seed);
             });
           },
-          py::arg("k"), py::arg("out"), py::arg("inclusion"), py::arg("seed") = py::none(), py::arg("stream") = 0)
+          py::arg("k"), py::arg("out"), py::arg("inclusion"), py::arg("seed") = py::none(), py::arg("stream") = 0,
+          py::arg("check") = false)
       .def(
           "status",
           [](DeviceHandle& h, uintptr_t stream) {

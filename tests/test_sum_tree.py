@@ -316,10 +316,12 @@ def test_bad_state_is_refused_and_changes_nothing(rng):
 def test_bad_input_raises_clear_errors_and_changes_nothing():
     tree = isample.SumTree(8, seed=0)
     tree.update([0, 1], [1.0, 2.0])
+    tree.sample(3)  # the stream is at call 1, not at its start
     snapshot = tree.state_dict()
 
     def unchanged():
         assert torch.equal(tree.get(), snapshot["weights"]) and tree.total == 3.0 and tree.num_positive == 2
+        assert_same_state(tree.state_dict(), snapshot)
 
     cases = [
         (IndexError, lambda: tree.update([8], [1.0])),
@@ -355,10 +357,49 @@ def test_bad_input_raises_clear_errors_and_changes_nothing():
         with pytest.raises(error):
             call()
         unchanged()
+    # ... so the next unseeded draws are those of a tree that never saw the rejected calls
+    twin = isample.SumTree(8, seed=1)
+    twin.load_state_dict(snapshot)
+    assert torch.equal(tree.sample(100), twin.sample(100))
+    assert torch.equal(tree.sample(2, replace=False), twin.sample(2, replace=False))
+
+
+def assert_same_state(state: dict, expected: dict) -> None:
+    """Two state_dicts are equal: every array bit for bit, every other entry by ==."""
+    assert state.keys() == expected.keys()
+    for key, value in expected.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(state[key], value), key
+        else:
+            assert state[key] == value, (key, state[key], value)
+
+
+@pytest.mark.parametrize("draw", ["sample", "distinct", "inclusion"])
+def test_a_rejected_draw_does_not_advance_the_stream(draw):
+    """A draw that raises (too few positive items, an all-zero tree) leaves stream_calls and
+    every later unseeded draw as they were."""
+    calls = {
+        "sample": lambda t: t.sample(4),
+        "distinct": lambda t: t.sample(3, replace=False),
+        "inclusion": lambda t: t.sample_with_inclusion(3),
+    }
+    for weights in ([0.0] * 4, [1.0, 2.0, 0.0, 0.0]):
+        tree = isample.SumTree.from_weights(weights, seed=5)
+        before = tree.state_dict()
+        if draw == "sample" and any(weights):
+            continue  # draws with replacement fail only on an all-zero tree
+        with pytest.raises(ValueError):
+            calls[draw](tree)
+        assert tree.state_dict()["stream_calls"] == before["stream_calls"] == 0
+        assert_same_state(tree.state_dict(), before)
+    tree.update([2], [4.0])  # three positive items now: the same call succeeds and advances
+    calls[draw](tree)
+    assert tree.state_dict()["stream_calls"] == 1
 
 
 def test_all_zero_tree_refuses_to_sample():
     tree = isample.SumTree(5, seed=0)
+    before = tree.state_dict()
     with pytest.raises(ValueError, match="zero"):
         tree.sample(1)
     with pytest.raises(ValueError, match="zero"):
@@ -367,6 +408,7 @@ def test_all_zero_tree_refuses_to_sample():
         tree.probability()
     with pytest.raises(ValueError, match="positive"):
         tree.sample(1, replace=False)
+    assert_same_state(tree.state_dict(), before)  # the stream did not move either
     assert tree.sample(0).shape == (0,) and tree.sample(0, replace=False).shape == (0,)
 
 
@@ -516,3 +558,4 @@ def test_python_floats_keep_full_precision():
         tree.update([0], ["0.5"])
     with pytest.raises(TypeError):
         tree.update([0], [None])
+

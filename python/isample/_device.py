@@ -10,6 +10,10 @@ raised by ``check()``, which every synchronising query (``total``, ``num_positiv
 ``state_dict``...) calls first; with ``sync_errors=True`` it is checked after every call, at
 the cost of a synchronisation. The host build always checks at once (it costs nothing there),
 so it raises exactly where the CPU tree does.
+
+One difference remains on the no-sync CUDA path: a draw that the device rejects still
+advances the tree's random stream (``stream_calls``), because the host learns of the error
+only later. With ``sync_errors=True``, and on the host build, a rejected draw changes nothing.
 """
 
 from __future__ import annotations
@@ -133,15 +137,15 @@ class DeviceCore:
         self._handle.sample_from_uniforms(u, k, out, stream)
         self._done(stream)
 
+    # Draws check inside the core, before the tree's stream advances, so that a rejected
+    # draw leaves stream_calls unchanged (with sync_errors; see the module docstring).
     def sample(self, k: int, replace: bool, out: int, seed: Optional[int] = None, method: str = "auto") -> None:
         stream = self._stream()
-        self._handle.sample(k, replace, out, seed, method, stream)
-        self._done(stream)
+        self._handle.sample(k, replace, out, seed, method, stream, self._sync_errors)
 
     def sample_with_inclusion(self, k: int, out: int, inclusion: int, seed: Optional[int] = None) -> None:
         stream = self._stream()
-        self._handle.sample_with_inclusion(k, out, inclusion, seed, stream)
-        self._done(stream)
+        self._handle.sample_with_inclusion(k, out, inclusion, seed, stream, self._sync_errors)
 
     def _export(self, out: int) -> None:
         indices = torch.arange(self.capacity, dtype=torch.int64, device=self._device)
