@@ -5,6 +5,7 @@
 //   node_sum(children)                 sum of one block of kFanout children, O(B)
 //   choose_child(children, &target)    one descent step, O(B), branch-free
 //   descend(...)                       a whole root-to-leaf descent, O(B log_B n)
+//   softmax_exponent(s, ref, T)        (s - ref) / T of a softmax leaf, O(1)
 #pragma once
 
 #include <cstdint>
@@ -115,6 +116,18 @@ ISAMPLE_FN int64_t descend(const TreeLayout& layout, const double* internal,
     node = node * kFanout + choose_child(block, target);
   }
   return node;
+}
+
+// The exponent of a softmax leaf, exp((s - ref) / T), for any finite s, ref and T > 0.
+// s - ref overflows when the two have opposite signs and are near DBL_MAX (s = 1e308,
+// ref = -1e308); then s / T - ref / T is used, which is finite whenever the true exponent
+// is, and never inf - inf (the two terms have opposite signs). Either way about 2 ulps of
+// the exponent, so p keeps ~|exponent| * 1e-16 relative error. Every back end (the CPU
+// softmax tree, the GPU kernels) computes leaves through this one routine.
+ISAMPLE_FN double softmax_exponent(double s, double reference, double temperature) {
+  const double difference = s - reference;
+  if (difference - difference == 0.0) return difference / temperature;  // finite
+  return s / temperature - reference / temperature;
 }
 
 // Counter-based uniforms: the i-th number of stream `key` is a pure function of (key, i)

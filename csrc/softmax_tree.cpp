@@ -7,6 +7,8 @@
 #include <stdexcept>
 #include <string>
 
+#include "descend.h"
+
 namespace isample {
 namespace {
 
@@ -60,7 +62,7 @@ void SoftmaxTree::rebase() {
   const double* s = scores_.data();
   ref_ = *std::max_element(s, s + capacity());
   const double ref = ref_, t = temperature_;
-  tree_.rebuild_from([s, ref, t](int64_t i) { return std::exp((s[i] - ref) / t); });
+  tree_.rebuild_from([s, ref, t](int64_t i) { return std::exp(softmax_exponent(s[i], ref, t)); });
 }
 
 void SoftmaxTree::update(const int64_t* indices, const double* scores, int64_t k, double keep) {
@@ -80,7 +82,7 @@ void SoftmaxTree::update(const int64_t* indices, const double* scores, int64_t k
   double top = -std::numeric_limits<double>::infinity();
   for (int64_t j = 0; j < k; ++j) {
     stored[indices[j]] = value_scratch_[j];
-    double exponent = (value_scratch_[j] - ref_) / temperature_;
+    double exponent = softmax_exponent(value_scratch_[j], ref_, temperature_);
     top = std::max(top, exponent);
     leaf_scratch_[j] = exponent;
   }
@@ -117,13 +119,13 @@ void SoftmaxTree::load(const double* scores, double reference) {
   std::copy(scores, scores + capacity(), scores_.data());
   const double* s = scores_.data();
   const double t = temperature_;
-  double top = (*std::max_element(s, s + capacity()) - reference) / t;
+  double top = softmax_exponent(*std::max_element(s, s + capacity()), reference, t);
   if (!(top <= kMaxExponent)) {
     rebase();
     return;
   }
   ref_ = reference;
-  tree_.rebuild_from([s, reference, t](int64_t i) { return std::exp((s[i] - reference) / t); });
+  tree_.rebuild_from([s, reference, t](int64_t i) { return std::exp(softmax_exponent(s[i], reference, t)); });
   if (tree_.total() < std::exp(-kMaxExponent)) rebase();
 }
 

@@ -12,7 +12,8 @@ import torch
 
 import isample
 from conftest import ALPHA, chi_square_pvalue, power_of_two_weights, reference_descent
-from test_softmax_tree import assert_matches_softmax
+from test_softmax_tree import HUGE_SPREADS, assert_matches_softmax, check_bad_softmax_input, check_huge_spread
+from test_sum_tree import assert_same_state
 
 pytestmark = [
     pytest.mark.gpu_on_host,
@@ -133,6 +134,15 @@ def test_softmax_extremes_and_rebases(spread, rng):
     assert_matches_softmax(tree, scores, 3.0)
 
 
+@pytest.mark.parametrize("scores, temperature", HUGE_SPREADS)
+def test_softmax_scores_near_the_float_limits(scores, temperature):
+    """s - ref overflows here: the kernels must use the same exponent routine as the CPU."""
+    check_huge_spread(scores, temperature, **HOST)
+    cpu = isample.SoftmaxTree.from_scores(scores, temperature=temperature, seed=0)
+    gpu = isample.SoftmaxTree.from_scores(scores, temperature=temperature, seed=0, **HOST)
+    torch.testing.assert_close(gpu.probability(), cpu.probability(), rtol=1e-15, atol=0)
+
+
 def test_softmax_blend_and_state_match_the_cpu(rng):
     cpu = isample.SoftmaxTree(500, temperature=0.7, seed=3)
     gpu = isample.SoftmaxTree(500, temperature=0.7, seed=3, **HOST)
@@ -155,7 +165,9 @@ def test_softmax_blend_and_state_match_the_cpu(rng):
 def test_bad_input_is_refused_and_changes_nothing():
     tree = host_sum(8, seed=0)
     tree.update([0, 1], [1.0, 2.0])
+    tree.sample(3)  # the stream is at call 1
     before = tree.get().clone()
+    state = tree.state_dict()
     for error, call in [
         (IndexError, lambda: tree.update([8], [1.0])),
         (IndexError, lambda: tree.update([2, 300], [1.0, 1.0])),
@@ -167,20 +179,32 @@ def test_bad_input_is_refused_and_changes_nothing():
         (IndexError, lambda: tree.probability([-1])),
         (ValueError, lambda: tree.sample_from_uniforms([0.5, 1.0])),
         (ValueError, lambda: tree.sample(3, replace=False)),
+        (ValueError, lambda: tree.sample_with_inclusion(3)),
+        (ValueError, lambda: tree.sample(9, replace=False)),
         (ValueError, lambda: tree.sample(2, replace=False, method="removal")),
     ]:
         with pytest.raises(error):
             call()
         assert torch.equal(tree.get(), before) and tree.total == 3.0 and tree.num_positive == 2
+        assert_same_state(tree.state_dict(), state)
+    twin = host_sum(8, seed=1)
+    twin.load_state_dict(state)
+    assert torch.equal(tree.sample(100), twin.sample(100))  # no rejected draw moved the stream
     empty = host_sum(4, seed=0)
-    with pytest.raises(ValueError, match="zero"):
-        empty.sample(1)
+    for call in (lambda: empty.sample(1), lambda: empty.sample(1, replace=False), lambda: empty.sample_with_inclusion(1)):
+        with pytest.raises(ValueError, match="zero|positive"):
+            call()
+        assert empty.state_dict()["stream_calls"] == 0
     soft = isample.SoftmaxTree(4, seed=0, **HOST)
     with pytest.raises(ValueError, match="score"):
         soft.update([1], [float("inf")])
     assert soft.get().tolist() == [0.0] * 4
     with pytest.raises(ValueError):
         isample.SumTree(4, device="cpu", _implementation="gpu_on_cloud")
+
+
+def test_softmax_bad_input_is_refused_and_changes_nothing():
+    check_bad_softmax_input(**HOST)
 
 
 def test_sampler_runs_on_the_host_build(rng):

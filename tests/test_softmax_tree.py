@@ -81,6 +81,40 @@ def test_all_scores_far_below_zero_do_not_underflow():
     np.testing.assert_allclose(tree.probability().numpy(), np.full(100, 0.01), rtol=1e-14)
 
 
+# Scores near +-DBL_MAX, where s - ref overflows although (s - ref) / T is small.
+HUGE_SPREADS = [
+    (np.array([1e308, -1e308]), 1e308),  # p = [0.881, 0.119]
+    (np.array([1.7e308, -1.7e308, 0.0, 1e308]), 1e308),
+    (np.array([-1.5e308, 1.5e308, 1.5e308]), 3e307),  # p[0] = e^-10 / (2 + e^-10)
+    (np.array([1.7e308, -1.7e308]), 1e305),  # p[1] = e^-3400 truly underflows to 0
+]
+
+
+@pytest.mark.parametrize("scores, temperature", HUGE_SPREADS)
+def test_scores_near_the_float_limits_stay_exact(scores, temperature):
+    if scores.size == 2 and temperature == 1e308:
+        np.testing.assert_allclose(stable_softmax(scores, temperature), [1 / (1 + np.exp(-2)), 1 - 1 / (1 + np.exp(-2))])
+    check_huge_spread(scores, temperature)
+
+
+def check_huge_spread(scores: np.ndarray, temperature: float, **tree_kwargs) -> None:
+    """Every way in: assign, updates from a reference at the far end, load_state_dict."""
+    tree = isample.SoftmaxTree.from_scores(scores, temperature=temperature, seed=0, **tree_kwargs)
+    assert_matches_softmax(tree, scores, temperature)
+    lowest_first = isample.SoftmaxTree.from_scores(np.full(scores.size, scores.min()), temperature=temperature, seed=0, **tree_kwargs)
+    lowest_first.update(np.arange(scores.size), scores)  # the reference sits at -1e308 before
+    assert_matches_softmax(lowest_first, scores, temperature)
+    highest_first = isample.SoftmaxTree.from_scores(np.full(scores.size, scores.max()), temperature=temperature, seed=0, **tree_kwargs)
+    for i in np.argsort(scores):  # one at a time, the lowest first: no rebase along the way
+        highest_first.update([int(i)], [scores[i]])
+    assert_matches_softmax(highest_first, scores, temperature)
+    state = tree.state_dict()
+    state["reference"] = float(scores.min())  # a saved reference at the other end
+    loaded = isample.SoftmaxTree(scores.size, seed=0, **tree_kwargs)
+    loaded.load_state_dict(state)
+    assert_matches_softmax(loaded, scores, temperature)
+
+
 @pytest.mark.statistical
 def test_sampling_frequencies_follow_softmax(rng, kernels):
     scores = rng.normal(size=40) * 2
@@ -112,25 +146,101 @@ def test_repeated_index_last_score_wins():
     assert_matches_softmax(tree, np.array([0.0, 3.0, 1.0, 0.0]), 1.0)
 
 
-def test_bad_scores_are_refused_and_change_nothing():
-    tree = isample.SoftmaxTree(5, seed=0)
-    tree.update([0, 1], [1.0, 2.0])
-    before = tree.state_dict()
-    for error, call in [
-        (ValueError, lambda: tree.update([2], [float("nan")])),
+def bad_softmax_calls(tree, state: dict) -> list:
+    """(exception, call) pairs that DESIGN.md says must raise, on a 5-item tree with
+    scores [1, 2, 0, 0, 0] whose state_dict is `state`."""
+    nan = float("nan")
+    scores = state["scores"]
+    bad_states = [
+        {**state, "format": "isample.SumTree"},
+        {**state, "version": 99},
+        {**state, "capacity": 6},
+        {**state, "scores": scores[:4]},
+        {**state, "scores": scores.reshape(1, 5)},
+        {**state, "scores": torch.full((5,), nan, dtype=torch.float64)},
+        {**state, "scores": torch.tensor([0.0, 1.0, float("inf"), 0.0, 0.0], dtype=torch.float64)},
+        {**state, "scores": scores.tolist()},
+        {**state, "reference": nan},
+        {**state, "reference": "1.0"},
+        {**state, "temperature": 0.0},
+        {**state, "temperature": nan},
+        {**state, "temperature": -2.0},
+        {**state, "stream_calls": -1.5},
+        {k: v for k, v in state.items() if k != "scores"},
+    ]
+    return [
+        (ValueError, lambda: tree.update([2], [nan])),
         (ValueError, lambda: tree.update([2, 3], [0.0, float("inf")])),
         (ValueError, lambda: tree.update([2], [-float("inf")])),
+        (ValueError, lambda: tree.update([2, 3], [1.0])),
         (IndexError, lambda: tree.update([5], [0.0])),
         (TypeError, lambda: tree.update([0.5], [0.0])),
+        (TypeError, lambda: tree.update([2], ["x"])),
         (ValueError, lambda: tree.assign([1.0, 2.0])),
-        (ValueError, lambda: tree.assign([1.0, 2.0, 3.0, 4.0, float("nan")])),
+        (ValueError, lambda: tree.assign([1.0, 2.0, 3.0, 4.0, nan])),
+        (IndexError, lambda: tree.get([5])),
+        (IndexError, lambda: tree.get([0, -1])),
+        (TypeError, lambda: tree.get([1.0])),
+        (ValueError, lambda: tree.get([[0]])),
+        (IndexError, lambda: tree.probability([7])),
+        (TypeError, lambda: tree.probability([True])),
+        (ValueError, lambda: tree.probability([[1]])),
+        (ValueError, lambda: tree.sample(-1)),
+        (TypeError, lambda: tree.sample(2.0)),
+        (ValueError, lambda: tree.sample(6, replace=False)),  # more than n distinct items
+        (ValueError, lambda: tree.sample(2, seed=1, generator=torch.Generator())),
+        (TypeError, lambda: tree.sample(2, seed="1")),
+        (ValueError, lambda: tree.sample(2, replace=False, method="fastest")),
+        (ValueError, lambda: tree.sample_with_inclusion(6)),
+        (ValueError, lambda: tree.sample_from_uniforms([0.5, 1.0])),
+        (ValueError, lambda: tree.sample_from_uniforms([-0.25])),
+        (ValueError, lambda: tree.sample_from_uniforms([nan])),
+        (ValueError, lambda: tree.sample_from_uniforms([[0.5]])),
+        (TypeError, lambda: tree.sample_from_uniforms("0.5")),
+        (ValueError, lambda: tree.blend([2], [nan], 0.5)),
+        (ValueError, lambda: tree.blend([2], [1.0], 1.5)),
+        (ValueError, lambda: tree.blend([2], [1.0], -0.1)),
+        (ValueError, lambda: tree.blend([2], [1.0], nan)),
+        (IndexError, lambda: tree.blend([9], [1.0], 0.5)),
+        (ValueError, lambda: tree.blend([2, 3], [1.0], 0.5)),
         (ValueError, lambda: isample.SoftmaxTree(3, temperature=0.0)),
         (TypeError, lambda: isample.SoftmaxTree(3, temperature=None)),
-    ]:
+        (TypeError, lambda: tree.load_state_dict("not a dict")),
+    ] + [((TypeError, ValueError), (lambda bad=bad: tree.load_state_dict(bad))) for bad in bad_states]
+
+
+def check_bad_softmax_input(**tree_kwargs) -> None:
+    tree = isample.SoftmaxTree(5, seed=0, **tree_kwargs)
+    tree.update([0, 1], [1.0, 2.0])
+    tree.sample(3)  # the stream is at call 1
+    before = tree.state_dict()
+    total = np.log(np.exp(1) + np.exp(2) + 3)
+    for error, call in bad_softmax_calls(tree, before):
         with pytest.raises(error):
             call()
-        assert torch.equal(tree.get(), before["scores"])
-        assert tree.log_total == pytest.approx(np.log(np.exp(1) + np.exp(2) + 3), rel=1e-14)
+        state = tree.state_dict()
+        assert torch.equal(state["scores"], before["scores"])
+        assert {k: v for k, v in state.items() if k != "scores"} == {k: v for k, v in before.items() if k != "scores"}
+        assert tree.log_total == pytest.approx(total, rel=1e-14)
+    twin = isample.SoftmaxTree(5, seed=99, **tree_kwargs)
+    twin.load_state_dict(before)
+    assert torch.equal(tree.sample(50), twin.sample(50))  # the rejected draws moved no stream
+
+
+def test_bad_input_is_refused_and_changes_nothing():
+    check_bad_softmax_input()
+
+
+def test_a_rejected_draw_does_not_advance_the_stream():
+    # One item holds all the mass, the other's p underflows: only one positive item.
+    tree = isample.SoftmaxTree.from_scores([0.0, -1e6], temperature=1e-3, seed=4)
+    assert tree.num_positive == 1
+    for call in (lambda: tree.sample(2, replace=False), lambda: tree.sample_with_inclusion(2)):
+        with pytest.raises(ValueError, match="positive"):
+            call()
+        assert tree.state_dict()["stream_calls"] == 0
+    tree.sample(1, replace=False)
+    assert tree.state_dict()["stream_calls"] == 1
 
 
 def test_state_round_trip_is_exact(rng):

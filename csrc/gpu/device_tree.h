@@ -169,7 +169,7 @@ struct WriteScores {
     const double v = values[b.position(r)];
     const double s = keep == 0.0 ? v : keep * t.scores[i] + (1.0 - keep) * v;
     t.scores[i] = s;
-    const double exponent = (s - t.control->reference) / t.control->temperature;
+    const double exponent = softmax_exponent(s, t.control->reference, t.control->temperature);
     if (!(exponent <= kMaxExponent)) atomic_store(&t.control->rebase, 1);
     // Past the headroom the leaf is provisional: the rebase later in this call rewrites it.
     const double leaf = std::exp(exponent < 700.0 ? exponent : 700.0);
@@ -257,7 +257,7 @@ struct RebaseLeaves {
     const double temperature = t.control->temperature;
     int64_t positive = 0;
     for (int64_t i = w; i < t.layout.capacity; i += workers) {
-      const double leaf = std::exp((t.scores[i] - reference) / temperature);
+      const double leaf = std::exp(softmax_exponent(t.scores[i], reference, temperature));
       t.leaves[i] = leaf;
       positive += leaf > 0.0;
     }
@@ -321,7 +321,7 @@ struct LoadLeaves {
     const double temperature = t.control->temperature;
     int64_t positive = 0;
     for (int64_t i = w; i < t.layout.capacity; i += workers) {
-      const double exponent = (t.scores[i] - reference) / temperature;
+      const double exponent = softmax_exponent(t.scores[i], reference, temperature);
       if (!(exponent <= kMaxExponent)) atomic_store(&t.control->rebase, 1);
       const double leaf = std::exp(exponent < 700.0 ? exponent : 700.0);
       t.leaves[i] = leaf;
