@@ -4,8 +4,28 @@
 
 namespace isample {
 
+namespace {
+
+// Makes `device` current for one scope and then restores the caller's device, so building a
+// tree on cuda:1 does not leave cuda:1 current for the caller (and for torch) afterwards.
+class DeviceScope {
+ public:
+  explicit DeviceScope(int device) {
+    cuda_impl::check_cuda(cudaGetDevice(&previous_), "cudaGetDevice");
+    cuda_impl::check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  }
+  ~DeviceScope() { cudaSetDevice(previous_); }
+  DeviceScope(const DeviceScope&) = delete;
+  DeviceScope& operator=(const DeviceScope&) = delete;
+
+ private:
+  int previous_ = 0;
+};
+
+}  // namespace
+
 std::unique_ptr<DeviceTreeApi> make_cuda_tree(int64_t capacity, bool softmax, double temperature, int device) {
-  cuda_impl::check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  DeviceScope scope(device);
   return std::make_unique<cuda_impl::DeviceTree>(capacity, softmax, temperature);
 }
 

@@ -5,7 +5,8 @@
 //
 // No host synchronisation on the update / sample paths: every step is a Thrust algorithm or
 // an async memset on the caller's stream, Thrust runs with par_nosync, temporary storage
-// comes from buffers the tree owns, and decisions that depend on the data (a rejected
+// comes from buffers the tree owns (grown, when a batch outgrows them, by stream-ordered
+// cudaMallocAsync / cudaFreeAsync), and decisions that depend on the data (a rejected
 // batch, a softmax rebase) are taken on the device by the kernels themselves.
 //
 // Launches per call, L = levels (6 at n = 1e7):
@@ -465,7 +466,7 @@ class DeviceTree final : public DeviceTreeApi {
     for_each(s, k, ValidateBatch{view(), indices, values, softmax_, max_weight()});
     const Batch batch = prepare_batch(indices, k, s);
     if (softmax_) {
-      leaf_changes_.reserve(2 * size_t(k));
+      leaf_changes_.reserve(2 * size_t(k), s);
       double* old_leaves = leaf_changes_.data();
       double* new_leaves = old_leaves + k;
       for_each(s, k, WriteScores{view(), batch, values, keep, old_leaves, new_leaves});
@@ -547,9 +548,9 @@ class DeviceTree final : public DeviceTreeApi {
     }
     if (k == 0) return;
     const Stream s = Stream(stream);
-    race_keys_.reserve(size_t(n));
-    race_items_.reserve(size_t(n));
-    reserve_sort_space(size_t(n) * (sizeof(double) + sizeof(int64_t)));
+    race_keys_.reserve(size_t(n), s);
+    race_items_.reserve(size_t(n), s);
+    reserve_sort_space(size_t(n) * (sizeof(double) + sizeof(int64_t)), s);
     double* keys = race_keys_.data();
     int64_t* items = race_items_.data();
     for_each(s, n, RaceKeys{view(), key, keys, items});
@@ -630,11 +631,11 @@ class DeviceTree final : public DeviceTreeApi {
   Batch prepare_batch(const int64_t* indices, int64_t k, Stream s) {
     if (k <= kScanBatch) return Batch{indices, nullptr, k, false};
     // Sort (item, position) pairs; stable, so within one item the positions stay in order.
-    batch_items_.reserve(size_t(k));
-    batch_positions_.reserve(size_t(k));
+    batch_items_.reserve(size_t(k), s);
+    batch_positions_.reserve(size_t(k), s);
     copy_async(batch_items_.data(), indices, size_t(k) * sizeof(int64_t), s);
     thrust::sequence(policy(s), batch_positions_.data(), batch_positions_.data() + k);
-    reserve_sort_space(size_t(k) * 2 * sizeof(int64_t));
+    reserve_sort_space(size_t(k) * 2 * sizeof(int64_t), s);
     sort_arena_.used = 0;
     thrust::stable_sort_by_key(policy(s, sort_arena_), batch_items_.data(), batch_items_.data() + k,
                                batch_positions_.data());
@@ -672,10 +673,10 @@ class DeviceTree final : public DeviceTreeApi {
     }
   }
 
-  void reserve_sort_space(size_t bytes) {
+  void reserve_sort_space(size_t bytes, Stream s) {
     const size_t wanted = 2 * bytes + (size_t(1) << 20);
     if (sort_space_.size() < wanted) {
-      sort_space_.reserve(wanted);
+      sort_space_.reserve(wanted, s);
       sort_arena_.base = sort_space_.data();
       sort_arena_.capacity = sort_space_.size();
     }

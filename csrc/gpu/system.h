@@ -72,8 +72,8 @@ inline void check_cuda(cudaError_t status, const char* what) {
   }
 }
 
-// Device memory. Allocation happens at construction and when a batch outgrows the scratch,
-// never on the steady-state update/sample path.
+// Device memory for a tree's arrays, at construction and destruction only: cudaMalloc and
+// cudaFree may synchronise the device, so neither is reachable from update or sample.
 inline void* allocate(size_t bytes) {
   if (bytes == 0) return nullptr;
   void* p = nullptr;
@@ -87,6 +87,24 @@ inline void* allocate(size_t bytes) {
 }
 inline void release(void* p) {
   if (p != nullptr) cudaFree(p);
+}
+// Stream-ordered memory (the device's default pool), for scratch that grows inside a call:
+// usable on `s` once queued, freed after the work queued before it on `s`. No host sync.
+// Work on other streams is not ordered with it, as it is not with the tree itself: calls
+// on one tree from several streams must be ordered by the caller.
+inline void* allocate_async(size_t bytes, Stream s) {
+  if (bytes == 0) return nullptr;
+  void* p = nullptr;
+  cudaError_t status = cudaMallocAsync(&p, bytes, s);
+  if (status == cudaErrorMemoryAllocation) {
+    cudaGetLastError();
+    throw std::bad_alloc();
+  }
+  check_cuda(status, "cudaMallocAsync");
+  return p;
+}
+inline void release_async(void* p, Stream s) {
+  if (p != nullptr) check_cuda(cudaFreeAsync(p, s), "cudaFreeAsync");
 }
 inline void zero_async(void* p, size_t bytes, Stream s) { check_cuda(cudaMemsetAsync(p, 0, bytes, s), "cudaMemsetAsync"); }
 inline void copy_async(void* dst, const void* src, size_t bytes, Stream s) {
@@ -129,6 +147,8 @@ inline void* allocate(size_t bytes) {
   return p;
 }
 inline void release(void* p) { std::free(p); }
+inline void* allocate_async(size_t bytes, Stream) { return allocate(bytes); }
+inline void release_async(void* p, Stream) { release(p); }
 inline void zero_async(void* p, size_t bytes, Stream) { std::memset(p, 0, bytes); }
 inline void copy_async(void* dst, const void* src, size_t bytes, Stream) { std::memcpy(dst, src, bytes); }
 inline void copy_to_host(void* dst, const void* src, size_t bytes, Stream) { std::memcpy(dst, src, bytes); }
@@ -153,7 +173,9 @@ inline auto policy(Stream, ScratchAllocator& a) { return thrust::omp::par(a); }
 
 #endif
 
-// An owned buffer of T in the system's memory.
+// An owned buffer of T in the system's memory. Construction and destruction allocate and
+// free synchronously (cudaMalloc / cudaFree); reserve() grows stream-ordered on the call's
+// stream, so it is safe on the update / sample path.
 template <class T>
 class Buffer {
  public:
@@ -171,9 +193,16 @@ class Buffer {
     std::swap(count_, o.count_);
     return *this;
   }
-  // Grows (discarding the contents) to at least `count`; allocation only when it grows.
-  void reserve(size_t count) {
-    if (count > count_) *this = Buffer(count + count / 2);
+  // Grows (discarding the contents) to at least `count`, by half as much again, with
+  // stream-ordered allocation on `s`; nothing when it is already large enough. On failure
+  // (std::bad_alloc) the buffer keeps its old memory.
+  void reserve(size_t count, Stream s) {
+    if (count <= count_) return;
+    const size_t grown = count + count / 2;
+    T* fresh = static_cast<T*>(allocate_async(grown * sizeof(T), s));
+    release_async(data_, s);
+    data_ = fresh;
+    count_ = grown;
   }
   T* data() const { return data_; }
   size_t size() const { return count_; }

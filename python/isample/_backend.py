@@ -133,8 +133,13 @@ def empty_values(k: int, device: torch.device) -> torch.Tensor:
 
 
 def draw_seed(generator: Optional[torch.Generator] = None) -> int:
-    """A 63-bit seed from `generator`, or from torch's default generator."""
-    return int(torch.randint(0, 2**63 - 1, (1,), generator=generator).item())
+    """A 63-bit seed from `generator` (CPU or CUDA), or from torch's default CPU generator.
+
+    The number is drawn on the generator's device; for a CUDA generator, reading it back
+    is one host synchronisation (pass ``seed=`` to avoid it on a hot path).
+    """
+    device = generator.device if generator is not None else None
+    return int(torch.randint(0, 2**63 - 1, (1,), generator=generator, device=device).item())
 
 
 def check_seed(seed: Any) -> int:
@@ -149,5 +154,5 @@ def build_info() -> dict:
 
 
 def cuda_available() -> bool:
-    """True when the core was built with CUDA and torch sees a GPU."""
-    return bool(_core.build_info()["cuda"]) and torch.cuda.is_available()
+    """True when the core was built with CUDA, and both torch and the core see a GPU."""
+    return bool(_core.build_info()["cuda"]) and torch.cuda.is_available() and _core.cuda_device_count() > 0

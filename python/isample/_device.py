@@ -18,8 +18,9 @@ only later. With ``sync_errors=True``, and on the host build, a rejected draw ch
 
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Optional
+from typing import ContextManager, Optional
 
 import torch
 
@@ -27,13 +28,21 @@ from . import _core
 
 
 class DeviceCore:
-    """Wraps an ``_core.DeviceTree`` with the methods of ``_core.SumTree`` / ``SoftmaxTree``."""
+    """Wraps an ``_core.DeviceTree`` with the methods of ``_core.SumTree`` / ``SoftmaxTree``.
+
+    Every call runs with the tree's device current (``torch.cuda.device``) and on that
+    device's current stream, so a tree on ``cuda:1`` launches there even while ``cuda:0`` is
+    the current device.
+    """
 
     def __init__(self, handle: "_core.DeviceTree", device: torch.device, sync_errors: bool) -> None:
         self._handle = handle
         self._device = device
         self._cuda = device.type == "cuda"
         self._sync_errors = sync_errors or not self._cuda
+
+    def _on_device(self) -> ContextManager:
+        return torch.cuda.device(self._device) if self._cuda else contextlib.nullcontext()
 
     def _stream(self) -> int:
         return torch.cuda.current_stream(self._device).cuda_stream if self._cuda else 0
@@ -43,7 +52,8 @@ class DeviceCore:
             self._handle.check(stream)
 
     def check(self) -> None:
-        self._handle.check(self._stream())
+        with self._on_device():
+            self._handle.check(self._stream())
 
     # -- properties ---------------------------------------------------------------------------
     @property
@@ -59,9 +69,10 @@ class DeviceCore:
         return self._handle.nbytes
 
     def _status(self) -> dict:
-        stream = self._stream()
-        self._handle.check(stream)
-        return self._handle.status(stream)
+        with self._on_device():
+            stream = self._stream()
+            self._handle.check(stream)
+            return self._handle.status(stream)
 
     @property
     def total(self) -> float:
@@ -86,9 +97,10 @@ class DeviceCore:
 
     @temperature.setter
     def temperature(self, value: float) -> None:
-        stream = self._stream()
-        self._handle.set_temperature(value, stream)
-        self._done(stream)
+        with self._on_device():
+            stream = self._stream()
+            self._handle.set_temperature(value, stream)
+            self._done(stream)
 
     @property
     def stream_seed(self) -> int:
@@ -108,44 +120,50 @@ class DeviceCore:
 
     # -- calls ----------------------------------------------------------------------------------
     def update(self, indices: int, values: int, k: int, keep: float = 0.0) -> None:
-        stream = self._stream()
-        self._handle.update(indices, values, k, keep, stream)
-        self._done(stream)
+        with self._on_device():
+            stream = self._stream()
+            self._handle.update(indices, values, k, keep, stream)
+            self._done(stream)
 
     def assign(self, values: int) -> None:
-        stream = self._stream()
-        self._handle.assign(values, stream)
-        self._done(stream)
+        with self._on_device():
+            stream = self._stream()
+            self._handle.assign(values, stream)
+            self._done(stream)
 
     def load(self, scores: int, reference: float) -> None:
-        stream = self._stream()
-        self._handle.load(scores, reference, stream)
-        self._done(stream)
+        with self._on_device():
+            stream = self._stream()
+            self._handle.load(scores, reference, stream)
+            self._done(stream)
 
     def get(self, indices: int, k: int, out: int) -> None:
-        stream = self._stream()
-        self._handle.get(indices, k, out, stream)
-        self._done(stream)
+        with self._on_device():
+            stream = self._stream()
+            self._handle.get(indices, k, out, stream)
+            self._done(stream)
 
     def probability(self, indices: int, k: int, out: int) -> None:
-        stream = self._stream()
-        self._handle.probability(indices, k, out, stream)
-        self._done(stream)
+        with self._on_device():
+            stream = self._stream()
+            self._handle.probability(indices, k, out, stream)
+            self._done(stream)
 
     def sample_from_uniforms(self, u: int, k: int, out: int) -> None:
-        stream = self._stream()
-        self._handle.sample_from_uniforms(u, k, out, stream)
-        self._done(stream)
+        with self._on_device():
+            stream = self._stream()
+            self._handle.sample_from_uniforms(u, k, out, stream)
+            self._done(stream)
 
     # Draws check inside the core, before the tree's stream advances, so that a rejected
     # draw leaves stream_calls unchanged (with sync_errors; see the module docstring).
     def sample(self, k: int, replace: bool, out: int, seed: Optional[int] = None, method: str = "auto") -> None:
-        stream = self._stream()
-        self._handle.sample(k, replace, out, seed, method, stream, self._sync_errors)
+        with self._on_device():
+            self._handle.sample(k, replace, out, seed, method, self._stream(), self._sync_errors)
 
     def sample_with_inclusion(self, k: int, out: int, inclusion: int, seed: Optional[int] = None) -> None:
-        stream = self._stream()
-        self._handle.sample_with_inclusion(k, out, inclusion, seed, stream, self._sync_errors)
+        with self._on_device():
+            self._handle.sample_with_inclusion(k, out, inclusion, seed, self._stream(), self._sync_errors)
 
     def _export(self, out: int) -> None:
         indices = torch.arange(self.capacity, dtype=torch.int64, device=self._device)
