@@ -559,3 +559,69 @@ def test_python_floats_keep_full_precision():
     with pytest.raises(TypeError):
         tree.update([0], [None])
 
+
+# -- the stub of the compiled core ------------------------------------------------------------
+
+
+def _stub_surface() -> dict:
+    """From python/isample/_core.pyi: {name: params or None} for module functions, and
+    {class: {member: params or None}} (inherited stub members included); params are the
+    argument names of a method, None for properties and attributes."""
+    import ast
+    import pathlib
+
+    stub = pathlib.Path(isample.__file__).with_name("_core.pyi")
+    module = ast.parse(stub.read_text())
+    classes, functions = {}, {}
+
+    def params(node):
+        return [a.arg for a in node.args.args if a.arg != "self"]
+
+    for node in module.body:
+        if isinstance(node, ast.FunctionDef):
+            functions[node.name] = params(node)
+        elif isinstance(node, ast.ClassDef):
+            members = {}
+            for base in node.bases:
+                if isinstance(base, ast.Name) and base.id in classes:
+                    members.update(classes[base.id])
+            for item in node.body:
+                if isinstance(item, ast.FunctionDef) and item.name != "__init__":
+                    is_property = any(isinstance(d, ast.Name) and d.id == "property" for d in item.decorator_list)
+                    members[item.name] = None if is_property else params(item)
+                elif isinstance(item, ast.FunctionDef):
+                    members["__init__"] = params(item)
+                elif isinstance(item, ast.AnnAssign):
+                    members[item.target.id] = None
+            classes[node.name] = members
+    return {"functions": functions, "classes": classes}
+
+
+def _runtime_params(function) -> list:
+    """Argument names from the signature line pybind11 writes at the top of a docstring."""
+    import re
+
+    signature = function.__doc__.strip().splitlines()[0]
+    return [name for name in re.findall(r"[(,] ?(\w+): ", signature) if name != "self"]
+
+
+def test_core_stub_matches_the_compiled_module():
+    from isample import _core
+
+    surface = _stub_surface()
+    public_classes = {name for name in surface["classes"] if not name.startswith("_")}
+    runtime = {name for name in dir(_core) if not name.startswith("_")}
+    assert set(surface["functions"]) | public_classes == runtime
+    for name, params in surface["functions"].items():
+        assert _runtime_params(getattr(_core, name)) == params, name
+    for name in public_classes - {"OutOfMemory"}:
+        cls = getattr(_core, name)
+        stub = surface["classes"][name]
+        members = {m for m in dir(cls) if not m.startswith("_")}
+        assert set(stub) - {"__init__"} == members, name
+        assert _runtime_params(cls.__init__) == stub["__init__"], f"{name}.__init__"
+        for member, params in stub.items():
+            if params is not None and member != "__init__":
+                assert _runtime_params(getattr(cls, member)) == params, f"{name}.{member}"
+            elif member != "__init__":
+                assert isinstance(getattr(cls, member), property), f"{name}.{member} is a method in _core"
