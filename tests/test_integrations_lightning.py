@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -211,3 +214,138 @@ def test_a_dataset_without_indices_or_another_sampler_is_refused_before_training
         trainer([], max_steps=1).fit(Tiny(), loader(sampler))
     with pytest.raises(TypeError, match="EpochSampler"):
         ImportanceSamplingCallback(torch.utils.data.RandomSampler(range(4)))
+
+
+# ---------------------------------------------------------------------------------------------
+# DDP: the distributed sampler with the callback (one process in-process, two under torchrun).
+# ---------------------------------------------------------------------------------------------
+
+DDP_TIMEOUT_S = 120  # the two-process run, start-up included
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    import datetime
+
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1, timeout=datetime.timedelta(seconds=30)
+    )
+    try:
+        yield
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_the_callback_takes_the_distributed_sampler_and_lightning_keeps_it(one_process_group):
+    from isample.distributed import DistributedImportanceSampler
+
+    sampler = DistributedImportanceSampler(N, samples_per_epoch=N // 2, warmup_epochs=1, seed=0)
+    assert sampler.progress is None
+    callback = ImportanceSamplingCallback(sampler)
+    model = Tiny()
+    fit = trainer([callback], max_epochs=2, strategy="ddp")  # DDP on one process: Lightning would wrap samplers
+    fit.fit(model, loader(sampler))
+    assert fit.train_dataloader.sampler is sampler  # use_distributed_sampler=False kept it
+    assert fit.global_step == N // BATCH + N // 2 // BATCH == sampler.counters["updates"]
+    assert [h["kind"] for h in sampler.history][:2] == ["warmup", "importance"]
+    assert torch.unique(torch.cat(model.seen[: N // BATCH])).numel() == N
+    assert sampler.progress == (1, N // 2)
+    # use_distributed_sampler=True would replace it: the callback says so before training
+    other = DistributedImportanceSampler(N, seed=0)
+    with pytest.raises(ValueError, match="use_distributed_sampler=False"):
+        trainer([ImportanceSamplingCallback(other)], max_steps=1, strategy="ddp", use_distributed_sampler=True).fit(
+            Tiny(), loader(other)
+        )
+
+
+def test_the_callback_refuses_a_sharded_sampler():
+    from isample.distributed import DistributedImportanceSampler
+
+    with pytest.raises(ValueError, match="sharded=False"):
+        ImportanceSamplingCallback(DistributedImportanceSampler(N, sharded=True))
+    ImportanceSamplingCallback(DistributedImportanceSampler(10))  # no process group: one process
+
+
+def _ddp_worker(out: str) -> None:
+    """One rank of a two-process Lightning DDP fit on the CPU (started by torchrun)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from isample.distributed import DistributedImportanceSampler
+
+    torch.set_num_threads(1)
+    # The sampler needs the process group when it is built; Lightning reuses this one.
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    rank = dist.get_rank()
+
+    def build():
+        return DistributedImportanceSampler(N, samples_per_epoch=N // 2, warmup_epochs=1, seed=0)
+
+    sampler = build()
+    callback = ImportanceSamplingCallback(sampler)
+    model = Tiny()
+    # 4 warm-up steps (N / 2 ranks / BATCH), then 1 of the importance epoch's 2
+    fit = trainer([callback], max_steps=5, strategy="ddp", devices=2)
+    fit.fit(model, loader(sampler))
+    sampler.check_consistency()  # replicas bit-identical
+    state = callback.state_dict()  # what a checkpoint part-way through epoch 1 holds
+    shard = sampler._engine.local.current_epoch.order[rank::2].tolist()  # this rank's part of epoch 1
+    # resume from rank 0's state on every rank, as Lightning does with its rank-0 checkpoint
+    box = [state if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    resumed = build()
+    ImportanceSamplingCallback(resumed).load_state_dict(box[0])
+    rest = list(iter(resumed))
+    torch.save(
+        {
+            "kept": fit.train_dataloader.sampler is sampler,
+            "global_step": fit.global_step,
+            "updates": sampler.counters["updates"],
+            "kinds": [h["kind"] for h in sampler.history],
+            "seen": [t.tolist() for t in model.seen],
+            "scores": sampler.scores(),
+            "state": state,
+            "shard": shard,
+            "rest": rest,
+        },
+        f"{out}/rank{rank}.pt",
+    )
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_two_process_lightning_ddp_keeps_one_global_distribution(tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               __file__, "ddp-worker", str(tmp_path)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    try:
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=DDP_TIMEOUT_S)
+    except subprocess.TimeoutExpired as error:
+        pytest.fail(f"the two-process fit did not finish within {DDP_TIMEOUT_S} s\n{error.stdout}\n{error.stderr}")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    warmup = N // 2 // BATCH
+    for r in ranks:
+        assert r["kept"]  # Lightning kept our sampler
+        assert r["global_step"] == 5 == r["updates"]
+        assert r["kinds"] == ["warmup", "importance"]
+        assert r["state"]["consumed"] == BATCH  # one step of epoch 1 trained on, whatever was prefetched
+        assert r["state"]["sampler"]["sampler"]["current"]["position"] == 2 * BATCH  # counted over both ranks
+        assert r["rest"] == r["shard"][BATCH:]  # a resume continues this rank's part of the epoch
+    # warm-up: disjoint halves of the data set, together every item once
+    halves = [sum(r["seen"][:warmup], []) for r in ranks]
+    assert not set(halves[0]) & set(halves[1]) and sorted(halves[0] + halves[1]) == list(range(N))
+    # each rank's losses reached both replicas: every score is set, the same on both ranks
+    assert torch.equal(ranks[0]["scores"], ranks[1]["scores"]) and bool((ranks[0]["scores"] > 0).all())
+    # epoch 1: each rank trained on its own part of one global draw
+    assert [r["seen"][warmup] for r in ranks] == [r["shard"][:BATCH] for r in ranks]
+
+
+if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "ddp-worker":
+    _ddp_worker(sys.argv[2])

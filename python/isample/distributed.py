@@ -909,6 +909,23 @@ class DistributedImportanceSampler(Sampler[int]):
         """The epoch being iterated, or else the one the next ``iter()`` yields."""
         return self._engine.epoch
 
+    @property
+    def progress(self) -> Optional[Tuple[int, int]]:
+        """(epoch, items this rank has yielded of it) for the epoch being (or last) iterated,
+        None before the first. Local. What ``state_dict(consumed=k)`` counts in: a training
+        loop behind a prefetching DataLoader passes its own k when k is smaller."""
+        engine = self._engine
+        if isinstance(engine, _Sharded):
+            current = engine._current
+            return None if current is None else (current.epoch, current.position)
+        inner = engine.local.current_epoch
+        if inner is None:
+            return None
+        n = inner.order.numel()
+        # the inner position counts global items: W per item of this rank, or n at the end
+        yielded = engine.rank_length(n) if inner.position >= n else inner.position // self._comm.world
+        return inner.epoch, yielded
+
     def __len__(self) -> int:
         """Items this rank yields in the epoch being iterated, or else in the next one. Local
         (replicated mode may draw the next epoch ahead, without communicating)."""

@@ -16,13 +16,20 @@ The callback checks that the train DataLoader draws from the sampler and that it
 their indices, keeps ``sampler.set_epoch`` equal to ``trainer.current_epoch``, saves the
 sampler's state in Lightning checkpoints (and restores it on ``fit(ckpt_path=...)``, continuing
 a part-done epoch where it stopped), and raises if a training step never handed its losses
-back. Single process only (one sampler, one tree): with several devices the sampler must be
-sharded, which this callback does not do.
+back.
+
+Under DDP (``Trainer(strategy="ddp", ...)``) pass an ``isample.distributed.DistributedImportanceSampler``
+(replicated, the default) and ``Trainer(use_distributed_sampler=False)``: Lightning then keeps
+the sampler instead of wrapping it in a ``DistributedSampler``. Every rank draws its shard of
+one global sample, ``weighted_loss`` all-gathers each step's losses so every replica applies
+the same updates, and the rank-0 checkpoint holds a state every rank loads (see
+``docs/distributed.md``). The sharded mode keeps a different state on every rank, which
+Lightning's rank-0 checkpoints cannot hold, so the callback refuses it.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
@@ -35,6 +42,7 @@ except ImportError as error:  # pragma: no cover - exercised only without lightn
         "(or pip install lightning)"
     ) from error
 
+from ..distributed import DistributedImportanceSampler
 from ..sampler import EpochSampler, IndexedDataset
 from .protocol import MISSING_INDEX_HELP, weighted_loss as _protocol_weighted_loss
 
@@ -45,12 +53,23 @@ _SETUP_HELP = (
     "batch_size=...) and pass Trainer(use_distributed_sampler=False), so that Lightning keeps the sampler"
 )
 
+#: what the callback drives: any single-process sampler, or the replicated distributed one
+_SAMPLERS = (EpochSampler, DistributedImportanceSampler)
+
 
 def _sampler_of(dataloader: Any) -> Any:
     sampler = getattr(dataloader, "sampler", None)
     batch_sampler = getattr(dataloader, "batch_sampler", None)
     inner = getattr(batch_sampler, "sampler", None)
-    return inner if isinstance(inner, EpochSampler) else sampler
+    return inner if isinstance(inner, _SAMPLERS) else sampler
+
+
+def _progress(sampler: Any) -> Optional[Tuple[int, int]]:
+    """(epoch, items this process has been yielded) of the epoch being (or last) iterated."""
+    if isinstance(sampler, DistributedImportanceSampler):
+        return sampler.progress
+    current = sampler.current_epoch
+    return None if current is None else (current.epoch, current.position)
 
 
 def _yields_indices(dataset: Any) -> bool:
@@ -74,7 +93,8 @@ class ImportanceSamplingCallback(Callback):
 
     Args:
         sampler: the sampler the train DataLoader draws from (``ImportanceSampler``,
-            ``SoftPruningSampler``, ...).
+            ``SoftPruningSampler``, ...), or under DDP a replicated
+            ``isample.distributed.DistributedImportanceSampler``.
         check_dataset: check at the start of training that the DataLoader uses `sampler`
             and that its dataset yields indices (reads one item; default True).
         log_weights: log ``isample/weight_mean`` and ``isample/weight_max`` of each batch
@@ -84,9 +104,23 @@ class ImportanceSamplingCallback(Callback):
     (per-example losses, shape (b,)); that call finds this callback.
     """
 
-    def __init__(self, sampler: EpochSampler, *, check_dataset: bool = True, log_weights: bool = False) -> None:
-        if not isinstance(sampler, EpochSampler):
-            raise TypeError(f"sampler must be an isample sampler (EpochSampler), got {type(sampler).__name__}")
+    def __init__(
+        self,
+        sampler: Union[EpochSampler, DistributedImportanceSampler],
+        *,
+        check_dataset: bool = True,
+        log_weights: bool = False,
+    ) -> None:
+        if not isinstance(sampler, _SAMPLERS):
+            raise TypeError(
+                "sampler must be an isample sampler (EpochSampler, or DistributedImportanceSampler under DDP), "
+                f"got {type(sampler).__name__}"
+            )
+        if isinstance(sampler, DistributedImportanceSampler) and sampler.sharded:
+            raise ValueError(
+                "a sharded DistributedImportanceSampler keeps a different state on every rank, which Lightning's "
+                "checkpoints (written by rank 0) cannot hold: use DistributedImportanceSampler(..., sharded=False)"
+            )
         self.sampler = sampler
         self.check_dataset = check_dataset
         self.log_weights = log_weights
@@ -173,9 +207,9 @@ class ImportanceSamplingCallback(Callback):
         """The sampler's state, saved in every Lightning checkpoint. A checkpoint taken
         part-way through an epoch records the items used so far (not what the DataLoader
         prefetched), so a resumed fit continues the epoch with the same order and weights."""
-        current = self.sampler.current_epoch  # the epoch being (or last) iterated
+        progress = _progress(self.sampler)  # (epoch, items yielded) of the epoch being (or last) iterated
         consumed = None
-        if current is not None and current.epoch == self._epoch and self._consumed < current.position:
+        if progress is not None and progress[0] == self._epoch and self._consumed < progress[1]:
             consumed = self._consumed
         return {"sampler": self.sampler.state_dict(consumed=consumed), "consumed": self._consumed, "epoch": self._epoch}
 
