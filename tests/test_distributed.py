@@ -640,5 +640,95 @@ def test_single_process_errors_and_state():
     assert s.total_steps(3, 4) == 3 * 2 and s.steps_per_epoch(4) == 2
 
 
+def test_progress_counts_what_this_rank_was_yielded():
+    from isample.distributed import DistributedImportanceSampler
+
+    for sharded in (False, True):
+        s = DistributedImportanceSampler(10, samples_per_epoch=6, sharded=sharded, seed=0)
+        assert s.progress is None
+        it = iter(s)
+        list(itertools.islice(it, 2))
+        assert s.progress == (0, 2)
+        list(it)
+        assert s.progress == (0, 6)
+
+
+# -- the experiment runner under torchrun (two processes, gloo) ----------------------------------
+
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+TORCHRUN_TIMEOUT_S = 240  # one torchrun of the experiment runner, start-up and data loading included
+RUN_FILES = {"config.json", "metrics.jsonl", "metrics.csv", "checkpoint.pt", "summary.json"}
+
+
+def _torchrun_train(out: Path, *extra: str) -> "subprocess.CompletedProcess[str]":
+    """`torchrun --standalone --nproc_per_node 2 -m isample.cli train ...` (torchrun is
+    torch.distributed.run; --standalone rendezvous on localhost picks a free port)."""
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "isample.cli", "train", "--preset", "running_loss", "--dataset", "fashion-mnist",
+        "--model", "small_cnn", "--train-subset", "1000", "--test-subset", "500", "--max-epochs", "1",
+        "--no-augment", "--device", "cpu", "--out", str(out), *extra,
+    ]
+    env = dict(os.environ, ISAMPLE_DIST_TIMEOUT="60")
+    try:
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired as error:
+        pytest.fail(f"torchrun did not finish within {TORCHRUN_TIMEOUT_S} s\n{error.stdout}\n{error.stderr}")
+
+
+def _records(run: Path) -> List[Dict[str, Any]]:
+    import json
+
+    return [
+        {k: v for k, v in json.loads(line).items() if k != "seconds"}
+        for line in (run / "metrics.jsonl").read_text().splitlines()
+    ]
+
+
+@pytest.fixture(scope="module")
+def torchrun_run(tmp_path_factory):
+    if not FASHION.is_dir():
+        pytest.skip("Fashion-MNIST is not installed (apt-get install -y dataset-fashion-mnist)")
+    out = tmp_path_factory.mktemp("torchrun")
+    started = time.monotonic()
+    done = _torchrun_train(out)
+    return out, done, time.monotonic() - started
+
+
+def test_the_experiment_runner_under_torchrun_trains_and_rank0_writes_once(torchrun_run):
+    import json
+
+    out, done, _ = torchrun_run
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    (run,) = out.iterdir()  # one run folder
+    assert run.name == "fashion-mnist-sub1000-small_cnn-running_loss-z0.6-noaug-s0"
+    assert {p.name for p in run.iterdir()} == RUN_FILES  # and no temporary files left behind
+    (record,) = _records(run)
+    assert record["epoch"] == 0 and record["test_accuracy"] > 0.2  # chance is 0.1
+    assert record["samples"] == 600 and record["steps"] == 5  # the global draw of 600, global batches of 128
+    assert (run / "metrics.csv").read_text().count("\n") == 2
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["complete"] and summary["world_size"] == 2 and summary["backend"] == "gloo"
+    from isample.checkpoint import load_checkpoint
+
+    state = load_checkpoint(run / "checkpoint.pt")
+    assert state["world_size"] == 2 and len(state["ranks"]) == 2 and len(state["history"]) == 1
+    # only rank 0 prints
+    assert done.stdout.count("run(s) in") == 1
+    assert done.stdout.count("] epoch   0") == 1 and done.stdout.count("] done:") == 1
+
+
+def test_the_experiment_runner_under_torchrun_resumes_exactly(torchrun_run, tmp_path):
+    out, straight, _ = torchrun_run
+    assert straight.returncode == 0
+    (run,) = out.iterdir()
+    stopped = _torchrun_train(tmp_path, "--max-wall-seconds", "0")  # stops after one step, checkpointed
+    assert stopped.returncode != 0 and "rerun the same command to resume" in stopped.stdout
+    resumed = _torchrun_train(tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]
+    assert "resumed at epoch 0 on 2 processes, 128 items into it" in resumed.stdout
+    assert _records(tmp_path / run.name) == _records(run)
+
+
 if __name__ == "__main__":
     _worker(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5])

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -54,20 +55,26 @@ def _train(args: argparse.Namespace) -> int:
     return _run_all(configs, Path(args.out), args)
 
 
+def _lead() -> bool:
+    """False on torchrun's ranks other than 0: they train, but print and write nothing."""
+    return os.environ.get("WORLD_SIZE", "1") in ("", "1") or os.environ.get("RANK", "0") in ("", "0")
+
+
 def _run_all(configs: list, out: Path, args: argparse.Namespace) -> int:
     """Train each configuration in its folder under `out` (resuming where it stopped)."""
     from .experiments.train import train
 
-    print(f"{len(configs)} run(s) in {out}/", flush=True)
+    say = print if _lead() else (lambda *_, **__: None)  # under torchrun only rank 0 prints
+    say(f"{len(configs)} run(s) in {out}/", flush=True)
     for config in configs:
         summary = train(
             config, out / config.name, resume=not args.restart, progress=not args.no_progress,
             checkpoint_seconds=args.checkpoint_seconds, max_wall_seconds=args.max_wall_seconds,
         )
         if not summary.get("complete"):
-            print("stopped before the end (time limit); rerun the same command to resume", flush=True)
+            say("stopped before the end (time limit); rerun the same command to resume", flush=True)
             return 3
-        print(
+        say(
             f"[{config.name}] done: best test accuracy {summary['best_test_accuracy']:.4f} "
             f"(epoch {summary['best_epoch']}), final {summary['final_test_accuracy']:.4f}, "
             f"sampling {100 * summary['sampling_share']:.2f}% of the time ({summary['stop_reason']})",
@@ -98,6 +105,8 @@ def _study(args: argparse.Namespace) -> int:
     code = _run_all(configs, out, args)
     if code:
         return code
+    if not _lead():
+        return 0  # rank 0 writes the report
     results = Path(args.results or Path("docs") / "results" / args.name)
     folders = [out / c.name for c in configs]
     results.mkdir(parents=True, exist_ok=True)

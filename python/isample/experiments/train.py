@@ -11,6 +11,10 @@ and saves a checkpoint (atomically) from which ``resume=True`` continues, mid-ep
 
 Timing: on a GPU the sampler's calls are bracketed by synchronisations so the sampling share
 is the sampler's own time (the syncs slow training a little; the share is what matters).
+
+Under ``torchrun`` with several processes (``WORLD_SIZE > 1``) ``train`` hands the run to
+:mod:`isample.experiments.distributed_run` (DistributedImportanceSampler, DDP, rank 0 writes);
+one process never leaves this module.
 """
 
 from __future__ import annotations
@@ -224,7 +228,15 @@ def train(
         log: where the one-line-per-epoch report goes.
         max_wall_seconds: stop (after a checkpoint) once this much wall-clock has passed in
             this call; the run is then incomplete and ``resume=True`` continues it.
+
+    Under torchrun with WORLD_SIZE > 1 every process calls this and the run goes to
+    ``distributed_run.train_distributed`` (same arguments and result; rank 0 writes).
     """
+    if _world_size() > 1:
+        from .distributed_run import train_distributed
+
+        return train_distributed(config, run_dir, resume=resume, progress=progress,
+                                 checkpoint_seconds=checkpoint_seconds, log=log, max_wall_seconds=max_wall_seconds)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_path = run_dir / "config.json"
@@ -470,6 +482,14 @@ def summarize(config: RunConfig, history: List[Dict[str, Any]], stop_reason: str
         "seconds": seconds,
         "sampling_share": seconds["sampling"] / total if total else 0.0,
     }
+
+
+def _world_size() -> int:
+    """The number of processes torchrun started (its WORLD_SIZE; 1 when unset or not a number)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
 
 
 def _cpu_name() -> str:
