@@ -16,7 +16,8 @@ pytest.importorskip("accelerate", reason="accelerate (needed by transformers.Tra
 from transformers import BertConfig, BertForSequenceClassification, TrainingArguments  # noqa: E402
 
 import isample  # noqa: E402
-from isample.integrations.huggingface import SAMPLER_FILE, ImportanceTrainer, per_example_loss  # noqa: E402
+from isample.checkpoint import load_checkpoint  # noqa: E402
+from isample.integrations.huggingface import SAMPLER_FILE, ImportanceTrainer, load_sampler_state, per_example_loss  # noqa: E402
 
 N, BATCH, LENGTH, VOCAB, LR = 256, 32, 8, 64, 0.5
 
@@ -142,6 +143,29 @@ def test_checkpoint_part_way_through_an_epoch_resumes_it(tmp_path):
     resumed.compute_loss = recording
     resumed.train(resume_from_checkpoint=str(folder))
     assert torch.equal(torch.cat(seen), order[3 * BATCH :])  # the rest of epoch 0, same order
+
+
+def test_the_sampler_file_is_an_atomic_checked_checkpoint(tmp_path):
+    data = isample.IndexedDataset(Synthetic())
+    args = arguments(tmp_path, max_steps=3, save_strategy="steps", save_steps=3)
+    sgd_trainer(tiny_bert(), args, data, sampler=skewed_sampler()).train()
+    path = tmp_path / "checkpoint-3" / SAMPLER_FILE
+    state = load_checkpoint(path, expected_capacity=N)  # the library's format: checksum, capacity
+    assert state["config"]["num_items"] == N
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]  # no temporary left
+    with pytest.raises(ValueError, match=f"{N} items, but {N + 1} were expected"):
+        load_sampler_state(path, N + 1)
+    other = isample.ImportanceSampler(N + 1, seed=3)
+    before = other.scores()
+    with pytest.raises(ValueError):  # a sampler of another size refuses it, unchanged
+        other.load_state_dict(load_sampler_state(path, other.num_items))
+    assert torch.equal(other.scores(), before)
+    old = tmp_path / "plain.pt"  # written by earlier isample versions with torch.save: still read
+    torch.save(state, old)
+    assert load_sampler_state(old, N)["config"] == state["config"]
+    torch.save({"weights": torch.zeros(2)}, old)
+    with pytest.raises(ValueError, match="sampler state"):
+        load_sampler_state(old, N)
 
 
 def test_bad_input_gets_one_clear_error(tmp_path):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
+import math
 import os
 import signal
 import subprocess
@@ -13,7 +16,7 @@ import pytest
 import torch
 
 import isample
-from isample.checkpoint import CHECKPOINT_VERSION, load_checkpoint, save_checkpoint
+from isample.checkpoint import CHECKPOINT_VERSION, capacity_of, load_checkpoint, save_checkpoint
 
 
 def _state(seed: int = 0):
@@ -32,6 +35,83 @@ def test_checkpoint_round_trip(tmp_path):
     other.load_state_dict(loaded["sampler"])
     assert torch.equal(other.scores(), torch.zeros(500, dtype=torch.float64))
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]  # no temporary file left behind
+
+
+def assert_same_state(a, b, where="state"):
+    """Two state_dicts are identical: same keys, equal values, tensors bit for bit (NaN too)."""
+    assert type(a) is type(b), where
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), where
+        for key in a:
+            assert_same_state(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same_state(x, y, f"{where}[{i}]")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape, where
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=where)
+    else:
+        assert a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b)), where
+
+
+def test_checkpoints_record_the_capacity(tmp_path):
+    state = _state()
+    assert capacity_of(state) == 500  # found in state["sampler"]
+    assert capacity_of(state["tree"]) == 1000 and capacity_of({"step": 3}) is None
+    save_checkpoint(tmp_path / "ck.pt", state)
+    wrapper = torch.load(tmp_path / "ck.pt", weights_only=True)
+    assert (wrapper["version"], wrapper["capacity"]) == (CHECKPOINT_VERSION, 500)
+    assert load_checkpoint(tmp_path / "ck.pt", expected_capacity=500)["step"] == 0
+    save_checkpoint(tmp_path / "explicit.pt", {"step": 1}, capacity=77)
+    assert torch.load(tmp_path / "explicit.pt", weights_only=True)["capacity"] == 77
+    with pytest.raises(ValueError, match="77 items, but 78 were expected"):
+        load_checkpoint(tmp_path / "explicit.pt", expected_capacity=78)
+    save_checkpoint(tmp_path / "none.pt", {"step": 2})  # holds no sampler: records no capacity
+    assert load_checkpoint(tmp_path / "none.pt", expected_capacity=5)["step"] == 2
+    for bad in (0, -3):
+        with pytest.raises(ValueError):
+            save_checkpoint(tmp_path / "bad.pt", {}, capacity=bad)
+    with pytest.raises(TypeError):
+        load_checkpoint(tmp_path / "ck.pt", expected_capacity=2.5)
+
+
+def test_a_checkpoint_of_another_size_changes_nothing(tmp_path):
+    """Loading a checkpoint saved for 500 items into a sampler of 400 raises a clear
+    ValueError and leaves the sampler's state_dict exactly as it was."""
+    path = tmp_path / "ck.pt"
+    save_checkpoint(path, _state())  # its sampler has 500 items
+    sampler = isample.ImportanceSampler(400, score="running_loss", samples_per_epoch=100, seed=1)
+    sampler.update(range(400), torch.rand(400, generator=torch.Generator().manual_seed(1)))
+    it = iter(sampler)
+    for _ in range(30):
+        next(it)  # part-way through an epoch
+    before = sampler.state_dict()
+    with pytest.raises(ValueError, match="500 items, but 400 were expected"):
+        sampler.load_state_dict(load_checkpoint(path, expected_capacity=sampler.num_items)["sampler"])
+    assert_same_state(sampler.state_dict(), before)
+    with pytest.raises(ValueError, match="num_items"):  # without the file's check, the sampler's own
+        sampler.load_state_dict(load_checkpoint(path)["sampler"])
+    assert_same_state(sampler.state_dict(), before)
+    assert len(list(it)) == 70  # and it carries on where it was
+
+
+def test_version_1_checkpoints_still_load(tmp_path):
+    buffer = io.BytesIO()
+    torch.save({"step": 4}, buffer)
+    payload = buffer.getvalue()
+    torch.save({"format": "isample-checkpoint", "version": 1, "sha256": hashlib.sha256(payload).hexdigest(),
+                "payload": payload}, tmp_path / "v1.pt")
+    assert load_checkpoint(tmp_path / "v1.pt", expected_capacity=10)["step"] == 4  # it records no capacity
+
+
+def test_a_tampered_capacity_is_a_corrupted_file(tmp_path):
+    save_checkpoint(tmp_path / "ck.pt", _state())
+    wrapper = torch.load(tmp_path / "ck.pt", weights_only=True)
+    wrapper["capacity"] = 400  # the checksum covers it
+    torch.save(wrapper, tmp_path / "ck.pt")
+    with pytest.raises(ValueError, match="corrupted"):
+        load_checkpoint(tmp_path / "ck.pt", expected_capacity=400)
 
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "foreign", "empty", "version"])
@@ -113,3 +193,4 @@ def test_memory_stays_flat_over_a_million_calls():
     calls(1_000_000)
     growth = _rss_bytes() - before
     assert growth < 4 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB over 1e6 calls"
+

@@ -1,41 +1,91 @@
 """Checkpoint files that are written atomically and checked when read.
 
 ``save_checkpoint(path, state)`` serialises `state` (dicts, lists, tensors, numbers,
-strings) with torch.save into memory, wraps it with a format name, a version and the
-SHA-256 of the payload, writes that to a temporary file beside `path`, fsyncs it and renames
-it over `path`. A crash mid-save leaves the previous checkpoint intact. ``load_checkpoint``
-verifies the wrapper and the checksum before unpickling anything else, and raises
-ValueError naming the problem for a truncated, corrupted or foreign file.
+strings) with torch.save into memory, wraps it with a format name, a version, the capacity
+(the number of items the state is for) and the SHA-256 of capacity and payload, writes that
+to a temporary file beside `path`, fsyncs it and renames it over `path`. A crash mid-save
+leaves the previous checkpoint intact. ``load_checkpoint`` verifies the wrapper and the
+checksum before unpickling anything else, and raises ValueError naming the problem for a
+truncated, corrupted or foreign file, or for one saved for another number of items than
+``expected_capacity``. Loading never changes anything: a caller that loads a state into a
+sampler after these checks passes it to ``load_state_dict``, which checks it again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import numbers
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION"]
+__all__ = ["save_checkpoint", "load_checkpoint", "capacity_of", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION"]
 
 CHECKPOINT_FORMAT = "isample-checkpoint"
-CHECKPOINT_VERSION = 1
+#: 2 records the capacity; version 1 files (no capacity) are still read
+CHECKPOINT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 PathLike = Union[str, os.PathLike]
 
 
-def save_checkpoint(path: PathLike, state: Any) -> None:
-    """Write `state` to `path` atomically (temporary file, fsync, rename)."""
+def capacity_of(state: Any) -> Optional[int]:
+    """The number of items `state` is for: that of a sampler's or a tree's ``state_dict``,
+    or of one held under ``state["sampler"]`` (a training loop's checkpoint, a distributed
+    sampler's state); None when it holds none."""
+    candidate = state
+    for _ in range(3):
+        if not isinstance(candidate, dict):
+            return None
+        config = candidate.get("config")
+        if str(candidate.get("format", "")).startswith("isample.") and isinstance(config, dict):
+            items = config.get("num_items")
+            if isinstance(items, int):
+                return items
+        if str(candidate.get("format", "")).startswith("isample.") and isinstance(candidate.get("capacity"), int):
+            return candidate["capacity"]
+        candidate = candidate.get("sampler")
+    return None
+
+
+def _check_capacity(capacity: Any, name: str) -> Optional[int]:
+    if capacity is None:
+        return None
+    if isinstance(capacity, bool) or not isinstance(capacity, numbers.Integral):
+        raise TypeError(f"{name} must be an int or None, got {type(capacity).__name__}")
+    if capacity < 1:
+        raise ValueError(f"{name} must be at least 1, got {capacity}")
+    return int(capacity)
+
+
+def _digest(payload: bytes, capacity: Optional[int], version: int) -> str:
+    digest = hashlib.sha256(payload)
+    if version >= 2:  # the capacity is covered too: a damaged one is a corrupted file
+        digest.update(b"\0capacity=" + repr(capacity).encode())
+    return digest.hexdigest()
+
+
+def save_checkpoint(path: PathLike, state: Any, *, capacity: Optional[int] = None) -> None:
+    """Write `state` to `path` atomically (temporary file, fsync, rename).
+
+    ``capacity``: the number of items the state is for (a sampler's N), recorded in the file
+    for ``load_checkpoint(expected_capacity=...)``; by default ``capacity_of(state)``.
+    """
     path = Path(path)
+    capacity = _check_capacity(capacity, "capacity")
+    if capacity is None:
+        capacity = capacity_of(state)
     buffer = io.BytesIO()
     torch.save(state, buffer)
     payload = buffer.getvalue()
     wrapper = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,
-        "sha256": hashlib.sha256(payload).hexdigest(),
+        "capacity": capacity,
+        "sha256": _digest(payload, capacity, CHECKPOINT_VERSION),
         "payload": payload,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -56,9 +106,13 @@ def save_checkpoint(path: PathLike, state: Any) -> None:
         os.close(directory)
 
 
-def load_checkpoint(path: PathLike, *, map_location: Any = "cpu") -> Any:
-    """Read a checkpoint written by save_checkpoint; ValueError if it is not a whole, valid one."""
+def load_checkpoint(path: PathLike, *, map_location: Any = "cpu", expected_capacity: Optional[int] = None) -> Any:
+    """Read a checkpoint written by save_checkpoint; ValueError if it is not a whole, valid
+    one, or if ``expected_capacity`` is given and the file was saved for another number of
+    items (checked before the payload is unpickled). A file that records no capacity
+    (version 1, or a state without a sampler) passes that check."""
     path = Path(path)
+    expected_capacity = _check_capacity(expected_capacity, "expected_capacity")
     try:
         wrapper = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
@@ -67,9 +121,21 @@ def load_checkpoint(path: PathLike, *, map_location: Any = "cpu") -> Any:
         raise ValueError(f"{path} is not a readable isample checkpoint (truncated or corrupted?): {error}") from None
     if not isinstance(wrapper, dict) or wrapper.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not an isample checkpoint")
-    if wrapper.get("version") != CHECKPOINT_VERSION:
-        raise ValueError(f"{path} has checkpoint version {wrapper.get('version')!r}; this isample reads {CHECKPOINT_VERSION}")
+    version = wrapper.get("version")
+    if version not in _READABLE_VERSIONS:
+        readable = ", ".join(map(str, _READABLE_VERSIONS))
+        raise ValueError(f"{path} has checkpoint version {version!r}; this isample reads versions {readable}")
     payload = wrapper.get("payload")
-    if not isinstance(payload, bytes) or hashlib.sha256(payload).hexdigest() != wrapper.get("sha256"):
+    capacity = wrapper.get("capacity")
+    if (
+        not isinstance(payload, bytes)
+        or not (capacity is None or (isinstance(capacity, int) and not isinstance(capacity, bool)))
+        or _digest(payload, capacity, version) != wrapper.get("sha256")
+    ):
         raise ValueError(f"{path} is corrupted: its checksum does not match")
+    if expected_capacity is not None and capacity is not None and capacity != expected_capacity:
+        raise ValueError(
+            f"{path} is a checkpoint for {capacity:,} items, but {expected_capacity:,} were expected "
+            "(a different data set or sampler size); nothing was loaded"
+        )
     return torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)

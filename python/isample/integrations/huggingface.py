@@ -16,7 +16,9 @@ and whose ``compute_loss`` runs the model without labels, computes per-example l
 weights them by the sampler's draw-time importance weights, and hands them back to the
 sampler (``isample.integrations.protocol.weighted_loss``). The "index" field is kept through
 ``remove_unused_columns`` and never reaches the model. The sampler's state is saved in each
-checkpoint folder (``isample_sampler.pt``) and restored by ``train(resume_from_checkpoint=...)``.
+checkpoint folder (``isample_sampler.pt``, written atomically by ``isample.checkpoint``, with
+the sampler's item count and a checksum) and restored by ``train(resume_from_checkpoint=...)``,
+which refuses a file saved for another number of items before changing anything.
 Evaluation is the Trainer's own. Single process only (one sampler, one tree).
 """
 
@@ -39,10 +41,11 @@ except ImportError as error:  # pragma: no cover - exercised only without transf
         "pip install 'isample[hf]' (or pip install 'transformers[torch]')"
     ) from error
 
+from ..checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from ..sampler import EpochSampler, ImportanceSampler
 from .protocol import MISSING_INDEX_HELP, weighted_loss
 
-__all__ = ["ImportanceTrainer", "per_example_loss", "SAMPLER_FILE"]
+__all__ = ["ImportanceTrainer", "per_example_loss", "load_sampler_state", "SAMPLER_FILE"]
 
 #: the file in each checkpoint folder that holds the sampler's state
 SAMPLER_FILE = "isample_sampler.pt"
@@ -121,7 +124,23 @@ class _SaveSampler(TrainerCallback):
             # The epoch is saved from its start: on resume the Trainer skips the batches it
             # already trained on (skip_first_batches), replaying the same order, or moves to the
             # next epoch (set_epoch) after an epoch's last step.
-            torch.save(self.trainer.sampler.state_dict(consumed=0), os.path.join(folder, SAMPLER_FILE))
+            sampler = self.trainer.sampler
+            save_checkpoint(os.path.join(folder, SAMPLER_FILE), sampler.state_dict(consumed=0), capacity=sampler.num_items)
+
+
+def load_sampler_state(path: Union[str, os.PathLike], num_items: int) -> Dict[str, Any]:
+    """The sampler state in `path`, checked to be for `num_items` items (ValueError if not).
+    Reads the files written by ``isample.checkpoint.save_checkpoint``, and the plain
+    ``torch.save`` files of earlier isample versions."""
+    try:
+        return load_checkpoint(path, expected_capacity=num_items)
+    except ValueError as error:
+        if "not an isample checkpoint" not in str(error):
+            raise
+        state = torch.load(path, map_location="cpu", weights_only=True)  # an earlier, plain file
+        if not (isinstance(state, dict) and str(state.get("format", "")).startswith("isample.")):
+            raise ValueError(f"{path} holds neither an {CHECKPOINT_FORMAT} nor an isample sampler state") from None
+        return state
 
 
 class ImportanceTrainer(Trainer):
@@ -251,7 +270,7 @@ class ImportanceTrainer(Trainer):
         if isinstance(folder, (str, os.PathLike)):
             path = os.path.join(folder, SAMPLER_FILE)
             if os.path.isfile(path):
-                self.sampler.load_state_dict(torch.load(path, weights_only=True))
+                self.sampler.load_state_dict(load_sampler_state(path, self.sampler.num_items))
             else:
                 warnings.warn(
                     f"{folder} holds no {SAMPLER_FILE}: the sampler starts afresh (scores of 0, epoch 0)",
