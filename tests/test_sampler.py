@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import math
+import os
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, TensorDataset
 
 import isample
@@ -197,19 +200,39 @@ def test_weights_use_the_probabilities_of_the_draw():
 
 @pytest.mark.statistical
 @pytest.mark.parametrize(
-    "replacement, weighting, unbiased",
-    [(True, "auto", True), (False, "auto", True), (False, "inverse_probability", False)],
+    "transform, replacement, weighting, uniform_mix, unbiased",
+    [
+        ("softmax", True, "auto", 0.0, True),
+        ("softmax", False, "auto", 0.0, True),
+        ("softmax", False, "inverse_probability", 0.0, False),
+        ("softmax", True, "auto", 0.3, True),
+        ("softmax", False, "auto", 0.3, True),
+        ("softmax", False, "inverse_probability", 0.3, False),
+        ("proportional", True, "auto", 0.0, True),
+        ("proportional", False, "auto", 0.0, True),
+        ("proportional", False, "auto", 0.3, True),
+        ("rank", True, "auto", 0.0, True),
+        ("rank", False, "auto", 0.0, True),
+        ("rank", True, "auto", 0.3, True),
+        ("rank", False, "inverse_probability", 0.0, False),
+    ],
 )
-def test_weighted_mean_is_unbiased_where_claimed(replacement, weighting, unbiased):
-    """Mean over an epoch of w_i f_i estimates the dataset mean of f exactly where we say so.
+def test_weighted_mean_is_unbiased_where_claimed(transform, replacement, weighting, uniform_mix, unbiased):
+    """Mean over an epoch of w_i f_i estimates the dataset mean of f exactly where we say so:
+    weighting="auto" for every transform, with or without replacement and a uniform mixture.
 
     The seed paper's 1 / (N p) without replacement is the negative control: it is biased."""
     rng = np.random.default_rng(0)
     n, m, epochs = 60, 25, 6000
     scores = torch.from_numpy(rng.normal(size=n) * 1.5)
     f = torch.from_numpy(rng.random(n) * 10 + scores.numpy() ** 2)  # correlated with p: bias shows
-    s = isample.ImportanceSampler(n, samples_per_epoch=m, replacement=replacement, weighting=weighting, seed=5)
+    if transform == "proportional":
+        scores = scores.abs() + 0.1  # p follows |s|, which f follows too; no item is (nearly) never drawn
+    s = isample.ImportanceSampler(n, transform=transform, samples_per_epoch=m, replacement=replacement,
+                                  weighting=weighting, uniform_mix=uniform_mix, seed=5)
     s.update(range(n), scores)
+    p = s.probabilities()
+    assert float(p.max() / p.min()) > 5  # far from uniform, or the test shows nothing
     estimates = []
     for _ in range(epochs):
         items = torch.tensor(drain(s))
@@ -237,6 +260,38 @@ def test_weight_exponent_and_normalisation():
         isample.ImportanceSampler(n, weight_exponent=1.5)
 
 
+def test_annealed_weight_exponent_by_hand_and_in_history():
+    """PER's beta, annealed linearly from 0.4 to 1 over the importance epochs: every epoch's
+    weights are (1 / (N p))^beta with that epoch's beta and draw-time p."""
+    n, m, warmup, epochs = 40, 120, 1, 6
+    schedule = lambda e: min(1.0, 0.4 + 0.6 * (e - warmup) / (epochs - 1 - warmup))  # noqa: E731
+    s = isample.ImportanceSampler(n, samples_per_epoch=m, warmup_epochs=warmup, weight_exponent=schedule, seed=2)
+    rng = np.random.default_rng(2)
+    for epoch in range(epochs):
+        s.update(range(n), torch.from_numpy(rng.normal(size=n)))  # new scores each epoch: new p
+        p = s.probabilities().clone()
+        items = torch.tensor(drain(s))
+        s.update(items[:10], torch.full((10,), 5.0))  # scores change during the epoch: weights must not
+        entry = s.history[epoch]
+        if epoch < warmup:
+            assert entry["kind"] == "warmup" and "weight_exponent" not in entry
+            assert torch.equal(s.weights(items), torch.ones(n, dtype=torch.float64))
+            continue
+        beta = [0.4, 0.55, 0.7, 0.85, 1.0][epoch - warmup]  # by hand
+        expected = (1.0 / (n * p[items])) ** beta
+        torch.testing.assert_close(s.weights(items), expected, rtol=1e-13, atol=0)
+        assert entry["weight_exponent"] == pytest.approx(beta, rel=1e-15)
+        assert entry["min_weight"] == pytest.approx(float(expected.min()), rel=1e-13)
+        assert entry["max_weight"] == pytest.approx(float(expected.max()), rel=1e-13)
+    assert [h.get("weight_exponent") for h in s.history] == [None, *(schedule(e) for e in range(1, epochs))]
+    # a schedule that leaves [0, 1] is refused when the epoch is drawn, and nothing changes
+    bad = isample.ImportanceSampler(n, samples_per_epoch=m, weight_exponent=lambda e: 1.0 + e, seed=2)
+    drain(bad)
+    with pytest.raises(ValueError, match="weight_exponent"):
+        drain(bad)
+    assert len(bad.history) == 1 and bad.epoch == 1
+
+
 def test_uniform_mix_bounds_the_weights():
     n = 1000
     s = isample.ImportanceSampler(n, uniform_mix=0.1, samples_per_epoch=5000, seed=0)
@@ -245,27 +300,148 @@ def test_uniform_mix_bounds_the_weights():
     assert s.history[-1]["max_weight"] <= 1 / 0.1 + 1e-9
 
 
+# -- a tiny real training loop -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fashion_subset():
+    """300 real Fashion-MNIST training images (a fixed random subset), flattened and normalised."""
+    from isample.experiments.data import load_dataset
+
+    try:
+        data = load_dataset("fashion-mnist")
+    except FileNotFoundError as error:
+        pytest.skip(f"Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist): {error}")
+    pick = torch.randperm(data.train_images.shape[0], generator=torch.Generator().manual_seed(0))[:300]
+    x = (data.train_images[pick].float().div(255).flatten(1) - data.mean[0]) / data.std[0]
+    return TensorDataset(x, data.train_labels[pick])
+
+
+TRAINING_POLICIES = [
+    "last_loss", "running_loss", "grad_norm", "reducible_loss", "early_importance",
+    "softmax", "proportional", "rank", "soft_pruning",
+]
+
+
+def training_sampler(policy: str, n: int, epochs: int):
+    if policy == "soft_pruning":
+        return isample.SoftPruningSampler(n, num_epochs=epochs, seed=0)
+    score, transform = {
+        "last_loss": ("last_loss", "softmax"),
+        "running_loss": ("running_loss", "softmax"),
+        "grad_norm": ("grad_norm", "softmax"),
+        # a stand-in for a held-out model's losses: what this data set's loss floor might be
+        "reducible_loss": (isample.ReducibleLoss(0.3 * torch.rand(n, generator=torch.Generator().manual_seed(1))),
+                           "softmax"),
+        "early_importance": (isample.EarlyImportance(n, observations=1), "proportional"),
+        "softmax": ("last_loss", isample.Softmax(temperature=0.5)),
+        "proportional": ("last_loss", "proportional"),
+        "rank": ("last_loss", "rank"),
+    }[policy]
+    return isample.ImportanceSampler(n, score=score, transform=transform, warmup_epochs=1, seed=0)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny matrices: one intra-op thread is fastest, and a busy machine cannot stall it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("policy", TRAINING_POLICIES)
+def test_a_real_training_loop_learns_with_every_policy(fashion_subset, one_torch_thread, policy):
+    """A linear classifier on 300 Fashion-MNIST images, 5 epochs through a DataLoader over
+    IndexedDataset: losses weighted by sampler.weights, scores updated every step. The
+    loop's own loss estimate (the weighted mean, unbiased for the data set's mean loss) and
+    the loss on all 300 images must both fall well below where they started."""
+    x, y = fashion_subset.tensors
+    n, epochs = len(fashion_subset), 5
+    torch.manual_seed(0)
+    model = torch.nn.Linear(x.shape[1], 10)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    sampler = training_sampler(policy, n, epochs)
+    loader = DataLoader(isample.IndexedDataset(fashion_subset), batch_size=30, sampler=sampler)
+    with torch.no_grad():
+        initial = float(F.cross_entropy(model(x), y))
+    estimates = []
+    for _ in range(epochs):
+        weighted_sum, drawn = 0.0, 0
+        for index, xb, yb in loader:
+            logits = model(xb)
+            losses = F.cross_entropy(logits, yb, reduction="none")
+            w = sampler.weights(index).to(losses)
+            optimizer.zero_grad()
+            (losses * w).mean().backward()
+            optimizer.step()
+            sampler.update(index, losses.detach(), logits=logits.detach(), targets=yb)
+            weighted_sum += float((losses.detach() * w).sum())
+            drawn += index.numel()
+        # soft pruning's weights make the sum over all N items unbiased; 1 / (N p) the mean of the draws
+        estimates.append(weighted_sum / (n if policy == "soft_pruning" else drawn))
+        assert sampler.history[-1]["nonfinite_skipped"] == 0
+    with torch.no_grad():
+        final = float(F.cross_entropy(model(x), y))
+    assert sampler.counters["updates"] == sum(-(-h["samples"] // 30) for h in sampler.history)
+    assert estimates[-1] < 0.7 * estimates[0], estimates
+    assert final < 0.7 * initial, (initial, final)
+    if policy not in ("soft_pruning",):
+        assert [h["kind"] for h in sampler.history] == ["warmup"] + ["importance"] * (epochs - 1)
+        assert float(sampler.scores().std()) > 0  # the scores did move the draws
+
+
 # -- bad input --------------------------------------------------------------------------------
 
 
-def test_bad_updates_are_refused_and_change_nothing():
-    s = isample.ImportanceSampler(10, score="running_loss", seed=0)
-    s.update(range(10), torch.arange(10.0))
+def make_sampler(kind: str, n: int, score="running_loss", **kwargs):
+    """An ImportanceSampler with transform `kind`, or a SoftPruningSampler for "soft_pruning"."""
+    if kind == "soft_pruning":
+        return isample.SoftPruningSampler(n, num_epochs=4, score=score, **kwargs)
+    return isample.ImportanceSampler(n, score=score, transform=kind, **kwargs)
+
+
+SAMPLER_KINDS = ["softmax", "proportional", "rank", "soft_pruning"]
+
+
+@pytest.mark.parametrize("score", ["running_loss", "last_loss"])
+@pytest.mark.parametrize("kind", SAMPLER_KINDS)
+@pytest.mark.parametrize("nonfinite", ["raise", "skip"])
+def test_bad_updates_are_refused_and_change_nothing(kind, score, nonfinite):
+    n = 10
+    s = make_sampler(kind, n, score=score, nonfinite=nonfinite, seed=0)
+    s.update(range(n), torch.arange(1.0, n + 1))
+    drain(s)  # mid-training: an epoch has been drawn
     before = s.scores().clone()
     cases = [
-        (ValueError, lambda: s.update([1, 2], torch.tensor([1.0, float("nan")]))),
-        (ValueError, lambda: s.update([1], torch.tensor([float("inf")]))),
         (ValueError, lambda: s.update([1, 2], torch.tensor(3.0))),  # a reduced (scalar) loss
         (ValueError, lambda: s.update([1, 2], torch.ones(3))),
         (ValueError, lambda: s.update([1, 2], torch.ones(2, 1))),
-        (IndexError, lambda: s.update([10], [1.0])),
+        (IndexError, lambda: s.update([n], [1.0])),
+        (IndexError, lambda: s.update([-1], [7.0])),  # torch would write item n - 1
+        (IndexError, lambda: s.update([3, -n], [7.0, 7.0])),  # and here item 0
+        (IndexError, lambda: s.update(torch.tensor([2, n + 5]), torch.tensor([7.0, 7.0]))),
         (TypeError, lambda: s.update([1.5], [1.0])),
         (TypeError, lambda: s.update([1], torch.tensor([True]))),
     ]
+    if nonfinite == "raise":
+        cases += [
+            (ValueError, lambda: s.update([1, 2], torch.tensor([1.0, float("nan")]))),
+            (ValueError, lambda: s.update([1], torch.tensor([float("inf")]))),
+        ]
     for error, call in cases:
         with pytest.raises(error):
             call()
         assert torch.equal(s.scores(), before)
+    with pytest.raises(IndexError, match=r"-1\b"):  # the error names the bad index
+        s.update([0, -1], [7.0, 7.0])
+    with pytest.raises(IndexError, match=rf"\b{n}\b"):
+        s.update([n], [7.0])
+    assert torch.equal(s.scores(), before)
+    if kind != "soft_pruning":
+        p = s.probabilities()
+        s.update([n - 1], [before[n - 1].item()])
+        assert torch.equal(s.probabilities(), p)  # the tree was not touched either
 
 
 def test_scalar_loss_error_says_what_to_change():
@@ -492,6 +668,59 @@ def test_early_importance_by_hand():
         s.update([0], torch.zeros(1))
 
 
+def test_update_before_any_epoch_follows_the_documented_policy():
+    """Allowed: it records scores that the first epoch draws from; counted in the totals but
+    in no epoch's history entry; weights() waits for an epoch."""
+    n = 50
+    s = isample.ImportanceSampler(n, samples_per_epoch=4000, nonfinite="skip", seed=0)
+    s.update(range(n), torch.where(torch.arange(n) < 5, 10.0, 0.0).double())
+    s.update([7], [float("nan")])
+    assert s.counters == {"updates": 2, "nonfinite_skipped": 1, "nonfinite_clamped": 0}
+    with pytest.raises(RuntimeError, match="iterate"):
+        s.weights([0])
+    items = torch.tensor(drain(s))
+    assert (items < 5).float().mean() > 0.95  # the first epoch drew from those scores
+    assert s.history[0]["nonfinite_skipped"] == 0 and s.history[0]["nonfinite_clamped"] == 0
+
+
+@pytest.mark.parametrize("kind", SAMPLER_KINDS)
+@pytest.mark.parametrize("nonfinite", ["skip", "clamp"])
+def test_nonfinite_values_are_counted_per_epoch_in_history(kind, nonfinite):
+    """Each epoch's history entry counts what that epoch's updates skipped or clamped, read
+    where a training loop reads it (history[-1] once the epoch is over); totals in counters."""
+    n, nan, inf = 20, float("nan"), float("inf")
+    s = make_sampler(kind, n, score="last_loss", nonfinite=nonfinite, clamp_value=50.0, seed=0)
+    s.update([0], [nan])  # before the first epoch: totals only
+    per_epoch = [([1.0, nan, inf, -inf], 1, 2), ([1.0, 2.0, 3.0, 4.0], 0, 0), ([nan, nan, 5.0, inf], 2, 1)]
+    for epoch, (losses, nans, infs) in enumerate(per_epoch):
+        drain(s)
+        batch = torch.arange(4) + 4 * epoch  # distinct items (draws with replacement repeat)
+        s.update(batch, torch.tensor(losses))
+        entry = s.history[-1]
+        assert entry["epoch"] == epoch
+        if nonfinite == "skip":
+            assert (entry["nonfinite_skipped"], entry["nonfinite_clamped"]) == (nans + infs, 0)
+        else:
+            assert (entry["nonfinite_skipped"], entry["nonfinite_clamped"]) == (nans, infs)
+            stored = s.scores()[batch]
+            expected = torch.tensor(losses, dtype=torch.float64).clamp(-50.0, 50.0)
+            finite = ~torch.isnan(expected)
+            assert torch.equal(stored[finite], expected[finite])  # +-inf became +-clamp_value
+    totals = s.counters
+    assert totals["nonfinite_skipped"] == 1 + sum(h["nonfinite_skipped"] for h in s.history)
+    assert totals["nonfinite_clamped"] == sum(h["nonfinite_clamped"] for h in s.history)
+    assert bool(torch.isfinite(s.scores()).all())
+    # an exact resume keeps the counts, and later updates still land in the epoch's entry
+    state = s.state_dict()
+    resumed = make_sampler(kind, n, score="last_loss", nonfinite=nonfinite, clamp_value=50.0, seed=0)
+    resumed.load_state_dict(state)
+    assert resumed.history == s.history and resumed.counters == s.counters
+    resumed.update([0], [inf])
+    assert resumed.history[-1]["nonfinite_skipped" if nonfinite == "skip" else "nonfinite_clamped"] == (
+        s.history[-1]["nonfinite_skipped" if nonfinite == "skip" else "nonfinite_clamped"] + 1
+    )
+
+
 def test_nonfinite_clamp_policy():
     s = isample.ImportanceSampler(5, nonfinite="clamp", clamp_value=50.0, seed=0)
     s.update([0, 1, 2, 3], torch.tensor([1.0, float("inf"), -float("inf"), float("nan")]))
@@ -499,3 +728,96 @@ def test_nonfinite_clamp_policy():
     assert s.counters["nonfinite_clamped"] == 2 and s.counters["nonfinite_skipped"] == 1
     with pytest.raises(ValueError, match="clamp_value"):
         isample.ImportanceSampler(5, nonfinite="clamp", clamp_value=float("inf"))
+    pruning = isample.SoftPruningSampler(5, num_epochs=2, nonfinite="clamp", clamp_value=50.0, seed=0)
+    pruning.update([0, 1, 2, 3], torch.tensor([1.0, float("inf"), -float("inf"), float("nan")]))
+    assert pruning.scores().tolist() == [1.0, 50.0, -50.0, 1.0, 1.0]  # initial_score 1 where skipped
+    assert pruning.counters["nonfinite_clamped"] == 2 and pruning.counters["nonfinite_skipped"] == 1
+    with pytest.raises(ValueError, match="clamp_value"):
+        isample.SoftPruningSampler(5, num_epochs=2, nonfinite="clamp", clamp_value=0.0)
+
+
+# -- memory -------------------------------------------------------------------------------------
+
+
+def _live_trees() -> int:
+    gc.collect()
+    return sum(type(o) in (isample.SumTree, isample.SoftmaxTree) for o in gc.get_objects())
+
+
+@pytest.fixture
+def no_large_tensor(monkeypatch):
+    """Make a regression fail safely: torch.full/ones of more than 1 GiB raise instead of
+    touching that much memory on the test machine."""
+    for name in ("full", "ones"):
+        real = getattr(torch, name)
+
+        def guarded(size, *args, _real=real, **kwargs):
+            if math.prod(size if isinstance(size, (tuple, list, torch.Size)) else (size,)) * 8 > 2**30:
+                raise AssertionError(f"torch.{_real.__name__} of {size} was about to allocate for real")
+            return _real(size, *args, **kwargs)
+
+        monkeypatch.setattr(torch, name, guarded)
+
+
+@pytest.mark.skipif(not hasattr(os, "sysconf"), reason="needs os.sysconf")
+def test_a_sampler_that_cannot_fit_raises_memory_error_and_keeps_nothing(no_large_tensor):
+    with pytest.raises(MemoryError, match=r"needs 8,796,093,022,208 bytes"):  # 2^39 * (8 scores + 8 weights)
+        isample.SoftPruningSampler(2**39, num_epochs=2)
+    memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    # the tree alone fits (and costs nothing until touched); with the scores and an epoch's
+    # weights it does not
+    for transform in ("proportional", "rank"):
+        # far too big: refused from the lower bound, before the tree is built
+        n = memory // 12
+        with pytest.raises(MemoryError, match=f"needs {24 * n:,} bytes"):
+            isample.ImportanceSampler(n, transform=transform)
+        # just too big: the tree (8.53 bytes per item, built for free) shows that it is
+        n = int(memory / 24.25)
+        probe = isample.SumTree(n, seed=0)  # free: its pages are not touched
+        needed = probe.nbytes + 16 * n
+        assert 24 * n < memory < needed
+        del probe
+        before = _live_trees()
+        with pytest.raises(MemoryError, match=f"needs {needed:,} bytes") as caught:
+            isample.ImportanceSampler(n, transform=transform)
+        assert _live_trees() == before, "a rejected sampler kept its tree"
+        del caught
+    # A SoftmaxTree fills its leaves when built (seconds, and all its memory, at this size):
+    # the sampler must refuse before building it, from a lower bound of 16 bytes per item.
+    n = memory // 20
+    with pytest.raises(MemoryError, match=f"needs {24 * n:,} bytes"):
+        isample.ImportanceSampler(n)
+
+
+def test_allocation_failures_become_memory_errors_and_change_nothing(monkeypatch):
+    """When the memory is there at the check but not at the allocation (other processes),
+    torch's RuntimeError becomes a MemoryError naming the bytes, and nothing changes."""
+    def failing_full(size, *args, **kwargs):
+        numel = math.prod(size)
+        raise RuntimeError(
+            "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+            f"you tried to allocate {numel * 8} bytes. Error code 12 (Cannot allocate memory)"
+        )
+
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "full", failing_full)
+        before = _live_trees()
+        with pytest.raises(MemoryError, match="8,000 bytes"):
+            isample.ImportanceSampler(1000, transform="rank")
+        assert _live_trees() == before
+        with pytest.raises(MemoryError, match="8,000 bytes"):
+            isample.SoftPruningSampler(1000, num_epochs=2)
+    s = isample.ImportanceSampler(1000, transform="proportional", samples_per_epoch=100, seed=4)
+    twin = isample.ImportanceSampler(1000, transform="proportional", samples_per_epoch=100, seed=4)
+    for sampler in (s, twin):
+        sampler.update(range(1000), torch.linspace(0, 2, 1000))
+        drain(sampler)
+    state = s.state_dict()
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "full", failing_full)
+        with pytest.raises(MemoryError, match=r"8,000 bytes .*weights of epoch 1"):
+            drain(s)  # the epoch's weights cannot be allocated
+    assert len(s.history) == 1 and s.epoch == 1
+    assert torch.equal(s.scores(), state["scores"]) and s._upcoming is None
+    assert drain(s) == drain(twin)
+    assert torch.equal(s.weights(s.current_epoch.order), twin.weights(twin.current_epoch.order))

@@ -19,7 +19,7 @@ import torch
 
 from . import _backend
 from ._backend import DeviceLike
-from .sampler import EpochSampler, _Epoch
+from .sampler import EpochSampler, _Epoch, allocate, check_fits
 from .scores import ScorePolicy
 
 __all__ = ["SoftPruningSampler"]
@@ -39,7 +39,14 @@ class SoftPruningSampler(EpochSampler):
         score: a ScorePolicy or name, as for ImportanceSampler (default: the last loss).
         initial_score: every item's score before it is first seen (all equal: nothing is
             pruned in the first epoch).
-        nonfinite, seed, device: as for ImportanceSampler.
+        nonfinite: ``"raise"`` (default), ``"skip"`` or ``"clamp"``, as for ImportanceSampler:
+            skipped and clamped values are counted in ``counters`` and per epoch in ``history``.
+        clamp_value: the bound for ``nonfinite="clamp"`` (default 1e4).
+        seed, device: as for ImportanceSampler.
+
+    Memory: 8 bytes per item of scores and 8 per item for the current epoch's weights (plus
+    temporaries while an epoch is drawn). A sampler that cannot fit raises MemoryError naming
+    the bytes it needs. Threads: see EpochSampler.
     """
 
     _format = "isample.SoftPruningSampler"
@@ -54,10 +61,11 @@ class SoftPruningSampler(EpochSampler):
         score: Union[str, ScorePolicy] = "last_loss",
         initial_score: float = 1.0,
         nonfinite: str = "raise",
+        clamp_value: float = 1e4,
         seed: int = 0,
         device: DeviceLike = "cpu",
     ) -> None:
-        super().__init__(num_items, score=score, nonfinite=nonfinite, seed=seed, device=device)
+        super().__init__(num_items, score=score, nonfinite=nonfinite, seed=seed, device=device, clamp_value=clamp_value)
         if not (isinstance(prune_ratio, numbers.Real) and 0.0 <= prune_ratio < 1.0):
             raise ValueError(f"prune_ratio must be in [0, 1), got {prune_ratio!r}")
         if not (isinstance(anneal_fraction, numbers.Real) and 0.0 <= anneal_fraction <= 1.0):
@@ -70,10 +78,18 @@ class SoftPruningSampler(EpochSampler):
         self.initial_score = float(initial_score)
         #: epochs from this one on use the full data
         self.full_data_from = math.ceil((1.0 - self.anneal_fraction) * self.num_epochs)
-        self._scores = torch.full((num_items,), self.initial_score, dtype=torch.float64, device=self.device)
+        check_fits(
+            f"SoftPruningSampler({num_items:,} items)",
+            {"scores": 8 * num_items, "epoch weights": 8 * num_items},
+            self.device,
+        )
+        self._scores = allocate(
+            "the score of every item", 8 * num_items,
+            lambda: torch.full((num_items,), self.initial_score, dtype=torch.float64, device=self.device),
+        )
 
     def _read_scores(self, indices):
-        return self._scores[indices]
+        return self._scores[self._safe_indices(indices)]
 
     def _write_scores(self, indices, scores):
         self._store_scores(self._scores, indices, scores)
@@ -90,7 +106,9 @@ class SoftPruningSampler(EpochSampler):
         dropped = well_learned & (torch.rand(n, generator=generator, dtype=torch.float64).to(self.device) < self.prune_ratio)
         kept = torch.nonzero(~dropped).squeeze(1)
         order = kept[torch.randperm(kept.numel(), generator=generator).to(self.device)]
-        weight_of = torch.ones(n, dtype=torch.float64, device=self.device)
+        weight_of = allocate(
+            f"the weights of epoch {epoch}", 8 * n, lambda: torch.ones(n, dtype=torch.float64, device=self.device)
+        )
         weight_of[well_learned] = 1.0 / (1.0 - self.prune_ratio)
         weight_of[dropped] = math.nan
         info = {

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Union
 
@@ -37,6 +39,51 @@ __all__ = ["EpochSampler", "ImportanceSampler", "IndexedDataset", "Epoch", "Scor
 
 _STATE_VERSION = 1
 _MASK64 = 2**64 - 1
+_GIB = 1024.0**3
+
+
+def _memory_of(device: torch.device) -> Optional[int]:
+    """Bytes of memory on `device` (physical RAM for the CPU), or None where unknown."""
+    try:
+        if device.type == "cuda":
+            return int(torch.cuda.get_device_properties(device).total_memory)
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        return None
+
+
+def check_fits(what: str, parts: Dict[str, int], device: torch.device) -> None:
+    """MemoryError, naming the bytes needed, when `parts` (name -> bytes) cannot fit in the
+    device's memory. Checked before allocating: with overcommit a huge allocation can succeed
+    and the process be killed later, when its pages are first touched."""
+    needed = sum(parts.values())
+    available = _memory_of(device)
+    if available is not None and needed > available:
+        detail = ", ".join(f"{name} {nbytes / _GIB:.2f} GiB" for name, nbytes in parts.items())
+        raise MemoryError(
+            f"{what} needs {needed:,} bytes ({needed / _GIB:.2f} GiB: {detail}) but this "
+            f"{'GPU' if device.type == 'cuda' else 'machine'} has {available / _GIB:.2f} GiB of memory"
+        )
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    oom = getattr(torch, "OutOfMemoryError", None)
+    if oom is not None and isinstance(error, oom):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
+
+
+def allocate(what: str, nbytes: int, make: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``make()``, with torch's allocation failure (a RuntimeError) raised as MemoryError
+    naming `what` and the bytes it needed."""
+    try:
+        return make()
+    except RuntimeError as error:
+        if _is_out_of_memory(error):
+            message = f"could not allocate {nbytes:,} bytes ({nbytes / _GIB:.2f} GiB) for {what}: {error}"
+            raise MemoryError(message) from None
+        raise
 
 
 def derive_seed(*parts: Union[int, str]) -> int:
@@ -80,7 +127,20 @@ class ScoreUpdate(NamedTuple):
 
 class EpochSampler(Sampler[int]):
     """What every isample sampler shares: epochs, per-epoch weights, score updates and an
-    exact resume. Subclasses decide how an epoch is drawn and where scores live."""
+    exact resume. Subclasses decide how an epoch is drawn and where scores live.
+
+    Threads: the calls that change the sampler (``update``, ``prepare_update``,
+    ``apply_update``, drawing an epoch with ``iter()``/``begin_epoch``/``len()``,
+    ``set_epoch``, ``state_dict``, ``load_state_dict``) hold one lock (about 0.1 µs a call),
+    so several threads may update scores and ask for weights at once (``weights`` reads only
+    the drawn epoch, which never changes once drawn). An epoch's iterator is not shared:
+    iterate each epoch from one thread, as a DataLoader does.
+
+    Non-finite scores: each ``history`` entry counts the values of that epoch's updates that
+    were skipped (``"nonfinite_skipped"``) or clamped (``"nonfinite_clamped"``), and
+    ``counters`` keeps the running totals. On CUDA they are counted on the device, without a
+    synchronisation, and read when ``history`` or ``counters`` is read, or the next epoch begins.
+    """
 
     _format = "isample.EpochSampler"
 
@@ -107,27 +167,80 @@ class EpochSampler(Sampler[int]):
         self.score_policy = get_score_policy(score)
         self.seed = _backend.check_seed(seed)
         self.nonfinite = nonfinite
+        self._lock = threading.RLock()
         self._next_epoch = 0
         self._current: Optional[_Epoch] = None
         self._upcoming: Optional[_Epoch] = None
-        #: one dict per drawn epoch: its kind, length, weight range and more
-        self.history: List[Dict[str, Any]] = []
+        self._history: List[Dict[str, Any]] = []
         self._counters: Dict[str, int] = {"updates": 0, "nonfinite_skipped": 0, "nonfinite_clamped": 0}
-        self._skipped_on_device: Optional[torch.Tensor] = None  # CUDA: counted without a sync
+        # CUDA: NaN and +-inf values seen by updates since the last read, counted on the device
+        # (int64 (2,)), and the history entry of the epoch they belong to
+        self._nonfinite_on_device: Optional[torch.Tensor] = None
+        self._nonfinite_info: Optional[Dict[str, Any]] = None
         self._rejected_on_device: Optional[torch.Tensor] = None  # CUDA: a batch held a non-finite score
+        self._bad_index_on_device: Optional[torch.Tensor] = None  # CUDA: a batch held an index out of range
+
+    def __getstate__(self) -> Dict[str, Any]:
+        state = self.__dict__.copy()
+        del state["_lock"]  # a lock cannot be copied or pickled; each copy gets its own
+        return state
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
+    @property
+    def history(self) -> List[Dict[str, Any]]:
+        """One dict per drawn epoch: its kind, length, weight range, the non-finite values
+        its updates skipped or clamped, and more. The last entry is the epoch being trained."""
+        if self._nonfinite_on_device is not None:
+            self._read_device_counts()
+        return self._history
+
+    @history.setter
+    def history(self, value: List[Dict[str, Any]]) -> None:
+        self._history = value
 
     @property
     def counters(self) -> Dict[str, int]:
         """Running totals: score updates made, non-finite scores skipped or clamped."""
-        if self._skipped_on_device is not None:
-            self._counters["nonfinite_skipped"] += int(self._skipped_on_device)
-            self._skipped_on_device = None
+        if self._nonfinite_on_device is not None:
+            self._read_device_counts()
         return self._counters
 
     @counters.setter
     def counters(self, value: Dict[str, int]) -> None:
         self._counters = dict(value)
-        self._skipped_on_device = None
+        self._nonfinite_on_device = self._nonfinite_info = None
+
+    def _epoch_info(self) -> Optional[Dict[str, Any]]:
+        """The history entry that updates count toward now: the current epoch's (None before the first)."""
+        current = self._current
+        return None if current is None else current.info
+
+    def _count_nonfinite(self, skipped: int, clamped: int, info: Optional[Dict[str, Any]]) -> None:
+        """Add to the totals and, unless `info` is None (before the first epoch), to that
+        epoch's history entry."""
+        if not (skipped or clamped):
+            return
+        self._counters["nonfinite_skipped"] += skipped
+        self._counters["nonfinite_clamped"] += clamped
+        if info is not None:
+            info["nonfinite_skipped"] = info.get("nonfinite_skipped", 0) + skipped
+            info["nonfinite_clamped"] = info.get("nonfinite_clamped", 0) + clamped
+
+    def _read_device_counts(self) -> None:
+        """Move the counts kept on the device to the host (one synchronisation)."""
+        with self._lock:
+            counts, info = self._nonfinite_on_device, self._nonfinite_info
+            self._nonfinite_on_device = self._nonfinite_info = None
+            if counts is None:
+                return
+            nans, infs = counts.tolist()
+            if self.nonfinite == "clamp":  # inf became +-clamp_value; NaN has nothing to clamp to
+                self._count_nonfinite(nans, infs, info)
+            else:
+                self._count_nonfinite(nans + infs, 0, info)
 
     # -- what subclasses provide ----------------------------------------------------------
     def _draw(self, epoch: int, generator: torch.Generator) -> _Epoch:
@@ -146,25 +259,58 @@ class EpochSampler(Sampler[int]):
 
     def _check_device(self) -> None:
         """Raise errors a GPU recorded during the epoch (drawing an epoch synchronises anyway)."""
+        bad_index, self._bad_index_on_device = self._bad_index_on_device, None
         rejected, self._rejected_on_device = self._rejected_on_device, None
+        if bad_index is not None and bool(bad_index):
+            raise IndexError(
+                f"a score update during the last epoch held an index outside [0, {self.num_items}) "
+                "and was left out"
+            )
         if rejected is not None and bool(rejected):
             raise ValueError(
                 "a score update during the last epoch held a non-finite score and was left out; "
                 "pass nonfinite='skip' to drop only the bad items"
             )
 
-    def _store_scores(self, store: torch.Tensor, indices: torch.Tensor, scores: torch.Tensor) -> None:
-        """store[indices] = scores, all or nothing: non-finite scores reject the whole batch.
-        On a GPU the check is made without a synchronisation and reported by _check_device."""
+    def _safe_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """CUDA: indices that can be read without a device-side assert (out-of-range ones
+        read item 0); the write that follows rejects the batch (_store_scores)."""
+        if self.device is _backend.CPU:
+            return indices
+        return torch.where((indices >= 0) & (indices < self.num_items), indices, torch.zeros_like(indices))
+
+    def _store_scores(
+        self, store: torch.Tensor, indices: torch.Tensor, scores: torch.Tensor, *, checked: bool = False
+    ) -> None:
+        """store[indices] = scores, all or nothing: an index outside [0, N) (IndexError naming
+        it; torch would wrap a negative one around) or a non-finite score (ValueError) rejects
+        the whole batch. On a GPU the checks are made without a synchronisation and reported
+        by _check_device. ``checked``: the caller has validated both on the CPU already."""
+        k = indices.numel()
         if self.device.type != "cuda":
+            if checked:
+                store[indices] = scores
+                return
+            if k:
+                if indices.dtype is not torch.int64 or not indices.is_contiguous():
+                    indices = indices.to(torch.int64).contiguous()
+                # the compiled gather checks every index and names the first bad one
+                scratch = _backend.empty_values(k, self.device)  # held: gather writes into it
+                _core.gather(store.data_ptr(), store.numel(), indices.data_ptr(), k, scratch.data_ptr())
             if not bool(torch.isfinite(scores).all()):
                 raise ValueError("scores must be finite")
             store[indices] = scores
             return
-        accepted = torch.isfinite(scores).all()
-        store[indices] = torch.where(accepted, scores, store[indices])
-        rejected = ~accepted
+        inside = (indices >= 0) & (indices < store.numel())
+        safe = torch.where(inside, indices, torch.zeros_like(indices))
+        all_inside = inside.all()
+        accepted = torch.isfinite(scores).all() & all_inside
+        store[safe] = torch.where(accepted, scores, store[safe])
+        rejected, outside = ~accepted, ~all_inside
         self._rejected_on_device = rejected if self._rejected_on_device is None else self._rejected_on_device | rejected
+        if self._bad_index_on_device is not None:
+            outside = self._bad_index_on_device | outside
+        self._bad_index_on_device = outside
 
     def _config(self) -> Dict[str, Any]:
         return {"num_items": self.num_items, "score": self.score_policy.config(), "seed": self.seed}
@@ -199,9 +345,17 @@ class EpochSampler(Sampler[int]):
         self._check_device()
         epoch = self._next_epoch
         generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch, "epoch"))
-        upcoming = self._draw(epoch, generator)
+        try:
+            upcoming = self._draw(epoch, generator)
+        except RuntimeError as error:  # a temporary of the draw did not fit; nothing has changed
+            if _is_out_of_memory(error):
+                message = f"drawing epoch {epoch} of {self.num_items:,} items ran out of memory: {error}"
+                raise MemoryError(message) from None
+            raise
         upcoming.info.setdefault("epoch", epoch)
         upcoming.info.setdefault("samples", int(upcoming.order.numel()))
+        upcoming.info.setdefault("nonfinite_skipped", 0)
+        upcoming.info.setdefault("nonfinite_clamped", 0)
         self._upcoming = upcoming
         return upcoming
 
@@ -220,14 +374,17 @@ class EpochSampler(Sampler[int]):
         """What ``iter()`` does before yielding: continue the epoch saved part-way, or start
         the next one (drawing it now if ``len()`` has not). Returns it; it becomes the current
         epoch and enters ``history``."""
-        current = self._resumable()
-        if current is None:
-            current = self._upcoming_epoch()
-            self._upcoming = None
-            self._current = current
-            self.history.append(current.info)
-        self._next_epoch = current.epoch + 1
-        return current
+        with self._lock:
+            if self._nonfinite_on_device is not None:
+                self._read_device_counts()  # they belong to the epoch that ends here
+            current = self._resumable()
+            if current is None:
+                current = self._upcoming_epoch()
+                self._upcoming = None
+                self._current = current
+                self._history.append(current.info)
+            self._next_epoch = current.epoch + 1
+            return current
 
     def epoch_length(self, epoch: int) -> Optional[int]:
         """Items epoch `epoch` will yield, when that is known before drawing it (else None)."""
@@ -242,14 +399,17 @@ class EpochSampler(Sampler[int]):
     def set_epoch(self, epoch: int) -> None:
         """Make the next ``iter()`` draw epoch `epoch` (as DistributedSampler). Without
         calls to set_epoch the sampler counts epochs itself, one per ``iter()``."""
-        self._next_epoch = _backend.check_count(epoch, "epoch")
+        epoch = _backend.check_count(epoch, "epoch")
+        with self._lock:
+            self._next_epoch = epoch
 
     def __len__(self) -> int:
         """Number of items in the epoch being iterated, or else in the next one."""
-        current = self.active_epoch
-        if current is not None:
-            return int(current.order.numel())
-        return int(self._upcoming_epoch().order.numel())
+        with self._lock:
+            current = self.active_epoch
+            if current is not None:
+                return int(current.order.numel())
+            return int(self._upcoming_epoch().order.numel())
 
     def __iter__(self) -> Iterator[int]:
         return self._yield_from(self.begin_epoch())
@@ -308,37 +468,55 @@ class EpochSampler(Sampler[int]):
         dtype, with or without grad); the score policy turns them into new scores.
 
         ``extra`` goes to the score policy (``logits=``, ``targets=`` for GradNormBound).
-        Non-finite scores raise ValueError, or are skipped and counted in
-        ``counters["nonfinite_skipped"]`` with ``nonfinite="skip"``; either way no bad value
-        reaches the scores, and a rejected call changes nothing.
+        An index outside ``[0, N)`` (negative ones included) raises IndexError naming it.
+        Non-finite scores raise ValueError, or are skipped (``nonfinite="skip"``) or clamped
+        (``"clamp"``) and counted in ``counters`` and in the epoch's ``history`` entry; either
+        way no bad value reaches the scores, and a rejected call changes nothing.
+
+        Before the first epoch: allowed. The scores are recorded as a warm-up epoch would
+        record them, and the first epoch draws from them (a way to start from known scores);
+        such updates count in ``counters`` but in no ``history`` entry, and ``weights``
+        raises RuntimeError until an epoch is drawn. Between epochs (after an epoch's last
+        item, before the next ``iter()``) updates count toward the epoch just iterated.
         """
         idx = _backend.as_indices(indices, self.device)
         losses = _as_losses(losses, idx.numel(), self.device)
-        if self.device.type == "cuda":
-            self._update_on_device(idx, losses, extra)
-            return
-        policy = self.score_policy
-        try:  # the fast path: the tree validates (atomically) while it writes
-            if policy.keep is not None:
-                self._blend_scores(idx, losses, policy.keep)
-            else:
-                self._write_scores(idx, self._new_scores(idx, losses, extra))
-                policy.commit(idx)
-            self._counters["updates"] += 1
-        except (ValueError, IndexError):
-            # Rejected, nothing written: check explicitly, which raises the clear error or,
-            # with nonfinite="skip", leaves out the bad items.
-            self.apply_update(self.prepare_update(idx, losses, **extra))
+        lock = self._lock
+        lock.acquire()  # explicit acquire/release: half the cost of `with`
+        try:
+            if self.device.type == "cuda":
+                self._update_on_device(idx, losses, extra)
+                return
+            policy = self.score_policy
+            try:  # the fast path: the tree or the score store validates before it writes
+                if policy.keep is not None:
+                    self._blend_scores(idx, losses, policy.keep)
+                else:
+                    self._write_scores(idx, self._new_scores(idx, losses, extra))
+                    policy.commit(idx)
+                self._counters["updates"] += 1
+            except (ValueError, IndexError):
+                # Rejected, nothing written: check explicitly, which raises the clear error or,
+                # with nonfinite="skip"/"clamp", leaves out or clamps the bad items.
+                self.apply_update(self.prepare_update(idx, losses, **extra))
+        finally:
+            lock.release()
 
     def prepare_update(self, indices: Any, losses: Any, *, num_items: Optional[int] = None, **extra: Any) -> ScoreUpdate:
         """Check a batch and run the score policy without writing anything: raises what
         ``update`` would raise, or (nonfinite="skip") leaves out the non-finite items. A
         distributed sampler prepares on every rank, exchanges, then applies. ``num_items``
         is the range the indices are checked against (default: this sampler's N; a shard of
-        a larger item set passes the global N)."""
+        a larger item set passes the global N). Values clamped (nonfinite="clamp") are
+        counted here, skipped ones when the update is applied."""
         idx = _backend.as_indices(indices, self.device)
         losses = _as_losses(losses, idx.numel(), self.device)
-        limit = self.num_items if num_items is None else num_items
+        with self._lock:
+            return self._prepare_update(idx, losses, self.num_items if num_items is None else num_items, extra)
+
+    def _prepare_update(
+        self, idx: torch.Tensor, losses: torch.Tensor, limit: int, extra: Dict[str, Any]
+    ) -> ScoreUpdate:
         if idx.numel():
             outside = (idx < 0) | (idx >= limit)
             if bool(outside.any()):
@@ -359,21 +537,23 @@ class EpochSampler(Sampler[int]):
             # +-inf -> +-clamp_value (counted as clamped); NaN has no value to clamp to: skipped
             values = values.clamp(-self.clamp_value, self.clamp_value)
             keep = ~torch.isnan(values)
-            self._counters["nonfinite_clamped"] += bad - int((~keep).sum())
-            return ScoreUpdate(idx[keep], values[keep], int((~keep).sum()))
+            nans = int((~keep).sum())
+            self._count_nonfinite(0, bad - nans, self._epoch_info())
+            return ScoreUpdate(idx[keep], values[keep], nans)
         return ScoreUpdate(idx[finite], values[finite], bad)
 
     def apply_update(self, update: ScoreUpdate) -> None:
         """Write a prepared update in one step: a repeated index takes its last value, and an
         EMA policy blends each item with its score from before the call."""
-        keep = self.score_policy.keep
-        if keep is not None:
-            self._blend_scores(update.indices, update.values, keep)
-        else:
-            self._write_scores(update.indices, update.values)
-            self.score_policy.commit(update.indices)
-        self._counters["updates"] += 1
-        self._counters["nonfinite_skipped"] += update.skipped
+        with self._lock:
+            keep = self.score_policy.keep
+            if keep is not None:
+                self._blend_scores(update.indices, update.values, keep)
+            else:
+                self._write_scores(update.indices, update.values)
+                self.score_policy.commit(update.indices)
+            self._counters["updates"] += 1
+            self._count_nonfinite(update.skipped, 0, self._epoch_info())
 
     def _new_scores(self, idx: torch.Tensor, losses: torch.Tensor, extra: Dict[str, Any]) -> torch.Tensor:
         policy = self.score_policy
@@ -385,21 +565,25 @@ class EpochSampler(Sampler[int]):
 
     def _update_on_device(self, idx: torch.Tensor, losses: torch.Tensor, extra: Dict[str, Any]) -> None:
         """The CUDA path: no host synchronisation. A non-finite score is left out by keeping
-        the item's current score (nonfinite="skip", counted on the device), or recorded by
-        the tree and raised when the next epoch is drawn (nonfinite="raise")."""
+        the item's current score (nonfinite="skip"), clamped ("clamp"), or recorded by the
+        tree and raised when the next epoch is drawn ("raise"). Skipped and clamped values
+        are counted on the device and read at the end of the epoch (see ``history``)."""
         policy = self.score_policy
-        if policy.keep is not None:
-            values, finite = losses, torch.isfinite(losses)
-        else:
-            values = self._new_scores(idx, losses, extra)
-            finite = torch.isfinite(values)
-        if self.nonfinite == "clamp":
-            values = values.clamp(-self.clamp_value, self.clamp_value)  # inf only: NaN stays NaN
-            finite = ~torch.isnan(values)
+        values = losses if policy.keep is not None else self._new_scores(idx, losses, extra)
         if self.nonfinite in ("skip", "clamp"):
-            values = torch.where(finite, values, self._read_scores(idx))
-            skipped = (~finite).sum()
-            self._skipped_on_device = skipped if self._skipped_on_device is None else self._skipped_on_device + skipped
+            nan, inf = torch.isnan(values), torch.isinf(values)
+            seen = torch.stack((nan.sum(), inf.sum()))
+            if self._nonfinite_on_device is None:
+                self._nonfinite_on_device = seen
+                self._nonfinite_info = self._epoch_info()
+            else:
+                self._nonfinite_on_device += seen
+            if self.nonfinite == "clamp":
+                values = values.clamp(-self.clamp_value, self.clamp_value)  # +-inf only: NaN stays NaN
+                bad = nan
+            else:
+                bad = nan | inf
+            values = torch.where(bad, self._read_scores(self._safe_indices(idx)), values)
         if policy.keep is not None:
             self._blend_scores(idx, values, policy.keep)
         else:
@@ -412,6 +596,10 @@ class EpochSampler(Sampler[int]):
         """Everything needed to resume exactly: scores, epoch, the current epoch's order and
         weights, and how far it got. A DataLoader prefetches, so pass `consumed` (items the
         training loop has actually used this epoch) when saving mid-epoch."""
+        with self._lock:
+            return self._state_dict(consumed)
+
+    def _state_dict(self, consumed: Optional[int]) -> Dict[str, Any]:
         current = self._current
         saved_current = None
         if current is not None:
@@ -439,7 +627,12 @@ class EpochSampler(Sampler[int]):
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore a ``state_dict``. An epoch saved part-way is continued by the next
-        ``iter()`` from where it stopped, with the same order and weights."""
+        ``iter()`` from where it stopped, with the same order and weights. A state that does
+        not fit this sampler raises (ValueError or TypeError) and changes nothing."""
+        with self._lock:
+            self._load_state_dict(state)
+
+    def _load_state_dict(self, state: Dict[str, Any]) -> None:
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict, got {type(state).__name__}")
         if state.get("format") != self._format or state.get("version") != _STATE_VERSION:
@@ -463,9 +656,15 @@ class EpochSampler(Sampler[int]):
             if weight_of is not None:
                 weight_of = _backend.as_values(weight_of, self.device, self.num_items, name="weight_of")
             position = _backend.check_count(current["position"], "position")
-            if position > order.numel() or (order.numel() and int(order.max()) >= self.num_items):
+            if position > order.numel() or (
+                order.numel() and (int(order.max()) >= self.num_items or int(order.min()) < 0)
+            ):
                 raise ValueError("the saved epoch is inconsistent with this sampler")
             restored = _Epoch(int(current["epoch"]), order, weight_of, position, dict(current.get("info", {})))
+        next_epoch = _backend.check_count(state.get("next_epoch"), "next_epoch")
+        history = [dict(entry) for entry in state.get("history", [])]
+        if restored is not None and history and history[-1].get("epoch") == restored.epoch:
+            restored.info = history[-1]  # one dict, as when the epoch was drawn: counts go to both
         previous_policy = self.score_policy.state_dict()
         self.score_policy.load_state_dict(state.get("policy", {}))  # validates before changing
         try:
@@ -475,11 +674,10 @@ class EpochSampler(Sampler[int]):
             raise
         self._current = restored
         self._upcoming = None
-        next_epoch = _backend.check_count(state["next_epoch"], "next_epoch")
         # An epoch saved part-way is the one the next iter() must continue.
         self._next_epoch = restored.epoch if restored and restored.position < len(restored.order) else next_epoch
-        self.history = [dict(entry) for entry in state.get("history", [])]
         self.counters = {**self.counters, **state.get("counters", {})}
+        self._history = history
 
 
 class ImportanceSampler(EpochSampler):
@@ -512,8 +710,11 @@ class ImportanceSampler(EpochSampler):
         seed: makes every epoch's draw reproducible.
         device: where the tree lives (``"cpu"``).
 
-    Memory: the tree (8.5–16.5 bytes per item) plus 8 bytes per item for the current
-    epoch's weights.
+    Memory: the tree (8.5–16.5 bytes per item), 8 bytes per item of scores for the
+    proportional and rank transforms, and 8 bytes per item for the current epoch's weights.
+    A sampler that cannot fit raises MemoryError naming the bytes it needs.
+
+    Threads: see EpochSampler.
     """
 
     _format = "isample.ImportanceSampler"
@@ -565,19 +766,38 @@ class ImportanceSampler(EpochSampler):
         self.normalize_weights = normalize_weights
         self.initial_score = float(initial_score)
 
-        self._tree = self.transform.make_tree(num_items, device=self.device, seed=derive_seed(self.seed, "tree"))
-        self._scores: Optional[torch.Tensor] = None
-        if self.transform.tree_holds_scores:
-            if self.initial_score != 0.0:
-                self._tree.assign(torch.full((num_items,), self.initial_score, dtype=torch.float64))
-        else:
-            self._scores = torch.full((num_items,), self.initial_score, dtype=torch.float64, device=self.device)
-            if not self.transform.epoch_level:
-                self._tree.assign(self.transform.leaf_values(self._scores))
+        # Everything is checked before it is touched: first with a lower bound of the tree's
+        # size (a SoftmaxTree fills its leaves when built), then with its exact size (a SumTree
+        # costs nothing until touched on the CPU). A rejected construction keeps nothing: the
+        # tree goes with the frame's last reference.
+        holds_scores = self.transform.tree_holds_scores
+        what = f"ImportanceSampler({num_items:,} items, {self.transform.name})"
+        others = {"scores": 0 if holds_scores else 8 * num_items, "epoch weights": 8 * num_items}
+        check_fits(what, {"tree (at least)": (16 if holds_scores else 8) * num_items, **others}, self.device)
+        tree = self.transform.make_tree(num_items, device=self.device, seed=derive_seed(self.seed, "tree"))
+        try:
+            check_fits(what, {"tree": tree.nbytes, **others}, self.device)
+            scores: Optional[torch.Tensor] = None
+            if holds_scores:
+                if self.initial_score != 0.0:
+                    tree.assign(allocate("the initial scores", 8 * num_items,
+                                         lambda: torch.full((num_items,), self.initial_score, dtype=torch.float64)))
+            else:
+                scores = allocate(
+                    "the score of every item", 8 * num_items,
+                    lambda: torch.full((num_items,), self.initial_score, dtype=torch.float64, device=self.device),
+                )
+                if not self.transform.epoch_level:
+                    tree.assign(self.transform.leaf_values(scores))
+        except BaseException:
+            tree = scores = None  # noqa: F841  (the traceback keeps this frame: drop the memory now)
+            raise
+        self._tree = tree
+        self._scores = scores
 
     # -- scores ---------------------------------------------------------------------------
     def _read_scores(self, indices):
-        return self._tree.get(indices) if self._scores is None else self._scores[indices]
+        return self._tree.get(indices) if self._scores is None else self._scores[self._safe_indices(indices)]
 
     def _check_device(self):
         self._tree.check()
@@ -593,11 +813,13 @@ class ImportanceSampler(EpochSampler):
         if self._scores is None:  # the SoftmaxTree holds the scores and validates them itself
             self._tree.update(indices, scores)
             return
+        if self.transform.epoch_level:  # only the score tensor: it checks the indices and scores
+            self._store_scores(self._scores, indices, scores)
+            return
         if self.device.type != "cuda" and not bool(torch.isfinite(scores).all()):
-            raise ValueError("scores must be finite")
-        if not self.transform.epoch_level:
-            self._tree.update(indices, self.transform.leaf_values(scores))  # validates before writing
-        self._store_scores(self._scores, indices, scores)
+            raise ValueError("scores must be finite")  # leaf_values could make -inf finite
+        self._tree.update(indices, self.transform.leaf_values(scores))  # checks the indices before writing
+        self._store_scores(self._scores, indices, scores, checked=True)
 
     def scores(self) -> torch.Tensor:
         return self._tree.get() if self._scores is None else self._scores.clone()
@@ -659,7 +881,10 @@ class ImportanceSampler(EpochSampler):
             weights = weights / weights.max()
         elif self.normalize_weights == "mean":
             weights = weights / weights.mean()
-        weight_of = torch.full((n,), math.nan, dtype=torch.float64, device=self.device)
+        weight_of = allocate(
+            f"the weights of epoch {epoch}", 8 * n,
+            lambda: torch.full((n,), math.nan, dtype=torch.float64, device=self.device),
+        )
         weight_of[items] = weights
         info = {
             "kind": "importance",

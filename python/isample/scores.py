@@ -180,7 +180,10 @@ class EarlyImportance(ScorePolicy):
         if not (isinstance(num_items, int) and num_items >= 1):
             raise ValueError(f"num_items must be an int >= 1, got {num_items!r}")
         self.observations = observations
-        self.counts = torch.zeros(num_items, dtype=torch.int32)
+        try:
+            self.counts = torch.zeros(num_items, dtype=torch.int32)
+        except RuntimeError as error:  # torch's allocation failure: say what it was for
+            raise MemoryError(f"EarlyImportance needs {4 * num_items:,} bytes for its counts: {error}") from None
 
     def __call__(self, losses, previous, indices, *, logits: Optional[torch.Tensor] = None,
                  targets: Optional[torch.Tensor] = None, **extra):
