@@ -1,4 +1,5 @@
-"""Reliability: checkpoint files that survive crashes and refuse bad bytes, and no leaks."""
+"""Reliability: checkpoint files that survive crashes and refuse bad bytes, no leaks, and
+trees and samplers used from several threads at once."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -194,3 +197,163 @@ def test_memory_stays_flat_over_a_million_calls():
     growth = _rss_bytes() - before
     assert growth < 4 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB over 1e6 calls"
 
+
+def _drive(sampler, steps: int, batch: int = 128) -> int:
+    """Train-loop calls: each epoch's items in batches, weights and update per batch; returns
+    the epochs drawn. Every 97th batch holds a NaN and an inf (the clamp path)."""
+    losses = torch.rand(batch, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    bad = losses.clone()
+    bad[:2] = torch.tensor([math.nan, math.inf])
+    done = epochs = 0
+    while done < steps:
+        epoch = sampler.begin_epoch()
+        epochs += 1
+        order = epoch.order
+        for start in range(0, order.numel(), batch):
+            index = order[start : start + batch]
+            sampler.weights(index)
+            sampler.update(index, (bad if done % 97 == 0 else losses)[: index.numel()])
+            done += 1
+            if done == steps:
+                break
+        epoch.position = order.numel()
+    return epochs
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Small tensors: one intra-op thread is fastest, and a busy machine cannot stall it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc")
+@pytest.mark.parametrize("kind", ["softmax", "rank", "soft_pruning"])
+def test_sampler_memory_stays_flat_over_many_steps(kind, one_torch_thread):
+    """update + weights + new epochs, 40,000 calls and 200 epochs: RSS must not grow
+    (history, one small dict per epoch, is all that may)."""
+    n, steps = 10_000, 20_000
+    if kind == "soft_pruning":
+        sampler = isample.SoftPruningSampler(n, num_epochs=10**6, nonfinite="clamp", seed=0)
+    else:
+        sampler = isample.ImportanceSampler(n, score="running_loss", transform=kind, samples_per_epoch=50 * 128,
+                                            nonfinite="clamp", seed=0)
+    _drive(sampler, 2_000)  # warm up: caches, allocator pools
+    before = _rss_bytes()
+    epochs = _drive(sampler, steps)
+    growth = _rss_bytes() - before
+    assert epochs >= 200 and sampler.counters["updates"] == 2_000 + steps
+    assert sampler.counters["nonfinite_clamped"] > 0
+    assert growth < 4 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB over {2 * steps} calls and {epochs} epochs"
+
+
+# -- threads ---------------------------------------------------------------------------------------
+
+
+def test_softmax_tree_from_several_threads_stays_exact():
+    """The core serialises calls: a SoftmaxTree hammered from threads (updates, blends, draws
+    with and without replacement, which release the GIL) stays an exact softmax."""
+    n = 100_000
+    rng = np.random.default_rng(7)
+    tree = isample.SoftmaxTree.from_scores(rng.normal(size=n) * 3, temperature=0.7, seed=0)
+    errors = []
+
+    def worker(seed: int) -> None:
+        local = np.random.default_rng(seed)
+        try:
+            for _ in range(150):
+                tree.update(local.integers(0, n, 512), local.normal(size=512) * 3)
+                tree.blend(local.integers(0, n, 256), local.normal(size=256) * 3, 0.5)
+                draws = tree.sample(256)
+                assert bool(((draws >= 0) & (draws < n)).all())
+                distinct = tree.sample(20_000, replace=False)  # long call: releases the GIL
+                assert distinct.unique().numel() == 20_000
+                p = tree.probability(local.integers(0, n, 64))
+                assert bool(((p > 0) & (p < 1)).all())
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    scores = tree.get().numpy()
+    z = scores / 0.7
+    expected = np.exp(z - z.max())
+    expected /= expected.sum()
+    np.testing.assert_allclose(tree.probability().numpy(), expected, rtol=1e-12, atol=0)
+    log_total = z.max() + np.log(np.exp(z - z.max()).sum())
+    assert tree.log_total == pytest.approx(log_total, rel=1e-13)
+    fresh = isample.SoftmaxTree.from_scores(scores, temperature=0.7)
+    np.testing.assert_allclose(tree.probability().numpy(), fresh.probability().numpy(), rtol=1e-12, atol=0)
+
+
+@pytest.fixture
+def eager_thread_switches():
+    """Switch threads every microsecond instead of every 5 ms, so that races show."""
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(interval)
+
+
+@pytest.mark.parametrize("kind", ["softmax", "proportional", "rank", "soft_pruning"])
+def test_a_sampler_used_from_several_threads_loses_no_update(kind, eager_thread_switches):
+    """Four threads update the same items with the same loss while a fifth draws epochs,
+    reads weights and saves the state. Each EMA update maps S to 0.95 S + 0.05, whatever the
+    order, so the scores must equal k sequential updates exactly: a lost update (two threads
+    reading the same old score) would show."""
+    n, items, rounds, workers = 256, 64, 100, 4
+    policy = isample.RunningLoss(beta=0.95)
+
+    def make():
+        if kind == "soft_pruning":
+            return isample.SoftPruningSampler(n, num_epochs=10**6, score=policy, initial_score=0.0, seed=0)
+        return isample.ImportanceSampler(n, score=policy, transform=kind, samples_per_epoch=128, seed=0)
+
+    sampler = make()
+    index = torch.arange(items)
+    ones = torch.ones(items, dtype=torch.float64)
+    errors, done = [], threading.Event()
+
+    def updater() -> None:
+        try:
+            for _ in range(rounds):
+                sampler.update(index, ones)
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    def drawer() -> None:
+        try:
+            while not done.is_set():
+                epoch = sampler.begin_epoch()
+                drawn = epoch.order[:32]
+                weights = sampler.weights(drawn)
+                assert bool(torch.isfinite(weights).all()) and bool((weights > 0).all())
+                epoch.position = epoch.order.numel()
+                sampler.state_dict()
+        except Exception as error:  # noqa: BLE001 - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=updater) for _ in range(workers)]
+    watcher = threading.Thread(target=drawer)
+    watcher.start()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    done.set()
+    watcher.join()
+    assert not errors, errors
+    reference = make()
+    for _ in range(workers * rounds):
+        reference.update(index, ones)
+    assert sampler.counters["updates"] == reference.counters["updates"] == workers * rounds
+    assert torch.equal(sampler.scores(), reference.scores())
+    if kind != "soft_pruning":
+        # the tree agrees with the scores (proportional keeps both)
+        torch.testing.assert_close(sampler.probabilities(), reference.probabilities(), rtol=1e-12, atol=0)
