@@ -89,7 +89,7 @@ class SoftPruningSampler(EpochSampler):
         )
 
     def _read_scores(self, indices):
-        return self._scores[self._safe_indices(indices)]
+        return torch.index_select(self._scores, 0, self._safe_indices(indices))  # no wrap-around, unlike []
 
     def _write_scores(self, indices, scores):
         self._store_scores(self._scores, indices, scores)

@@ -95,8 +95,8 @@ class Proportional(Transform):
         self.alpha, self.eps = float(alpha), float(eps)
 
     def leaf_values(self, scores):
-        base = scores.clamp(min=0.0) + self.eps
-        return base if self.alpha == 1.0 else base.pow(self.alpha)
+        base = scores.clamp(min=0.0).add_(self.eps)  # clamp made a new tensor: add in place
+        return base if self.alpha == 1.0 else base.pow_(self.alpha)
 
     def config(self):
         return {"name": self.name, "alpha": self.alpha, "eps": self.eps}
