@@ -721,6 +721,29 @@ def test_nonfinite_values_are_counted_per_epoch_in_history(kind, nonfinite):
     )
 
 
+@pytest.mark.parametrize("kind", ["softmax", "rank"])
+@pytest.mark.parametrize("nonfinite", ["skip", "clamp"])
+def test_device_side_nonfinite_counts_are_read_with_history(kind, nonfinite):
+    """The CUDA update path (no host sync) keeps NaN/inf counts in a tensor; they reach the
+    epoch's history entry when history or counters is read, or the next epoch begins. Its
+    bookkeeping runs unchanged on the CPU, which is how it is tested without a GPU."""
+    nan, inf = float("nan"), float("inf")
+    s = make_sampler(kind, 10, score="last_loss", nonfinite=nonfinite, clamp_value=50.0, seed=0)
+    drain(s)
+    s._update_on_device(torch.arange(4), torch.tensor([1.0, nan, inf, -inf], dtype=torch.float64), {})
+    assert s._nonfinite_on_device is not None  # counted on the "device", not read yet
+    skipped, clamped = (3, 0) if nonfinite == "skip" else (1, 2)
+    entry = s.history[-1]
+    assert (entry["nonfinite_skipped"], entry["nonfinite_clamped"]) == (skipped, clamped)
+    assert s._nonfinite_on_device is None
+    expected = [1.0, 0.0, 0.0, 0.0] if nonfinite == "skip" else [1.0, 0.0, 50.0, -50.0]
+    assert s.scores()[:4].tolist() == expected
+    s._update_on_device(torch.tensor([5]), torch.tensor([nan], dtype=torch.float64), {})
+    drain(s)  # the next epoch begins: the count belongs to the one that ended
+    assert s.history[0]["nonfinite_skipped"] == skipped + 1 and s.history[1]["nonfinite_skipped"] == 0
+    assert s.counters["nonfinite_skipped"] == skipped + 1 and s.counters["nonfinite_clamped"] == clamped
+
+
 def test_nonfinite_clamp_policy():
     s = isample.ImportanceSampler(5, nonfinite="clamp", clamp_value=50.0, seed=0)
     s.update([0, 1, 2, 3], torch.tensor([1.0, float("inf"), -float("inf"), float("nan")]))
