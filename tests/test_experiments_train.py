@@ -36,6 +36,9 @@ def test_presets_are_the_papers_appendix_a():
     runs = grid(("uniform", "last_loss", "running_loss"), seeds=range(3))
     assert len(runs) == 18 and len({r.name for r in runs}) == 18
     assert set(PRESETS) >= {"uniform", "last_loss", "running_loss", "grad_norm", "infobatch"}
+    mixed = preset("last_loss_mix")
+    assert mixed.uniform_mix == 0.2 and mixed.replace(uniform_mix=0.0) == last  # the paper's, weights <= 5
+    assert mixed.name != last.name and "mix0.2" in preset("running_loss_mix").name
 
 
 def test_config_round_trip_and_errors():

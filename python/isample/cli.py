@@ -162,13 +162,13 @@ def _bool(text: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .experiments.config import STUDIES
+    from .experiments.config import PRESETS, STUDIES
 
     parser = argparse.ArgumentParser(prog="isample", description="isample: importance sampling of training data.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="run training experiments (presets from the seed paper's Appendix A)")
-    t.add_argument("--preset", nargs="+", help="uniform, last_loss, running_loss, grad_norm, early_importance, infobatch")
+    t.add_argument("--preset", nargs="+", help=", ".join(PRESETS))
     t.add_argument("--grid", choices=sorted(GRIDS), help="a study: paper = uniform + last_loss + running_loss")
     t.add_argument("--seeds", type=int, default=1, help="number of seeds (default 1)")
     t.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
