@@ -12,9 +12,9 @@ and saves a checkpoint (atomically) from which ``resume=True`` continues, mid-ep
 Timing: on a GPU the sampler's calls are bracketed by synchronisations so the sampling share
 is the sampler's own time (the syncs slow training a little; the share is what matters).
 
-Under ``torchrun`` with several processes (``WORLD_SIZE > 1``) ``train`` hands the run to
-:mod:`isample.experiments.distributed_run` (DistributedImportanceSampler, DDP, rank 0 writes);
-one process never leaves this module.
+Under ``torchrun`` with several processes (``WORLD_SIZE > 1``) the same loop runs in the
+world of :mod:`isample.experiments.distributed_run` (DistributedImportanceSampler, DDP,
+rank 0 writes); in one process its ``OneProcess`` world communicates nothing.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -89,33 +89,61 @@ def evaluate(
     cases.) Returns loss, accuracy, balanced accuracy (mean over classes present), the worst
     class's accuracy and the per-class accuracies.
     """
+    total_loss, predictions = predict_range(model, images, labels, data, 0, labels.shape[0], batch_size=batch_size,
+                                            autocast=autocast, channels_last=channels_last)
+    per_class = class_accuracy(predictions, labels, data.num_classes)
+    return evaluation_record(float(total_loss) / labels.shape[0], float((predictions == labels).double().mean()), per_class)
+
+
+@torch.no_grad()
+def predict_range(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    data: Dataset,
+    lo: int,
+    hi: int,
+    *,
+    batch_size: int,
+    autocast: Callable[[], Any],
+    channels_last: bool,
+):
+    """The summed loss (float64) and the predictions on items lo..hi-1, in eval mode."""
     was_training = model.training
     model.eval()
     total_loss = torch.zeros((), dtype=torch.float64, device=images.device)
-    predictions = torch.empty_like(labels)
-    for start in range(0, labels.shape[0], batch_size):
-        x = normalize(images[start : start + batch_size], data.mean, data.std)
+    predictions = torch.empty_like(labels[lo:hi])
+    for start in range(lo, hi, batch_size):
+        stop = min(start + batch_size, hi)
+        x = normalize(images[start:stop], data.mean, data.std)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast():
             logits = model(x)
-        y = labels[start : start + batch_size]
-        total_loss += F.cross_entropy(logits.float(), y, reduction="sum").double()
-        predictions[start : start + batch_size] = logits.argmax(1)
+        total_loss += F.cross_entropy(logits.float(), labels[start:stop], reduction="sum").double()
+        predictions[start - lo : stop - lo] = logits.argmax(1)
     model.train(was_training)
-    per_class = class_accuracy(predictions, labels, data.num_classes)
+    return total_loss, predictions
+
+
+def evaluation_record(loss: float, accuracy: float, per_class: torch.Tensor) -> Dict[str, Any]:
+    """The evaluation record from the mean loss, the accuracy and the per-class accuracies."""
     present = per_class[~torch.isnan(per_class)]
     return {
-        "loss": float(total_loss) / labels.shape[0],
-        "accuracy": float((predictions == labels).double().mean()),
+        "loss": loss,
+        "accuracy": accuracy,
         "balanced_accuracy": float(present.mean()),
         "worst_class_accuracy": float(present.min()),
         "per_class_accuracy": [None if math.isnan(a) else float(a) for a in per_class.tolist()],
     }
 
 
-def make_sampler(config: RunConfig, num_items: int, device: torch.device) -> Optional[isample.EpochSampler]:
-    """The configuration's sampler; None for uniform (a plain shuffle each epoch)."""
+def make_sampler(
+    config: RunConfig, num_items: int, device: torch.device, importance_sampler: Callable[..., Any] = isample.ImportanceSampler,
+) -> Optional[isample.EpochSampler]:
+    """The configuration's sampler; None for uniform (a plain shuffle each epoch).
+    `importance_sampler` builds the importance-sampling methods' sampler (under torchrun, the
+    distributed one, which takes the same arguments)."""
     if config.method == "uniform":
         return None
     if config.method == "infobatch":
@@ -131,7 +159,7 @@ def make_sampler(config: RunConfig, num_items: int, device: torch.device) -> Opt
     }[config.method]()
     # The third seed samples in proportion to its importance; the others use the paper's softmax.
     transform = isample.Proportional(1.0, 1e-6) if config.method == "early_importance" else isample.Softmax(config.temperature)
-    return isample.ImportanceSampler(
+    return importance_sampler(
         num_items,
         score=score,
         transform=transform,
@@ -164,13 +192,23 @@ def score_snapshot(scores: torch.Tensor, bins: int) -> Dict[str, Any]:
 
 @dataclass
 class _EpochState:
-    """The part of an epoch in progress that a mid-epoch checkpoint must keep."""
+    """The part of an epoch in progress that a mid-epoch checkpoint must keep.
+
+    loss_sum, correct and seen are totals over all processes up to the last flush (under
+    torchrun rank 0 carries them across a resume); rank_seen and steps are this process's.
+    """
 
     loss_sum: float = 0.0
     correct: int = 0
     seen: int = 0
+    rank_seen: int = 0
     steps: int = 0
     seconds: Dict[str, float] = field(default_factory=lambda: {"training": 0.0, "evaluation": 0.0, "sampling": 0.0})
+
+    @classmethod
+    def restore(cls, saved: Dict[str, Any]) -> "_EpochState":
+        # Checkpoints from before rank_seen existed are single-process ones, where it is seen.
+        return cls(**{"rank_seen": saved["seen"], **saved})
 
 
 class _Clock:
@@ -205,6 +243,98 @@ def _progress(total: int, description: str, enabled: bool):
     return tqdm(total=total, desc=description, leave=False, dynamic_ncols=True, file=sys.stderr)
 
 
+class OneProcess:
+    """The world of a run in one process. The training loop in `train` asks its world for
+    everything that differs under torchrun (see distributed_run.DistributedWorld, which has
+    the same methods); here each answer is the plain one, so nothing is communicated."""
+
+    rank, size, lead = 0, 1, True  # lead: this process writes the run folder, logs and shows progress
+    where = ""  # appended to the "resumed at" line
+
+    def setup(self, config: RunConfig) -> torch.device:
+        return resolve_device(config.device)
+
+    def on_lead(self, work: Callable[[], Any]) -> Any:
+        """work() run by the lead process, its result (or error) on every process."""
+        return work()
+
+    def checkpoint_location(self, device: torch.device) -> Any:
+        return device
+
+    def batch_size(self, config: RunConfig) -> int:
+        """This process's share of a step's batch."""
+        return config.batch_size
+
+    def make_sampler(self, config: RunConfig, num_items: int, device: torch.device) -> Optional[isample.EpochSampler]:
+        return make_sampler(config, num_items, device)
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The module the training steps call (under torchrun, DistributedDataParallel)."""
+        return model
+
+    def shard(self, order: torch.Tensor) -> torch.Tensor:
+        """This process's part of a uniform epoch's shuffled order."""
+        return order
+
+    def sum(self, values: torch.Tensor) -> torch.Tensor:
+        """`values` summed over the processes."""
+        return values
+
+    def agree(self, *flags: bool) -> List[bool]:
+        """Each flag, true everywhere when it is true on any process (so all stop or save together)."""
+        return list(flags)
+
+    def evaluate(self, model: torch.nn.Module, data: Dataset, **options: Any) -> Dict[str, Any]:
+        return evaluate(model, data.test_images, data.test_labels, data, **options)
+
+    def lead_seconds(self, seconds: Dict[str, float]) -> Dict[str, float]:
+        """The lead process's wall-clock split (the one the records keep)."""
+        return dict(seconds)
+
+    def random_state(self, saved: Dict[str, Any]) -> Dict[str, Any]:
+        """This process's random-number state ("augment_generator", "torch_rng") in a checkpoint."""
+        return saved
+
+    def gather_random_state(self, mine: Dict[str, Any]) -> Dict[str, Any]:
+        """The checkpoint entries that keep every process's random-number state."""
+        return mine
+
+    def checkpoint_tag(self) -> Dict[str, Any]:
+        return {}  # a checkpoint without a world_size is a single-process one
+
+    def summary_extras(self) -> Dict[str, Any]:
+        return {}
+
+    def finish(self) -> None:
+        """Called once the run folder is complete."""
+
+
+def _open_run(config: RunConfig, run_dir: Path, resume: bool, world: OneProcess, device: torch.device):
+    """Check and prepare the run folder: ("done", summary), ("resume", checkpoint) or ("fresh", None)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_path = run_dir / "config.json"
+    if config_path.exists() and resume:
+        saved = RunConfig.from_dict(json.loads(config_path.read_text()))
+        if saved != config:
+            raise ValueError(f"{run_dir} holds a run with a different configuration; use another folder")
+    _write_text(config_path, config.dumps())
+    summary_path = run_dir / "summary.json"
+    checkpoint_path = run_dir / CHECKPOINT
+    if resume and summary_path.exists():
+        return "done", json.loads(summary_path.read_text())
+    if resume and checkpoint_path.exists():
+        state = load_checkpoint(checkpoint_path, map_location=world.checkpoint_location(device))
+        saved_by = state.get("world_size", 1)
+        if saved_by != world.size:
+            if saved_by == 1:
+                raise ValueError(f"{checkpoint_path} comes from a single-process run: resume it without torchrun, "
+                                 "or pass --restart")
+            raise ValueError(f"{checkpoint_path} was saved by {saved_by} processes; resume it on as many "
+                             f"(this is {world.size}), or pass --restart")
+        return "resume", state
+    return "fresh", None
+
+
 def train(
     config: RunConfig,
     run_dir: os.PathLike,
@@ -229,28 +359,24 @@ def train(
         max_wall_seconds: stop (after a checkpoint) once this much wall-clock has passed in
             this call; the run is then incomplete and ``resume=True`` continues it.
 
-    Under torchrun with WORLD_SIZE > 1 every process calls this and the run goes to
-    ``distributed_run.train_distributed`` (same arguments and result; rank 0 writes).
+    Under torchrun with WORLD_SIZE > 1 every process calls this with the same arguments and
+    gets the same summary; the loop then runs in a ``distributed_run.DistributedWorld`` and
+    rank 0 writes.
     """
-    if _world_size() > 1:
-        from .distributed_run import train_distributed
-
-        return train_distributed(config, run_dir, resume=resume, progress=progress,
-                                 checkpoint_seconds=checkpoint_seconds, log=log, max_wall_seconds=max_wall_seconds)
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_path = run_dir / "config.json"
-    if config_path.exists() and resume:
-        saved = RunConfig.from_dict(json.loads(config_path.read_text()))
-        if saved != config:
-            raise ValueError(f"{run_dir} holds a run with a different configuration; use another folder")
-    _write_text(config_path, config.dumps())
-    summary_path = run_dir / "summary.json"
-    if resume and summary_path.exists():
-        return json.loads(summary_path.read_text())
-
     started = time.perf_counter()
-    device = resolve_device(config.device)
+    if _world_size() > 1:
+        from .distributed_run import DistributedWorld
+
+        world: OneProcess = DistributedWorld()
+    else:
+        world = OneProcess()
+    device = world.setup(config)
+    run_dir = Path(run_dir)
+    outcome, saved = world.on_lead(lambda: _open_run(config, run_dir, resume, world, device))
+    if outcome == "done":
+        return saved
+    batch_size = world.batch_size(config)
+
     torch.manual_seed(config.seed)
     data = load_run_data(config).to(device)
     n = data.num_train
@@ -260,11 +386,16 @@ def train(
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_gpu and config.amp else _nullcontext
+    if saved is not None:
+        model.load_state_dict(saved["model"])  # before wrapping: DDP starts every rank from rank 0's weights
+    net = world.wrap(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(config.lr_milestones), gamma=config.lr_gamma)
     sampler_device = device if on_gpu and isample.cuda_available() else torch.device("cpu")
-    sampler = make_sampler(config, n, sampler_device)
-    augment_generator = torch.Generator(device=device).manual_seed(config.seed + 1_000_003)
+    sampler = world.make_sampler(config, n, sampler_device)
+    # Each process augments its own items, so each has its own stream (rank 0's is the
+    # single-process one); the shuffle is one global order, so its seed is shared.
+    augment_generator = torch.Generator(device=device).manual_seed(config.seed + 1_000_003 + 7_919 * world.rank)
     shuffle_generator = torch.Generator().manual_seed(config.seed + 2_000_003)
 
     history: List[Dict[str, Any]] = []
@@ -272,46 +403,61 @@ def train(
     partial: Optional[_EpochState] = None
     uniform_order: Optional[torch.Tensor] = None
     checkpoint_path = run_dir / CHECKPOINT
-    if resume and checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path, map_location=device)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+    if saved is not None:
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
         if sampler is not None:
-            sampler.load_state_dict(state["sampler"])
-        augment_generator.set_state(state["augment_generator"].cpu())
-        shuffle_generator.set_state(state["shuffle_generator"].cpu())
-        torch.set_rng_state(state["torch_rng"].cpu())
-        history, epoch, total_steps = state["history"], state["epoch"], state["total_steps"]
-        best, best_epoch = state["best"], state["best_epoch"]
-        if state.get("partial") is not None:
-            partial = _EpochState(**state["partial"])
-            uniform_order = state.get("uniform_order")
-        log(f"[{config.name}] resumed at epoch {epoch}" + (f", {partial.seen} items into it" if partial else ""))
+            sampler.load_state_dict(saved["sampler"])  # under torchrun, a collective
+        mine = world.random_state(saved)
+        augment_generator.set_state(mine["augment_generator"].cpu())
+        torch.set_rng_state(mine["torch_rng"].cpu())
+        shuffle_generator.set_state(saved["shuffle_generator"].cpu())
+        history, epoch, total_steps = saved["history"], saved["epoch"], saved["total_steps"]
+        best, best_epoch = saved["best"], saved["best_epoch"]
+        if saved.get("partial") is not None:
+            partial = _EpochState.restore(saved["partial"])
+            if not world.lead:  # the totals so far are counted once, by the lead process
+                partial.loss_sum, partial.correct, partial.seen = 0.0, 0, 0
+            uniform_order = saved.get("uniform_order")
+        if world.lead:
+            log(f"[{config.name}] resumed at epoch {epoch}{world.where}"
+                + (f", {partial.seen} items into it" if partial else ""))
+        del saved
 
-    def flush(state: _EpochState, loss_sum: torch.Tensor, correct: torch.Tensor):
-        """Move the device-side running sums into the epoch state (one synchronisation)."""
-        state.loss_sum += float(loss_sum)
-        state.correct += int(correct)
-        return torch.zeros_like(loss_sum), torch.zeros_like(correct)
+    def flush(state: _EpochState, loss_sum: torch.Tensor, correct: torch.Tensor, items: int):
+        """Add the running sums since the last flush (of every process) into the epoch state:
+        one synchronisation, and under torchrun a collective."""
+        sums = torch.stack([loss_sum.double(), correct.double(),
+                            torch.tensor(float(items), dtype=torch.float64, device=loss_sum.device)])
+        loss, hits, seen = world.sum(sums).tolist()
+        state.loss_sum += loss
+        state.correct += int(hits)
+        state.seen += int(seen)
+        return torch.zeros_like(loss_sum), torch.zeros_like(correct), 0
 
-    def save(epoch_state: Optional[_EpochState], consumed: int = 0) -> None:
+    def save(epoch_state: Optional[_EpochState]) -> None:
+        """Under torchrun a collective (every rank's random state goes to rank 0, which writes)."""
+        random_state = world.gather_random_state(
+            {"augment_generator": augment_generator.get_state(), "torch_rng": torch.get_rng_state()})
+        if not world.lead:
+            return
+        consumed = None if epoch_state is None else epoch_state.rank_seen
         save_checkpoint(
             checkpoint_path,
             {
+                **world.checkpoint_tag(),
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
-                "sampler": None if sampler is None else sampler.state_dict(consumed=consumed if epoch_state else None),
-                "augment_generator": augment_generator.get_state(),
+                "sampler": None if sampler is None else sampler.state_dict(consumed=consumed),
+                **random_state,
                 "shuffle_generator": shuffle_generator.get_state(),
-                "torch_rng": torch.get_rng_state(),
                 "history": history,
                 "epoch": epoch,
                 "total_steps": total_steps,
                 "best": best,
                 "best_epoch": best_epoch,
-                "partial": None if epoch_state is None else epoch_state.__dict__,
+                "partial": None if epoch_state is None else asdict(epoch_state),
                 "uniform_order": uniform_order if epoch_state is not None else None,
             },
         )
@@ -322,13 +468,13 @@ def train(
     while epoch < config.max_epochs and stop_reason is None:
         state = partial or _EpochState()
         clock = _Clock(device, state.seconds)
-        consumed_before = state.seen
-        # -- draw the epoch (sampling) ----------------------------------------------------
+        consumed_before = state.rank_seen
+        # -- draw the epoch (sampling): this process's part of the global draw -----------------
         with clock.measure("sampling"):
             if sampler is None:
                 if uniform_order is None or consumed_before == 0:
                     uniform_order = torch.randperm(n, generator=shuffle_generator)
-                order = uniform_order[consumed_before:].to(device)
+                order = world.shard(uniform_order)[consumed_before:].to(device)
             else:
                 sampler.set_epoch(epoch)
                 try:
@@ -339,12 +485,13 @@ def train(
         epoch_length = consumed_before + order.numel()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
-        bar = _progress(epoch_length, f"{config.name} epoch {epoch}", progress)
+        pending = 0  # this process's items since the last flush
+        bar = _progress(epoch_length * world.size, f"{config.name} epoch {epoch}", progress and world.lead)
         if bar is not None:
-            bar.update(consumed_before)
-        model.train()
-        for start in range(0, order.numel(), config.batch_size):
-            idx = order[start : start + config.batch_size]
+            bar.update(consumed_before * world.size)
+        net.train()
+        for start in range(0, order.numel(), batch_size):
+            idx = order[start : start + batch_size]
             with clock.measure("training"):
                 x = images[idx]
                 if config.augment:
@@ -354,7 +501,7 @@ def train(
                     x = x.contiguous(memory_format=torch.channels_last)
                 y = labels[idx]
                 with autocast():
-                    logits = model(x)
+                    logits = net(x)
                 losses = F.cross_entropy(logits.float(), y, reduction="none")
             weights = None
             if sampler is not None:
@@ -363,58 +510,68 @@ def train(
             with clock.measure("training"):
                 loss = losses.mean() if weights is None else (losses * weights).mean()
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                loss.backward()  # under torchrun DistributedDataParallel averages the gradients
                 optimizer.step()
             if sampler is not None:
                 with clock.measure("sampling"):
                     needs_logits = config.method in ("grad_norm", "early_importance")
                     extra = {"logits": logits.detach(), "targets": y} if needs_logits else {}
                     try:
-                        sampler.update(idx.to(sampler_device), losses.detach(), **extra)
+                        sampler.update(idx.to(sampler_device), losses.detach(), **extra)  # under torchrun a collective
                     except ValueError:
-                        if bool(torch.isfinite(losses).all()):
+                        # A distributed sampler raised on every rank: they agree on whether a loss was non-finite.
+                        (nonfinite,) = world.agree(not bool(torch.isfinite(losses).all()))
+                        if not nonfinite:
                             raise
                         stop_reason = "diverged (non-finite loss)"
             # Running sums stay on the device: reading them every step would synchronise a GPU.
             loss_sum = loss_sum + losses.detach().double().sum()
             correct = correct + (logits.detach().argmax(1) == y).sum()
-            state.seen += idx.numel()
+            pending += idx.numel()
+            state.rank_seen += idx.numel()
             state.steps += 1
             total_steps += 1
             if bar is not None:
-                bar.update(idx.numel())
-                if state.steps % 20 == 1:
-                    bar.set_postfix(loss=f"{(state.loss_sum + float(loss_sum)) / state.seen:.3f}",
-                                    acc=f"{(state.correct + int(correct)) / state.seen:.3f}")
+                bar.update(idx.numel() * world.size)
+                if world.size == 1 and state.steps % 20 == 1:  # under torchrun the running sums are one rank's
+                    bar.set_postfix(loss=f"{(state.loss_sum + float(loss_sum)) / state.rank_seen:.3f}",
+                                    acc=f"{(state.correct + int(correct)) / state.rank_seen:.3f}")
             elapsed = state.seconds["training"] + state.seconds["sampling"]
+            # Decisions on the clock differ between processes: they are agreed, so all stop or save together.
+            out_of_time, checkpoint_due, wall_stop = world.agree(
+                config.budget_seconds is not None and _train_seconds(history) + elapsed >= config.budget_seconds,
+                time.perf_counter() - last_checkpoint > checkpoint_seconds and state.rank_seen < epoch_length,
+                max_wall_seconds is not None and time.perf_counter() - started > max_wall_seconds,
+            )
             if config.budget_steps is not None and total_steps >= config.budget_steps:
                 stop_reason = "step budget"
-            elif config.budget_seconds is not None and _train_seconds(history) + elapsed >= config.budget_seconds:
+            elif out_of_time:
                 stop_reason = "time budget"
             if stop_reason:
                 break
-            if time.perf_counter() - last_checkpoint > checkpoint_seconds and state.seen < epoch_length:
-                loss_sum, correct = flush(state, loss_sum, correct)
-                save(state, consumed=state.seen)
+            if checkpoint_due:
+                loss_sum, correct, pending = flush(state, loss_sum, correct, pending)
+                save(state)
                 last_checkpoint = time.perf_counter()
-            if max_wall_seconds is not None and time.perf_counter() - started > max_wall_seconds:
+            if wall_stop:
                 if bar is not None:
                     bar.close()
-                loss_sum, correct = flush(state, loss_sum, correct)
-                save(state, consumed=state.seen)
-                log(f"[{config.name}] stopped after {max_wall_seconds:.0f} s in epoch {epoch}; resume to continue")
+                loss_sum, correct, pending = flush(state, loss_sum, correct, pending)
+                save(state)
+                if world.lead:
+                    log(f"[{config.name}] stopped after {max_wall_seconds:.0f} s in epoch {epoch}; resume to continue")
                 return {"complete": False, "epoch": epoch}
         if bar is not None:
             bar.close()
-        loss_sum, correct = flush(state, loss_sum, correct)
+        loss_sum, correct, pending = flush(state, loss_sum, correct, pending)
         if not math.isfinite(state.loss_sum) and stop_reason is None:
             stop_reason = "diverged (non-finite loss)"
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         # -- evaluate ---------------------------------------------------------------------
         with clock.measure("evaluation"):
-            test = evaluate(model, data.test_images, data.test_labels, data, batch_size=config.eval_batch_size,
-                            autocast=autocast, channels_last=channels_last)
+            test = world.evaluate(model, data, batch_size=config.eval_batch_size, autocast=autocast,
+                                  channels_last=channels_last)
         record: Dict[str, Any] = {
             "epoch": epoch,
             "lr": lr,
@@ -427,7 +584,7 @@ def train(
             "balanced_accuracy": test["balanced_accuracy"],
             "worst_class_accuracy": test["worst_class_accuracy"],
             "per_class_accuracy": test["per_class_accuracy"],
-            "seconds": dict(state.seconds),
+            "seconds": world.lead_seconds(state.seconds),
         }
         if sampler is not None:
             record["sampler"] = {k: v for k, v in sampler.history[-1].items() if k != "epoch"}
@@ -435,10 +592,12 @@ def train(
         history.append(record)
         if record["test_accuracy"] > best:
             best, best_epoch = record["test_accuracy"], epoch
-        log(_epoch_line(config, record))
+        if world.lead:
+            log(_epoch_line(config, record))
         epoch += 1
         partial, uniform_order = None, None
-        _write_metrics(run_dir, history)
+        if world.lead:
+            _write_metrics(run_dir, history)
         if stop_reason is None and epoch - 1 - best_epoch >= config.patience:
             stop_reason = f"no better test accuracy for {config.patience} epochs"
         save(None)
@@ -447,7 +606,10 @@ def train(
     summary["device"] = str(device)
     summary["device_name"] = torch.cuda.get_device_name(device) if on_gpu else _cpu_name()
     summary["isample_build"] = isample.build_info()
-    _write_text(summary_path, json.dumps(summary, indent=2))
+    summary.update(world.summary_extras())
+    if world.lead:
+        _write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
+    world.finish()
     return summary
 
 
