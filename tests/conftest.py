@@ -111,3 +111,25 @@ def rng():
 
 def pytest_report_header(config):
     return f"isample core: {_core.build_info()} (ISAMPLE_CPU_KERNELS={os.environ.get('ISAMPLE_CPU_KERNELS')})"
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Small tensors: one intra-op thread is fastest, and a busy machine cannot stall it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_threads(worker, count: int) -> None:
+    """Run worker(0), ..., worker(count - 1) in as many Python threads at once, and wait."""
+    import threading
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()

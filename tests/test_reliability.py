@@ -20,6 +20,7 @@ import torch
 
 import isample
 from isample.checkpoint import CHECKPOINT_VERSION, capacity_of, load_checkpoint, save_checkpoint
+from conftest import run_threads
 
 
 def _state(seed: int = 0):
@@ -220,15 +221,6 @@ def _drive(sampler, steps: int, batch: int = 128) -> int:
     return epochs
 
 
-@pytest.fixture
-def one_torch_thread():
-    """Small tensors: one intra-op thread is fastest, and a busy machine cannot stall it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="needs /proc")
 @pytest.mark.parametrize("kind", ["softmax", "rank", "soft_pruning"])
 def test_sampler_memory_stays_flat_over_many_steps(kind, one_torch_thread):
@@ -275,11 +267,7 @@ def test_softmax_tree_from_several_threads_stays_exact():
         except Exception as error:  # noqa: BLE001 - reported below
             errors.append(error)
 
-    threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(worker, 4)
     assert not errors
     scores = tree.get().numpy()
     z = scores / 0.7

@@ -341,15 +341,6 @@ def training_sampler(policy: str, n: int, epochs: int):
     return isample.ImportanceSampler(n, score=score, transform=transform, warmup_epochs=1, seed=0)
 
 
-@pytest.fixture
-def one_torch_thread():
-    """Tiny matrices: one intra-op thread is fastest, and a busy machine cannot stall it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("policy", TRAINING_POLICIES)
 def test_a_real_training_loop_learns_with_every_policy(fashion_subset, one_torch_thread, policy):
     """A linear classifier on 300 Fashion-MNIST images, 5 epochs through a DataLoader over

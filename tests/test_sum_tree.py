@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import math
-import threading
 
 import numpy as np
 import pytest
 import torch
 
 import isample
-from conftest import ALPHA, chi_square_pvalue, power_of_two_weights, reference_descent
+from conftest import ALPHA, chi_square_pvalue, power_of_two_weights, reference_descent, run_threads
 
 
 # -- exactness ------------------------------------------------------------------------------
@@ -470,11 +469,7 @@ def test_concurrent_threads_keep_the_tree_consistent(rng):
         except Exception as error:  # noqa: BLE001 - reported below
             errors.append(error)
 
-    threads = [threading.Thread(target=worker, args=(s,)) for s in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(worker, 4)
     assert not errors
     leaves = tree.get().numpy()
     assert isample.SumTree.from_weights(leaves).total == tree.total
