@@ -775,21 +775,22 @@ def no_large_tensor(monkeypatch):
 
 @pytest.mark.skipif(not hasattr(os, "sysconf"), reason="needs os.sysconf")
 def test_a_sampler_that_cannot_fit_raises_memory_error_and_keeps_nothing(no_large_tensor):
-    with pytest.raises(MemoryError, match=r"needs 8,796,093,022,208 bytes"):  # 2^39 * (8 scores + 8 weights)
+    # 2^39 * (8 scores + 8 weights + 8 order)
+    with pytest.raises(MemoryError, match=r"needs 13,194,139,533,312 bytes"):
         isample.SoftPruningSampler(2**39, num_epochs=2)
     memory = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    # the tree alone fits (and costs nothing until touched); with the scores and an epoch's
-    # weights it does not
+    # the tree alone fits (and costs nothing until touched); with the scores, an epoch's
+    # weights and its order it does not
     for transform in ("proportional", "rank"):
         # far too big: refused from the lower bound, before the tree is built
-        n = memory // 12
-        with pytest.raises(MemoryError, match=f"needs {24 * n:,} bytes"):
+        n = memory // 16
+        with pytest.raises(MemoryError, match=f"needs {32 * n:,} bytes"):
             isample.ImportanceSampler(n, transform=transform)
         # just too big: the tree (8.53 bytes per item, built for free) shows that it is
-        n = int(memory / 24.25)
+        n = int(memory / 32.25)
         probe = isample.SumTree(n, seed=0)  # free: its pages are not touched
-        needed = probe.nbytes + 16 * n
-        assert 24 * n < memory < needed
+        needed = probe.nbytes + 24 * n
+        assert 32 * n < memory < needed
         del probe
         before = _live_trees()
         with pytest.raises(MemoryError, match=f"needs {needed:,} bytes") as caught:
@@ -798,9 +799,12 @@ def test_a_sampler_that_cannot_fit_raises_memory_error_and_keeps_nothing(no_larg
         del caught
     # A SoftmaxTree fills its leaves when built (seconds, and all its memory, at this size):
     # the sampler must refuse before building it, from a lower bound of 16 bytes per item.
-    n = memory // 20
-    with pytest.raises(MemoryError, match=f"needs {24 * n:,} bytes"):
+    n = memory // 28
+    with pytest.raises(MemoryError, match=f"needs {32 * n:,} bytes"):
         isample.ImportanceSampler(n)
+    # |Z| far beyond N (with replacement): its order alone cannot fit, refused at construction
+    with pytest.raises(MemoryError, match="epoch order"):
+        isample.ImportanceSampler(10, samples_per_epoch=10**15)
 
 
 def test_allocation_failures_become_memory_errors_and_change_nothing(monkeypatch):
@@ -832,6 +836,6 @@ def test_allocation_failures_become_memory_errors_and_change_nothing(monkeypatch
         with pytest.raises(MemoryError, match=r"8,000 bytes .*weights of epoch 1"):
             drain(s)  # the epoch's weights cannot be allocated
     assert len(s.history) == 1 and s.epoch == 1
-    assert torch.equal(s.scores(), state["scores"]) and s._upcoming is None
+    assert torch.equal(s.scores(), state["scores"])
     assert drain(s) == drain(twin)
     assert torch.equal(s.weights(s.current_epoch.order), twin.weights(twin.current_epoch.order))

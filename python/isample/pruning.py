@@ -12,14 +12,13 @@ ImageNet without loss of accuracy.
 from __future__ import annotations
 
 import math
-import numbers
-from typing import Any, Dict, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
 from . import _backend
 from ._backend import DeviceLike
-from .sampler import EpochSampler, _Epoch, allocate, check_fits
+from .sampler import EpochSampler, _Epoch, allocate, check_fits, derive_seed
 from .scores import ScorePolicy
 
 __all__ = ["SoftPruningSampler"]
@@ -28,8 +27,10 @@ __all__ = ["SoftPruningSampler"]
 class SoftPruningSampler(EpochSampler):
     """Yields, each epoch, all items except a random ``prune_ratio`` of the below-mean-score
     ones, in random order. ``weights`` are 1 / (1 - prune_ratio) for kept below-mean items,
-    1 otherwise. The epoch length changes: use ``len(sampler)`` / ``steps_per_epoch`` at the
-    start of each epoch; ``history[e]["pruned_fraction"]`` reports what was dropped.
+    1 otherwise. The epoch length changes with the scores: ``len(sampler)`` /
+    ``steps_per_epoch`` give the length of the epoch being iterated, or else of the next one
+    as a draw from the current scores would make it (exact when no update comes before
+    ``iter()``; nothing is drawn); ``history[e]["pruned_fraction"]`` reports what was dropped.
 
     Args:
         num_items: N.
@@ -44,8 +45,8 @@ class SoftPruningSampler(EpochSampler):
         clamp_value: the bound for ``nonfinite="clamp"`` (default 1e4).
         seed, device: as for ImportanceSampler.
 
-    Memory: 8 bytes per item of scores and 8 per item for the current epoch's weights (plus
-    temporaries while an epoch is drawn). A sampler that cannot fit raises MemoryError naming
+    Memory: 8 bytes per item of scores, 8 per item for the current epoch's weights and 8 for
+    its order (plus temporaries while an epoch is drawn). A sampler that cannot fit raises MemoryError naming
     the bytes it needs. Threads: see EpochSampler.
     """
 
@@ -66,21 +67,15 @@ class SoftPruningSampler(EpochSampler):
         device: DeviceLike = "cpu",
     ) -> None:
         super().__init__(num_items, score=score, nonfinite=nonfinite, seed=seed, device=device, clamp_value=clamp_value)
-        if not (isinstance(prune_ratio, numbers.Real) and 0.0 <= prune_ratio < 1.0):
-            raise ValueError(f"prune_ratio must be in [0, 1), got {prune_ratio!r}")
-        if not (isinstance(anneal_fraction, numbers.Real) and 0.0 <= anneal_fraction <= 1.0):
-            raise ValueError(f"anneal_fraction must be in [0, 1], got {anneal_fraction!r}")
-        if not (isinstance(initial_score, numbers.Real) and math.isfinite(initial_score)):
-            raise ValueError(f"initial_score must be a finite number, got {initial_score!r}")
+        self.prune_ratio = _backend.check_real(prune_ratio, "prune_ratio", low=0.0, high=1.0, high_open=True)
+        self.anneal_fraction = _backend.check_real(anneal_fraction, "anneal_fraction", low=0.0, high=1.0)
+        self.initial_score = _backend.check_real(initial_score, "initial_score")
         self.num_epochs = _backend.check_count(num_epochs, "num_epochs")
-        self.prune_ratio = float(prune_ratio)
-        self.anneal_fraction = float(anneal_fraction)
-        self.initial_score = float(initial_score)
         #: epochs from this one on use the full data
         self.full_data_from = math.ceil((1.0 - self.anneal_fraction) * self.num_epochs)
         check_fits(
             f"SoftPruningSampler({num_items:,} items)",
-            {"scores": 8 * num_items, "epoch weights": 8 * num_items},
+            {"scores": 8 * num_items, "epoch weights": 8 * num_items, "epoch order": 8 * num_items},
             self.device,
         )
         self._scores = allocate(
@@ -97,13 +92,34 @@ class SoftPruningSampler(EpochSampler):
     def scores(self) -> torch.Tensor:
         return self._scores.clone()
 
+    def _prunes(self, epoch: int) -> bool:
+        return epoch < self.full_data_from and self.prune_ratio > 0.0
+
+    def _pruning(self, generator: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(well_learned, dropped) masks for the scores as they are now. The random part comes
+        first from the epoch's generator, so that a length predicted by len() and the draw
+        that follows (with no update in between) agree exactly."""
+        n = self.num_items
+        coins = torch.rand(n, generator=generator, dtype=torch.float64).to(self.device)
+        well_learned = self._scores < self._scores.mean()
+        return well_learned, well_learned & (coins < self.prune_ratio)
+
+    def epoch_length(self, epoch: int) -> Optional[int]:
+        """N for the full-data epochs; None for pruned ones, whose length depends on the
+        scores when they are drawn (``len()`` then says what a draw now would give)."""
+        return None if self._prunes(epoch) else self.num_items
+
+    def _predicted_length(self, epoch: int) -> int:
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch, "epoch"))
+        _, dropped = self._pruning(generator)
+        return self.num_items - int(dropped.sum())
+
     def _draw(self, epoch, generator):
         n = self.num_items
-        if epoch >= self.full_data_from or self.prune_ratio == 0.0:
+        if not self._prunes(epoch):
             order = torch.randperm(n, generator=generator).to(self.device)
             return _Epoch(epoch, order, None, info={"kind": "full", "pruned_fraction": 0.0})
-        well_learned = self._scores < self._scores.mean()
-        dropped = well_learned & (torch.rand(n, generator=generator, dtype=torch.float64).to(self.device) < self.prune_ratio)
+        well_learned, dropped = self._pruning(generator)
         kept = torch.nonzero(~dropped).squeeze(1)
         order = kept[torch.randperm(kept.numel(), generator=generator).to(self.device)]
         weight_of = allocate(
@@ -130,10 +146,15 @@ class SoftPruningSampler(EpochSampler):
     def _state_extra(self):
         return {"scores": self._scores.clone()}
 
-    def _load_extra(self, state):
-        scores = _backend.as_values(state.get("scores"), self.device, self.num_items, name="state['scores']")
+    def _check_extra(self, state):
+        if "scores" not in state:
+            raise ValueError("the state lacks 'scores': pass a state from SoftPruningSampler.state_dict()")
+        scores = _backend.as_values(state["scores"], self.device, self.num_items, name="state['scores']")
         if not bool(torch.isfinite(scores).all()):
             raise ValueError("state['scores'] holds a non-finite score")
+        return scores
+
+    def _apply_extra(self, scores):
         self._scores.copy_(scores)
 
     def __repr__(self) -> str:

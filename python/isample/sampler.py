@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import math
 import numbers
-import os
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Union
+from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
@@ -33,13 +33,13 @@ from . import _backend, _core
 from ._backend import DeviceLike
 from .scores import ScorePolicy, get_score_policy
 from .transforms import Transform, get_transform
-from .tree import SumTree
+from .tree import MAX_CAPACITY, SumTree
 
 __all__ = ["EpochSampler", "ImportanceSampler", "IndexedDataset", "Epoch", "ScoreUpdate"]
 
 _STATE_VERSION = 1
 _MASK64 = 2**64 - 1
-_GIB = 1024.0**3
+_COUNTERS = ("updates", "nonfinite_skipped", "nonfinite_clamped")
 
 
 def _all_finite(values: torch.Tensor) -> bool:
@@ -48,48 +48,55 @@ def _all_finite(values: torch.Tensor) -> bool:
     return math.isfinite(float(values.sum())) or bool(torch.isfinite(values).all())
 
 
-def _memory_of(device: torch.device) -> Optional[int]:
-    """Bytes of memory on `device` (physical RAM for the CPU), or None where unknown."""
+# Memory checks live in _backend (the trees use them too); these names stay importable here.
+_memory_of = _backend.memory_of
+check_fits = _backend.check_fits
+_is_out_of_memory = _backend.is_out_of_memory
+allocate = _backend.allocate
+
+#: CPU scatters of this many items or more may run on several threads, where a repeated
+#: index keeps an arbitrary value: resolve duplicates first (torch's parallel grain size)
+_PARALLEL_SCATTER = 32768
+
+
+def last_wins(indices: torch.Tensor, values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(indices', values')`` such that ``store[indices'] = values'`` leaves every repeated
+    index with the value of its last occurrence, whatever order the scatter applies them in
+    (on CUDA ``index_put_`` keeps an arbitrary duplicate). No host synchronisation: a stable
+    sort groups the duplicates in batch order, and searchsorted finds each group's last
+    position; every member of a group then carries that value. O(k log k), any device."""
+    sorted_indices, order = torch.sort(indices, stable=True)
+    last = torch.searchsorted(sorted_indices, sorted_indices, right=True) - 1
+    return sorted_indices, values[order[last]]
+
+
+def store_all_or_nothing(
+    store: torch.Tensor, indices: torch.Tensor, scores: torch.Tensor, accept: Optional[torch.Tensor] = None
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``store[indices] = scores`` decided on the device, without a host synchronisation: the
+    batch is written only if every index lies in [0, len(store)), every score is finite and
+    ``accept`` (a 0-d bool tensor: the tree's own decision on the same batch) holds; otherwise
+    nothing changes. A repeated index takes its last value. Returns ``(rejected, outside)``,
+    0-d bool tensors, for the caller to report later. Runs on any device (the tests use CPU
+    tensors)."""
+    inside = (indices >= 0) & (indices < store.numel())
+    all_inside = inside.all()
+    accepted = torch.isfinite(scores).all() & all_inside
+    if accept is not None:
+        accepted = accepted & accept
+    safe = torch.where(inside, indices, torch.zeros_like(indices))  # read without a device assert
+    safe, values = last_wins(safe, scores)
+    store[safe] = torch.where(accepted, values, store[safe])
+    return ~accepted, ~all_inside
+
+
+def _same(a: Any, b: Any) -> bool:
+    """a == b for saved configurations, False (not an error) when the comparison is not a
+    plain truth value (a tensor smuggled into a state)."""
     try:
-        if device.type == "cuda":
-            return int(torch.cuda.get_device_properties(device).total_memory)
-        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    except (ValueError, OSError, AttributeError, RuntimeError):
-        return None
-
-
-def check_fits(what: str, parts: Dict[str, int], device: torch.device) -> None:
-    """MemoryError, naming the bytes needed, when `parts` (name -> bytes) cannot fit in the
-    device's memory. Checked before allocating: with overcommit a huge allocation can succeed
-    and the process be killed later, when its pages are first touched."""
-    needed = sum(parts.values())
-    available = _memory_of(device)
-    if available is not None and needed > available:
-        detail = ", ".join(f"{name} {nbytes / _GIB:.2f} GiB" for name, nbytes in parts.items())
-        raise MemoryError(
-            f"{what} needs {needed:,} bytes ({needed / _GIB:.2f} GiB: {detail}) but this "
-            f"{'GPU' if device.type == 'cuda' else 'machine'} has {available / _GIB:.2f} GiB of memory"
-        )
-
-
-def _is_out_of_memory(error: BaseException) -> bool:
-    oom = getattr(torch, "OutOfMemoryError", None)
-    if oom is not None and isinstance(error, oom):
-        return True
-    text = str(error)
-    return isinstance(error, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
-
-
-def allocate(what: str, nbytes: int, make: Callable[[], torch.Tensor]) -> torch.Tensor:
-    """``make()``, with torch's allocation failure (a RuntimeError) raised as MemoryError
-    naming `what` and the bytes it needed."""
-    try:
-        return make()
-    except RuntimeError as error:
-        if _is_out_of_memory(error):
-            message = f"could not allocate {nbytes:,} bytes ({nbytes / _GIB:.2f} GiB) for {what}: {error}"
-            raise MemoryError(message) from None
-        raise
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - any failure to compare means "not the same"
+        return False
 
 
 def derive_seed(*parts: Union[int, str]) -> int:
@@ -159,24 +166,25 @@ class EpochSampler(Sampler[int]):
         seed: int,
         device: DeviceLike,
         clamp_value: float = 1e4,
+        policy_items: Optional[int] = None,
     ) -> None:
-        num_items = _backend.check_count(num_items, "num_items")
+        # Every argument is checked, and numbers become plain Python numbers, before anything
+        # is built: saved configurations then load with torch.load(weights_only=True).
+        num_items = _backend.check_count(num_items, "num_items", limit=MAX_CAPACITY)
         if num_items < 1:
             raise ValueError("num_items must be at least 1")
-        if nonfinite not in ("raise", "skip", "clamp"):
-            raise ValueError(f"nonfinite must be 'raise', 'skip' or 'clamp', got {nonfinite!r}")
-        if not (isinstance(clamp_value, numbers.Real) and 0 < clamp_value < math.inf):
-            raise ValueError(f"clamp_value must be a finite number > 0, got {clamp_value!r}")
-        self.clamp_value = float(clamp_value)
+        nonfinite = _backend.check_choice(nonfinite, "nonfinite", ("raise", "skip", "clamp"))
+        self.clamp_value = _backend.check_real(clamp_value, "clamp_value", low=0.0, low_open=True)
         self.num_items = num_items
         self.device = _backend.resolve_device(device)
         self.score_policy = get_score_policy(score)
+        # the items the policy indexes: N, or the whole item set when this sampler holds a shard
+        self.score_policy.check_items(num_items if policy_items is None else _backend.check_count(policy_items, "policy_items"))
         self.seed = _backend.check_seed(seed)
         self.nonfinite = nonfinite
         self._lock = threading.RLock()
         self._next_epoch = 0
         self._current: Optional[_Epoch] = None
-        self._upcoming: Optional[_Epoch] = None
         self._history: List[Dict[str, Any]] = []
         self._counters: Dict[str, int] = {"updates": 0, "nonfinite_skipped": 0, "nonfinite_clamped": 0}
         # CUDA: NaN and +-inf values seen by updates since the last read, counted on the device
@@ -185,6 +193,7 @@ class EpochSampler(Sampler[int]):
         self._nonfinite_info: Optional[Dict[str, Any]] = None
         self._rejected_on_device: Optional[torch.Tensor] = None  # CUDA: a batch held a non-finite score
         self._bad_index_on_device: Optional[torch.Tensor] = None  # CUDA: a batch held an index out of range
+        self._negative_on_device: Optional[torch.Tensor] = None  # CUDA: set_scores was given a negative score
 
     def __getstate__(self) -> Dict[str, Any]:
         state = self.__dict__.copy()
@@ -267,11 +276,14 @@ class EpochSampler(Sampler[int]):
         """Raise errors a GPU recorded during the epoch (drawing an epoch synchronises anyway)."""
         bad_index, self._bad_index_on_device = self._bad_index_on_device, None
         rejected, self._rejected_on_device = self._rejected_on_device, None
+        negative, self._negative_on_device = self._negative_on_device, None
         if bad_index is not None and bool(bad_index):
             raise IndexError(
                 f"a score update during the last epoch held an index outside [0, {self.num_items}) "
                 "and was left out"
             )
+        if negative is not None and bool(negative):
+            raise ValueError("a set_scores() call during the last epoch held a negative score and was left out")
         if rejected is not None and bool(rejected):
             raise ValueError(
                 "a score update during the last epoch held a non-finite score and was left out; "
@@ -286,33 +298,36 @@ class EpochSampler(Sampler[int]):
         return torch.where((indices >= 0) & (indices < self.num_items), indices, torch.zeros_like(indices))
 
     def _store_scores(
-        self, store: torch.Tensor, indices: torch.Tensor, scores: torch.Tensor, *, checked: bool = False
+        self,
+        store: torch.Tensor,
+        indices: torch.Tensor,
+        scores: torch.Tensor,
+        *,
+        checked: bool = False,
+        accept: Optional[torch.Tensor] = None,
     ) -> None:
-        """store[indices] = scores, all or nothing: an index outside [0, N) (IndexError naming
-        it; torch would wrap a negative one around) or a non-finite score (ValueError) rejects
-        the whole batch. On a GPU the checks are made without a synchronisation and reported
-        by _check_device. ``checked``: the caller has validated both on the CPU already."""
+        """store[indices] = scores, all or nothing, a repeated index taking its last value: an
+        index outside [0, N) (IndexError naming it; torch would wrap a negative one around) or
+        a non-finite score (ValueError) rejects the whole batch. On a GPU the checks are made
+        on the device, without a synchronisation (``store_all_or_nothing``; ``accept`` is the
+        tree's decision on the same batch), and reported by _check_device. ``checked``: the
+        caller has validated both on the CPU already."""
         k = indices.numel()
         if self.device.type != "cuda":
-            if checked:
-                store[indices] = scores
-                return
-            if k:
-                if indices.dtype is not torch.int64 or not indices.is_contiguous():
-                    indices = indices.to(torch.int64).contiguous()
-                # the compiled gather checks every index and names the first bad one
-                scratch = _backend.empty_values(k, self.device)  # held: gather writes into it
-                _core.gather(store.data_ptr(), store.numel(), indices.data_ptr(), k, scratch.data_ptr())
-            if not _all_finite(scores):
-                raise ValueError("scores must be finite")
+            if not checked:
+                if k:
+                    if indices.dtype is not torch.int64 or not indices.is_contiguous():
+                        indices = indices.to(torch.int64).contiguous()
+                    # the compiled gather checks every index and names the first bad one
+                    scratch = _backend.empty_values(k, self.device)  # held: gather writes into it
+                    _core.gather(store.data_ptr(), store.numel(), indices.data_ptr(), k, scratch.data_ptr())
+                if not _all_finite(scores):
+                    raise ValueError("scores must be finite")
+            if k >= _PARALLEL_SCATTER:  # torch may scatter this on several threads
+                indices, scores = last_wins(indices, scores)
             store[indices] = scores
             return
-        inside = (indices >= 0) & (indices < store.numel())
-        safe = torch.where(inside, indices, torch.zeros_like(indices))
-        all_inside = inside.all()
-        accepted = torch.isfinite(scores).all() & all_inside
-        store[safe] = torch.where(accepted, scores, store[safe])
-        rejected, outside = ~accepted, ~all_inside
+        rejected, outside = store_all_or_nothing(store, indices, scores, accept)
         self._rejected_on_device = rejected if self._rejected_on_device is None else self._rejected_on_device | rejected
         if self._bad_index_on_device is not None:
             outside = self._bad_index_on_device | outside
@@ -324,12 +339,21 @@ class EpochSampler(Sampler[int]):
     def _state_extra(self) -> Dict[str, Any]:
         return {}
 
+    def _check_extra(self, state: Dict[str, Any]) -> Any:
+        """Validate the subclass's part of a state (scores, tree) without changing anything;
+        returns what ``_apply_extra`` needs."""
+        return None
+
+    def _apply_extra(self, checked: Any) -> None:
+        """Write what ``_check_extra`` validated. May raise only before changing anything."""
+
     def _load_extra(self, state: Dict[str, Any]) -> None:
-        pass
+        self._apply_extra(self._check_extra(state))
 
     # -- epochs ---------------------------------------------------------------------------
-    # _current is the epoch being yielded (or last yielded): weights() answer for it.
-    # _upcoming is the next epoch when len() drew it ahead of iter(), so that both agree.
+    # _current is the epoch being yielded (or last yielded): weights() answer for it. The next
+    # epoch is drawn only by iter() (begin_epoch), after every update of the epoch before it:
+    # len(), steps_per_epoch and total_steps never draw.
 
     def _resumable(self) -> Optional[Epoch]:
         """The current epoch if the next iter() must continue it (it was saved part-way)."""
@@ -344,26 +368,22 @@ class EpochSampler(Sampler[int]):
             return current
         return None
 
-    def _upcoming_epoch(self) -> Epoch:
-        upcoming = self._upcoming
-        if upcoming is not None and upcoming.epoch == self._next_epoch:
-            return upcoming
+    def _draw_epoch(self, epoch: int) -> Epoch:
+        """Draw epoch `epoch` from the scores as they are now (nothing is kept here)."""
         self._check_device()
-        epoch = self._next_epoch
         generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch, "epoch"))
         try:
-            upcoming = self._draw(epoch, generator)
+            drawn = self._draw(epoch, generator)
         except RuntimeError as error:  # a temporary of the draw did not fit; nothing has changed
             if _is_out_of_memory(error):
                 message = f"drawing epoch {epoch} of {self.num_items:,} items ran out of memory: {error}"
                 raise MemoryError(message) from None
             raise
-        upcoming.info.setdefault("epoch", epoch)
-        upcoming.info.setdefault("samples", int(upcoming.order.numel()))
-        upcoming.info.setdefault("nonfinite_skipped", 0)
-        upcoming.info.setdefault("nonfinite_clamped", 0)
-        self._upcoming = upcoming
-        return upcoming
+        drawn.info.setdefault("epoch", epoch)
+        drawn.info.setdefault("samples", int(drawn.order.numel()))
+        drawn.info.setdefault("nonfinite_skipped", 0)
+        drawn.info.setdefault("nonfinite_clamped", 0)
+        return drawn
 
     @property
     def current_epoch(self) -> Optional[Epoch]:
@@ -377,16 +397,15 @@ class EpochSampler(Sampler[int]):
         return self._in_progress() or self._resumable()
 
     def begin_epoch(self) -> Epoch:
-        """What ``iter()`` does before yielding: continue the epoch saved part-way, or start
-        the next one (drawing it now if ``len()`` has not). Returns it; it becomes the current
+        """What ``iter()`` does before yielding: continue the epoch saved part-way, or draw
+        the next one from the scores as they are now. Returns it; it becomes the current
         epoch and enters ``history``."""
         with self._lock:
             if self._nonfinite_on_device is not None:
                 self._read_device_counts()  # they belong to the epoch that ends here
             current = self._resumable()
             if current is None:
-                current = self._upcoming_epoch()
-                self._upcoming = None
+                current = self._draw_epoch(self._next_epoch)
                 self._current = current
                 self._history.append(current.info)
             self._next_epoch = current.epoch + 1
@@ -396,6 +415,13 @@ class EpochSampler(Sampler[int]):
         """Items epoch `epoch` will yield, when that is known before drawing it (else None)."""
         return None
 
+    def _predicted_length(self, epoch: int) -> int:
+        """Items epoch `epoch` would yield if it were drawn now, for samplers whose epoch
+        length depends on the draw (``epoch_length`` None). Changes nothing. This fallback
+        draws the epoch and throws it away (deterministic: the draw is seeded by the epoch);
+        subclasses compute it more cheaply."""
+        return int(self._draw_epoch(epoch).order.numel())
+
     @property
     def epoch(self) -> int:
         """The epoch being iterated, or else the one the next ``iter()`` yields."""
@@ -404,18 +430,23 @@ class EpochSampler(Sampler[int]):
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next ``iter()`` draw epoch `epoch` (as DistributedSampler). Without
-        calls to set_epoch the sampler counts epochs itself, one per ``iter()``."""
+        calls to set_epoch the sampler counts epochs itself, one per ``iter()``. Epochs are
+        ints in [0, 2**63)."""
         epoch = _backend.check_count(epoch, "epoch")
         with self._lock:
             self._next_epoch = epoch
 
     def __len__(self) -> int:
-        """Number of items in the epoch being iterated, or else in the next one."""
+        """Number of items in the epoch being iterated, or else in the next one. Never draws
+        an epoch: a length known in advance (``epoch_length``) is returned as is; one that
+        depends on the draw (soft pruning) is what the epoch would yield if drawn now, exact
+        unless scores change before it is drawn."""
         with self._lock:
             current = self.active_epoch
             if current is not None:
                 return int(current.order.numel())
-            return int(self._upcoming_epoch().order.numel())
+            length = self.epoch_length(self._next_epoch)
+            return int(length) if length is not None else self._predicted_length(self._next_epoch)
 
     def __iter__(self) -> Iterator[int]:
         return self._yield_from(self.begin_epoch())
@@ -443,8 +474,13 @@ class EpochSampler(Sampler[int]):
         Multiply the per-example losses by them before averaging. They use the
         probabilities the items were drawn with. Raises ValueError for an item that the
         current epoch did not draw (on CUDA its weight is NaN instead: a check would
-        synchronise), RuntimeError before the first epoch is drawn.
+        synchronise), IndexError for an index outside [0, N), RuntimeError before the first
+        epoch is drawn. ``dtype`` (a floating torch.dtype) and ``device`` convert the result.
         """
+        if dtype is not None:
+            dtype = _backend.check_float_dtype(dtype)
+        if device is not None:
+            device = _backend.torch_device(device)
         current = self._current
         if current is None:
             raise RuntimeError("no epoch has been drawn yet: iterate the sampler first")
@@ -458,10 +494,16 @@ class EpochSampler(Sampler[int]):
             if missing >= 0:
                 raise ValueError(f"item {int(idx[missing])} was not drawn in epoch {current.epoch}: it has no weight")
         else:
-            # On a GPU an undrawn item's weight comes back NaN: checking would synchronise.
-            weights = current.weight_of[idx]
+            # On a GPU an undrawn item's weight comes back NaN, and so does an index out of
+            # range (read as item 0, without a device-side assert): checking would synchronise.
+            inside = (idx >= 0) & (idx < self.num_items)
+            weights = torch.index_select(current.weight_of, 0, self._safe_indices(idx))
+            weights = torch.where(inside, weights, torch.full_like(weights, math.nan))
         if dtype is not None or device is not None:
-            weights = weights.to(dtype=dtype or weights.dtype, device=device or weights.device)
+            try:
+                weights = weights.to(dtype=dtype or weights.dtype, device=device or weights.device)
+            except (RuntimeError, AssertionError) as error:  # e.g. torch built without CUDA
+                raise ValueError(f"cannot move the weights to device={device}: {error}") from None
         return weights
 
     def _blend_scores(self, indices: torch.Tensor, losses: torch.Tensor, keep: float) -> None:
@@ -505,7 +547,9 @@ class EpochSampler(Sampler[int]):
             except (ValueError, IndexError):
                 # Rejected, nothing written: check explicitly, which raises the clear error or,
                 # with nonfinite="skip"/"clamp", leaves out or clamps the bad items.
-                self.apply_update(self.prepare_update(idx, losses, **extra))
+                update, clamped = self._prepare_update(idx, losses, self.num_items, extra, count=False)
+                self.apply_update(update)
+                self._count_nonfinite(0, clamped, self._epoch_info())
         finally:
             lock.release()
 
@@ -516,28 +560,45 @@ class EpochSampler(Sampler[int]):
         is the range the indices are checked against (default: this sampler's N; a shard of
         a larger item set passes the global N). Values clamped (nonfinite="clamp") are
         counted here, skipped ones when the update is applied."""
+        limit = self.num_items if num_items is None else _backend.check_count(num_items, "num_items")
         idx = _backend.as_indices(indices, self.device)
         losses = _as_losses(losses, idx.numel(), self.device)
         with self._lock:
-            return self._prepare_update(idx, losses, self.num_items if num_items is None else num_items, extra)
+            return self._prepare_update(idx, losses, limit, extra)[0]
 
-    def _prepare_update(
-        self, idx: torch.Tensor, losses: torch.Tensor, limit: int, extra: Dict[str, Any]
-    ) -> ScoreUpdate:
+    def _check_range(self, idx: torch.Tensor, limit: int) -> None:
         if idx.numel():
             outside = (idx < 0) | (idx >= limit)
             if bool(outside.any()):
                 raise IndexError(f"indices {idx[outside][:5].tolist()} are outside [0, {limit})")
+
+    def _prepare_update(
+        self, idx: torch.Tensor, losses: torch.Tensor, limit: int, extra: Dict[str, Any], *, count: bool = True
+    ) -> Tuple[ScoreUpdate, int]:
+        """(the checked update, how many values were clamped); ``count``: add the clamped
+        ones to the counters now (else the caller does, once the update is written)."""
+        self._check_range(idx, limit)
         policy = self.score_policy
         values = losses if policy.keep is not None else self._new_scores(idx, losses, extra)
+        update, clamped = self._without_nonfinite(idx, values, losses, "losses")
+        if count:
+            self._count_nonfinite(0, clamped, self._epoch_info())
+        return update, clamped
+
+    def _without_nonfinite(
+        self, idx: torch.Tensor, values: torch.Tensor, given: torch.Tensor, given_name: str
+    ) -> Tuple[ScoreUpdate, int]:
+        """Apply the ``nonfinite`` setting to new scores `values` (computed from `given`):
+        raise ValueError, or leave out NaN (and inf with "skip"), or clamp +-inf. Returns the
+        update and the number of clamped values (counted by the caller)."""
         finite = torch.isfinite(values)
         if bool(finite.all()):
-            return ScoreUpdate(idx, values, 0)
+            return ScoreUpdate(idx, values, 0), 0
         bad = int((~finite).sum())
         if self.nonfinite == "raise":
             raise ValueError(
-                f"{bad} non-finite score(s) (items {idx[~finite][:5].tolist()}, losses "
-                f"{losses[~finite][:5].tolist()}); the scores are unchanged. "
+                f"{bad} non-finite score(s) (items {idx[~finite][:5].tolist()}, {given_name} "
+                f"{given[~finite][:5].tolist()}); the scores are unchanged. "
                 "Pass nonfinite='skip' (leave such items out) or 'clamp' (inf becomes +-clamp_value)."
             )
         if self.nonfinite == "clamp":
@@ -545,9 +606,8 @@ class EpochSampler(Sampler[int]):
             values = values.clamp(-self.clamp_value, self.clamp_value)
             keep = ~torch.isnan(values)
             nans = int((~keep).sum())
-            self._count_nonfinite(0, bad - nans, self._epoch_info())
-            return ScoreUpdate(idx[keep], values[keep], nans)
-        return ScoreUpdate(idx[finite], values[finite], bad)
+            return ScoreUpdate(idx[keep], values[keep], nans), bad - nans
+        return ScoreUpdate(idx[finite], values[finite], bad), 0
 
     def apply_update(self, update: ScoreUpdate) -> None:
         """Write a prepared update in one step: a repeated index takes its last value, and an
@@ -562,13 +622,84 @@ class EpochSampler(Sampler[int]):
             self._counters["updates"] += 1
             self._count_nonfinite(update.skipped, 0, self._epoch_info())
 
+    def set_scores(self, indices: Any, scores: Any) -> None:
+        """Write scores directly, without the score policy: item ``indices[j]`` gets score
+        ``scores[j]``, and the next epoch draws from the new scores through the sampler's
+        transform (softmax, proportional, rank, soft pruning's mean) and uniform mixture.
+        For scores computed elsewhere: a scoring worker's gradient norms, or a distributed
+        sampler after its exchange.
+
+        ``indices`` (b,) integers and ``scores`` (b,) real numbers: tensors (CPU or CUDA, any
+        real dtype, with or without grad), numpy arrays or sequences. Checked as ``update``:
+        an index outside ``[0, N)`` raises IndexError; a NaN or infinite score raises
+        ValueError, or is skipped (``nonfinite="skip"``) or clamped (``"clamp"``) and counted;
+        a negative score always raises ValueError. A refused call changes nothing. A
+        repeated index takes its last value. Counts as one update in ``counters["updates"]``.
+        A policy with state (EarlyImportance's counts) does not advance; an EMA policy's next
+        ``update`` blends with these scores.
+
+        On CUDA nothing here synchronises: a batch with a bad index, a negative score, or a
+        non-finite one under ``nonfinite="raise"`` is left out on the device, and the error
+        is raised when the next epoch is drawn, as for ``update``.
+        """
+        idx = _backend.as_indices(indices, self.device)
+        values = _as_losses(scores, idx.numel(), self.device, name="scores")
+        with self._lock:
+            if self.device.type == "cuda":
+                self._set_scores_on_device(idx, values)
+                return
+            self._check_range(idx, self.num_items)
+            negative = values < 0
+            if idx.numel() and bool(negative.any()):
+                raise ValueError(
+                    f"scores must be >= 0: items {idx[negative][:5].tolist()} were given "
+                    f"{values[negative][:5].tolist()}; the scores are unchanged"
+                )
+            update, clamped = self._without_nonfinite(idx, values, values, "scores")
+            self._write_scores(update.indices, update.values)  # validates before it writes
+            self._counters["updates"] += 1
+            self._count_nonfinite(update.skipped, clamped, self._epoch_info())
+
+    def _set_scores_on_device(self, idx: torch.Tensor, values: torch.Tensor) -> None:
+        """set_scores on CUDA: every check is made on the device. A negative score turns the
+        batch into a write of the items' current scores (a no-op) and is recorded for
+        _check_device; non-finite ones go through the ``nonfinite`` setting as in update."""
+        if self.nonfinite in ("skip", "clamp"):
+            values = self._replace_nonfinite_on_device(idx, values)
+        negative = (values < 0).any()
+        current = self._read_scores(self._safe_indices(idx))
+        values = torch.where(negative, current, values)
+        previous = self._negative_on_device
+        self._negative_on_device = negative if previous is None else previous | negative
+        self._write_scores(idx, values)
+        self._counters["updates"] += 1
+
     def _new_scores(self, idx: torch.Tensor, losses: torch.Tensor, extra: Dict[str, Any]) -> torch.Tensor:
         policy = self.score_policy
+        idx = self._safe_indices(idx)  # CUDA: a policy's look-up must not hit a device-side assert
         previous = self._read_scores(idx) if policy.needs_previous else None
         new = policy(losses, previous, idx, **extra)
         if not isinstance(new, torch.Tensor) or new.shape != losses.shape:
             raise TypeError(f"{policy!r} must return a tensor of shape {tuple(losses.shape)}")
         return new.to(dtype=torch.float64, device=self.device)
+
+    def _replace_nonfinite_on_device(self, idx: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        """nonfinite="skip"/"clamp" without a synchronisation: NaN (and +-inf with "skip")
+        become the items' current scores, +-inf become +-clamp_value ("clamp"); the counts
+        stay on the device until ``history`` or ``counters`` is read."""
+        nan, inf = torch.isnan(values), torch.isinf(values)
+        seen = torch.stack((nan.sum(), inf.sum()))
+        if self._nonfinite_on_device is None:
+            self._nonfinite_on_device = seen
+            self._nonfinite_info = self._epoch_info()
+        else:
+            self._nonfinite_on_device += seen
+        if self.nonfinite == "clamp":
+            values = values.clamp(-self.clamp_value, self.clamp_value)  # +-inf only: NaN stays NaN
+            bad = nan
+        else:
+            bad = nan | inf
+        return torch.where(bad, self._read_scores(self._safe_indices(idx)), values)
 
     def _update_on_device(self, idx: torch.Tensor, losses: torch.Tensor, extra: Dict[str, Any]) -> None:
         """The CUDA path: no host synchronisation. A non-finite score is left out by keeping
@@ -578,19 +709,7 @@ class EpochSampler(Sampler[int]):
         policy = self.score_policy
         values = losses if policy.keep is not None else self._new_scores(idx, losses, extra)
         if self.nonfinite in ("skip", "clamp"):
-            nan, inf = torch.isnan(values), torch.isinf(values)
-            seen = torch.stack((nan.sum(), inf.sum()))
-            if self._nonfinite_on_device is None:
-                self._nonfinite_on_device = seen
-                self._nonfinite_info = self._epoch_info()
-            else:
-                self._nonfinite_on_device += seen
-            if self.nonfinite == "clamp":
-                values = values.clamp(-self.clamp_value, self.clamp_value)  # +-inf only: NaN stays NaN
-                bad = nan
-            else:
-                bad = nan | inf
-            values = torch.where(bad, self._read_scores(self._safe_indices(idx)), values)
+            values = self._replace_nonfinite_on_device(idx, values)
         if policy.keep is not None:
             self._blend_scores(idx, values, policy.keep)
         else:
@@ -640,51 +759,107 @@ class EpochSampler(Sampler[int]):
             self._load_state_dict(state)
 
     def _load_state_dict(self, state: Dict[str, Any]) -> None:
+        # Everything is checked first; only then is anything written, so a state that does
+        # not fit (a mangled checkpoint, a key missing or of the wrong type) changes nothing.
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict, got {type(state).__name__}")
         if state.get("format") != self._format or state.get("version") != _STATE_VERSION:
             raise ValueError(
                 f"not a {self._format} state of version {_STATE_VERSION} "
-                f"(format={state.get('format')!r}, version={state.get('version')!r})"
+                f"(format={state.get('format')!r:.60}, version={state.get('version')!r:.60})"
             )
+        missing = [key for key in ("config", "next_epoch", "current", "history", "counters") if key not in state]
+        if missing:
+            raise ValueError(f"the state lacks {missing}: pass a state from {type(self).__name__}.state_dict()")
         config = self._config()
-        saved = state.get("config", {})
-        differences = sorted(k for k in set(config) | set(saved) if config.get(k) != saved.get(k))
+        saved = state["config"]
+        if not isinstance(saved, dict):
+            raise ValueError(f"state['config'] must be a dict, got {type(saved).__name__}")
+        differences = sorted(str(k) for k in set(config) | set(saved) if not _same(config.get(k), saved.get(k)))
         if differences:
             raise ValueError(
                 "the state comes from a sampler configured differently: "
-                + ", ".join(f"{k}: saved {saved.get(k)!r}, here {config.get(k)!r}" for k in differences)
+                + ", ".join(f"{k}: saved {saved.get(k)!r:.60}, here {config.get(k)!r:.60}" for k in differences)
             )
-        current = state.get("current")
-        restored = None
-        if current is not None:
-            order = _backend.as_indices(current["order"], self.device)
-            weight_of = current["weight_of"]
-            if weight_of is not None:
-                weight_of = _backend.as_values(weight_of, self.device, self.num_items, name="weight_of")
-            position = _backend.check_count(current["position"], "position")
-            if position > order.numel() or (
-                order.numel() and (int(order.max()) >= self.num_items or int(order.min()) < 0)
-            ):
-                raise ValueError("the saved epoch is inconsistent with this sampler")
-            restored = _Epoch(int(current["epoch"]), order, weight_of, position, dict(current.get("info", {})))
-        next_epoch = _backend.check_count(state.get("next_epoch"), "next_epoch")
-        history = [dict(entry) for entry in state.get("history", [])]
+        restored = self._checked_epoch(state["current"])
+        next_epoch = _backend.check_count(state["next_epoch"], "state['next_epoch']")
+        history = state["history"]
+        if not isinstance(history, list):
+            raise ValueError(f"state['history'] must be a list of dicts, got {type(history).__name__}")
+        history = [_checked_info(entry, f"state['history'][{j}]") for j, entry in enumerate(history)]
+        counters = _checked_counters(state["counters"])
+        policy_state = state.get("policy", {})
+        policy = self.score_policy
+        # Check the policy's state without loading it, unless a policy of the user's own loads
+        # without saying how to check (it is then restored if what follows fails).
+        if type(policy).check_state_dict is not ScorePolicy.check_state_dict or (
+            type(policy).load_state_dict is ScorePolicy.load_state_dict
+        ):
+            policy.check_state_dict(policy_state)
+        extra = self._check_extra(state)
+
+        # -- write: the core may still refuse (before changing anything); the rest cannot fail
         if restored is not None and history and history[-1].get("epoch") == restored.epoch:
             restored.info = history[-1]  # one dict, as when the epoch was drawn: counts go to both
-        previous_policy = self.score_policy.state_dict()
-        self.score_policy.load_state_dict(state.get("policy", {}))  # validates before changing
+        previous_policy = policy.state_dict()
+        policy.load_state_dict(policy_state)
         try:
-            self._load_extra(state)  # validates and restores scores; raises before changing them
-        except Exception:
-            self.score_policy.load_state_dict(previous_policy)
+            self._apply_extra(extra)
+        except BaseException:
+            policy.load_state_dict(previous_policy)
             raise
         self._current = restored
-        self._upcoming = None
         # An epoch saved part-way is the one the next iter() must continue.
         self._next_epoch = restored.epoch if restored and restored.position < len(restored.order) else next_epoch
-        self.counters = {**self.counters, **state.get("counters", {})}
+        self.counters = {**self.counters, **counters}
         self._history = history
+        self._rejected_on_device = self._bad_index_on_device = self._negative_on_device = None
+
+    def _checked_epoch(self, current: Any) -> Optional[Epoch]:
+        """The saved current epoch as an Epoch, checked against this sampler (None stays None)."""
+        if current is None:
+            return None
+        if not isinstance(current, dict):
+            raise ValueError(f"state['current'] must be a dict or None, got {type(current).__name__}")
+        missing = [key for key in ("epoch", "order", "weight_of", "position") if key not in current]
+        if missing:
+            raise ValueError(f"state['current'] lacks {missing}: the state is damaged")
+        epoch = _backend.check_count(current["epoch"], "state['current']['epoch']")
+        order = _backend.as_indices(current["order"], self.device, name="state['current']['order']")
+        weight_of = current["weight_of"]
+        if weight_of is not None:
+            weight_of = _backend.as_values(weight_of, self.device, self.num_items, name="state['current']['weight_of']")
+            if weight_of is current["weight_of"]:
+                weight_of = weight_of.clone()  # the sampler must not share the caller's tensor
+            if bool((weight_of[~torch.isnan(weight_of)] < 0).any()):
+                raise ValueError("state['current']['weight_of'] holds a negative weight")
+        position = _backend.check_count(current["position"], "state['current']['position']")
+        if position > order.numel() or (order.numel() and (int(order.max()) >= self.num_items or int(order.min()) < 0)):
+            raise ValueError("the saved epoch is inconsistent with this sampler (its order or position)")
+        if order is current["order"]:
+            order = order.clone()
+        info = _checked_info(current.get("info", {}), "state['current']['info']")
+        return _Epoch(epoch, order, weight_of, position, info)
+
+
+def _checked_info(entry: Any, name: str) -> Dict[str, Any]:
+    """A copy of a saved history entry; the counts that updates add to must be ints."""
+    if not isinstance(entry, dict):
+        raise ValueError(f"{name} must be a dict, got {type(entry).__name__}")
+    entry = dict(entry)
+    for key in ("epoch", "samples", "nonfinite_skipped", "nonfinite_clamped"):
+        if key in entry:
+            entry[key] = _backend.check_count(entry[key], f"{name}[{key!r}]")
+    return entry
+
+
+def _checked_counters(counters: Any) -> Dict[str, int]:
+    if not isinstance(counters, dict):
+        raise ValueError(f"state['counters'] must be a dict, got {type(counters).__name__}")
+    unknown = sorted(str(k) for k in counters if k not in _COUNTERS)
+    if unknown:
+        raise ValueError(f"state['counters'] holds unknown counters {unknown}; expected {list(_COUNTERS)}")
+    return {key: _backend.check_count(value, f"state['counters'][{key!r}]") for key, value in counters.items()}
 
 
 class ImportanceSampler(EpochSampler):
@@ -718,8 +893,9 @@ class ImportanceSampler(EpochSampler):
         device: where the tree lives (``"cpu"``).
 
     Memory: the tree (8.5–16.5 bytes per item), 8 bytes per item of scores for the
-    proportional and rank transforms, and 8 bytes per item for the current epoch's weights.
-    A sampler that cannot fit raises MemoryError naming the bytes it needs.
+    proportional and rank transforms, 8 bytes per item for the current epoch's weights, and 8
+    bytes per drawn item for its order. A sampler that cannot fit raises MemoryError naming
+    the bytes it needs, at construction.
 
     Threads: see EpochSampler.
     """
@@ -744,34 +920,34 @@ class ImportanceSampler(EpochSampler):
         clamp_value: float = 1e4,
         seed: int = 0,
         device: DeviceLike = "cpu",
+        _policy_items: Optional[int] = None,
     ) -> None:
-        super().__init__(num_items, score=score, nonfinite=nonfinite, seed=seed, device=device, clamp_value=clamp_value)
+        super().__init__(
+            num_items, score=score, nonfinite=nonfinite, seed=seed, device=device, clamp_value=clamp_value,
+            policy_items=_policy_items,
+        )
+        num_items = self.num_items
         self.transform = get_transform(transform)
         samples = num_items if samples_per_epoch is None else _backend.check_count(samples_per_epoch, "samples_per_epoch")
         if samples < 1:
             raise ValueError("samples_per_epoch must be at least 1")
+        replacement = _backend.check_bool(replacement, "replacement")
         if not replacement and samples > num_items:
             raise ValueError(f"samples_per_epoch={samples} exceeds num_items={num_items} without replacement")
-        if weighting not in ("auto", "inverse_probability", "none"):
-            raise ValueError(f"weighting must be 'auto', 'inverse_probability' or 'none', got {weighting!r}")
-        if not (isinstance(uniform_mix, numbers.Real) and 0.0 <= uniform_mix <= 1.0):
-            raise ValueError(f"uniform_mix must be in [0, 1], got {uniform_mix!r}")
-        if not callable(weight_exponent) and not (
-            isinstance(weight_exponent, numbers.Real) and 0.0 <= weight_exponent <= 1.0
-        ):
-            raise ValueError(f"weight_exponent must be in [0, 1] or a function of the epoch, got {weight_exponent!r}")
-        if normalize_weights not in (None, "max", "mean"):
-            raise ValueError(f"normalize_weights must be None, 'max' or 'mean', got {normalize_weights!r}")
-        if not (isinstance(initial_score, numbers.Real) and math.isfinite(initial_score)):
-            raise ValueError(f"initial_score must be a finite number, got {initial_score!r}")
+        weighting = _backend.check_choice(weighting, "weighting", ("auto", "inverse_probability", "none"))
+        uniform_mix = _backend.check_real(uniform_mix, "uniform_mix", low=0.0, high=1.0)
+        if not callable(weight_exponent):
+            weight_exponent = _backend.check_real(weight_exponent, "weight_exponent (a number or a function of the epoch)", low=0.0, high=1.0)
+        normalize_weights = _backend.check_choice(normalize_weights, "normalize_weights", (None, "max", "mean"))
+        initial_score = _backend.check_real(initial_score, "initial_score")
         self.samples_per_epoch = samples
-        self.replacement = bool(replacement)
+        self.replacement = replacement
         self.warmup_epochs = _backend.check_count(warmup_epochs, "warmup_epochs")
         self.weighting = weighting
-        self.uniform_mix = float(uniform_mix)
+        self.uniform_mix = uniform_mix
         self.weight_exponent = weight_exponent
         self.normalize_weights = normalize_weights
-        self.initial_score = float(initial_score)
+        self.initial_score = initial_score
 
         # Everything is checked before it is touched: first with a lower bound of the tree's
         # size (a SoftmaxTree fills its leaves when built), then with its exact size (a SumTree
@@ -779,7 +955,12 @@ class ImportanceSampler(EpochSampler):
         # tree goes with the frame's last reference.
         holds_scores = self.transform.tree_holds_scores
         what = f"ImportanceSampler({num_items:,} items, {self.transform.name})"
-        others = {"scores": 0 if holds_scores else 8 * num_items, "epoch weights": 8 * num_items}
+        longest_epoch = max(samples, num_items if self.warmup_epochs else 0)
+        others = {
+            "scores": 0 if holds_scores else 8 * num_items,
+            "epoch weights": 8 * num_items,
+            "epoch order": 8 * longest_epoch,
+        }
         check_fits(what, {"tree (at least)": (16 if holds_scores else 8) * num_items, **others}, self.device)
         tree = self.transform.make_tree(num_items, device=self.device, seed=derive_seed(self.seed, "tree"))
         try:
@@ -801,6 +982,7 @@ class ImportanceSampler(EpochSampler):
             raise
         self._tree = tree
         self._scores = scores
+        self._max_leaf = tree.max_device_weight  # the GPU tree refuses leaves above it
 
     # -- scores ---------------------------------------------------------------------------
     def _read_scores(self, indices):
@@ -825,10 +1007,18 @@ class ImportanceSampler(EpochSampler):
         if self.transform.epoch_level:  # only the score tensor: it checks the indices and scores
             self._store_scores(self._scores, indices, scores)
             return
-        if self.device.type != "cuda" and not _all_finite(scores):
-            raise ValueError("scores must be finite")  # leaf_values could make -inf finite
-        self._tree.update(indices, self.transform.leaf_values(scores))  # checks the indices before writing
-        self._store_scores(self._scores, indices, scores, checked=True)
+        if self.device.type != "cuda":
+            if not _all_finite(scores):
+                raise ValueError("scores must be finite")  # leaf_values could make -inf finite
+            self._tree.update(indices, self.transform.leaf_values(scores))  # checks the indices before writing
+            self._store_scores(self._scores, indices, scores, checked=True)
+            return
+        # CUDA: the tree refuses the batch on the device; the score store follows the same
+        # decision (the tree's own test of the leaves), so the two never diverge.
+        leaves = self.transform.leaf_values(scores)
+        self._tree.update(indices, leaves)
+        tree_accepts = ((leaves >= 0.0) & (leaves <= self._max_leaf)).all()  # False for NaN too
+        self._store_scores(self._scores, indices, scores, accept=tree_accepts)
 
     def scores(self) -> torch.Tensor:
         return self._tree.get() if self._scores is None else self._scores.clone()
@@ -845,10 +1035,13 @@ class ImportanceSampler(EpochSampler):
 
     # -- drawing --------------------------------------------------------------------------
     def _epoch_exponent(self, epoch: int) -> float:
-        value = self.weight_exponent(epoch) if callable(self.weight_exponent) else self.weight_exponent
-        if not (isinstance(value, numbers.Real) and 0.0 <= value <= 1.0):
-            raise ValueError(f"weight_exponent({epoch}) returned {value!r}, expected a number in [0, 1]")
-        return float(value)
+        if not callable(self.weight_exponent):
+            return self.weight_exponent
+        value = self.weight_exponent(epoch)
+        try:
+            return _backend.check_real(value, f"weight_exponent({epoch})", low=0.0, high=1.0)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{error}: the function must return a number in [0, 1]") from None
 
     def _draw(self, epoch, generator):
         n, m = self.num_items, self.samples_per_epoch
@@ -911,16 +1104,18 @@ class ImportanceSampler(EpochSampler):
 
     def total_steps(self, num_epochs: int, batch_size: int, *, drop_last: bool = False) -> int:
         """Optimizer steps over epochs 0 .. num_epochs - 1 (warm-up epochs are N long, the
-        others samples_per_epoch): what a per-step LR schedule such as OneCycleLR needs."""
+        others samples_per_epoch): what a per-step LR schedule such as OneCycleLR needs.
+        Draws nothing."""
         num_epochs = _backend.check_count(num_epochs, "num_epochs")
         batch_size = _backend.check_count(batch_size, "batch_size")
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
-        steps = 0
-        for epoch in range(num_epochs):
-            length = self.epoch_length(epoch)
-            steps += length // batch_size if drop_last else -(-length // batch_size)
-        return steps
+
+        def steps(length: int) -> int:
+            return length // batch_size if drop_last else -(-length // batch_size)
+
+        warmup = min(num_epochs, self.warmup_epochs)
+        return warmup * steps(self.num_items) + (num_epochs - warmup) * steps(self.samples_per_epoch)
 
     # -- state ----------------------------------------------------------------------------
     def _config(self):
@@ -941,15 +1136,23 @@ class ImportanceSampler(EpochSampler):
     def _state_extra(self):
         return {"tree": self._tree.state_dict(), "scores": None if self._scores is None else self._scores.clone()}
 
-    def _load_extra(self, state):
-        scores = state.get("scores")
+    def _check_extra(self, state):
+        if "tree" not in state or "scores" not in state:
+            raise ValueError("the state lacks 'tree' or 'scores': pass a state from ImportanceSampler.state_dict()")
+        scores = state["scores"]
         if (scores is None) != (self._scores is None):
             raise ValueError("the state's scores do not match this sampler's transform")
         if scores is not None:
             scores = _backend.as_values(scores, self.device, self.num_items, name="state['scores']")
             if not bool(torch.isfinite(scores).all()):
                 raise ValueError("state['scores'] holds a non-finite score")
-        self._tree.load_state_dict(state.get("tree"))  # validates itself; raises before changing
+        tree_state = state["tree"]
+        self._tree.check_state_dict(tree_state)
+        return tree_state, scores
+
+    def _apply_extra(self, checked):
+        tree_state, scores = checked
+        self._tree.load_state_dict(tree_state)  # the core may still refuse, before changing anything
         if scores is not None:
             self._scores.copy_(scores)
 
@@ -986,20 +1189,26 @@ class IndexedDataset(Dataset):
         return (index, item)
 
 
-def _as_losses(losses: Any, length: int, device: torch.device) -> torch.Tensor:
-    """Per-example losses as float64 (length,) on `device`, detached; errors name the fix."""
+def _as_losses(losses: Any, length: int, device: torch.device, name: str = "losses") -> torch.Tensor:
+    """Per-example losses (or scores) as float64 (length,) on `device`, detached; errors name
+    the argument and the fix."""
     if type(losses) is torch.Tensor and losses.dim() == 1 and losses.shape[0] == length and not losses.requires_grad:
-        if losses.dtype is torch.float64 and losses.is_contiguous() and _backend._on(losses, device):
+        if losses.dtype is torch.float64 and losses.is_contiguous() and _backend._on(losses, device) and not losses.is_neg():
             return losses
     if isinstance(losses, torch.Tensor):
-        if losses.dim() == 0:
-            raise ValueError(
-                "update() needs one loss per example, got a scalar: compute the loss with reduction='none'"
-            )
-        if losses.is_complex() or losses.dtype is torch.bool:
-            raise TypeError(f"losses must be real numbers, got dtype {losses.dtype}")
-        t = losses.detach()
+        t = _backend.checked_tensor(losses, name)
+        if t.dim() == 0:
+            if name == "losses":
+                raise ValueError(
+                    "update() needs one loss per example, got a scalar: compute the loss with reduction='none'"
+                )
+            raise ValueError(f"{name} must hold one value per index, got a scalar (0-d tensor)")
+        if t.is_complex() or t.dtype is torch.bool:
+            raise TypeError(f"{name} must be real numbers, got dtype {t.dtype}")
+        t = t.detach()
         if t.dim() != 1 or t.shape[0] != length:
-            raise ValueError(f"losses must have shape ({length},) like the indices, got {tuple(t.shape)}")
+            raise ValueError(f"{name} must have shape ({length},) like the indices, got {tuple(t.shape)}")
         return t.to(device=device, dtype=torch.float64).contiguous()
-    return _backend.as_values(losses, device, length, name="losses")
+    if isinstance(losses, (numbers.Number, np.generic)) and not isinstance(losses, (bool, np.bool_)) and name == "losses":
+        raise ValueError("update() needs one loss per example, got a scalar: compute the loss with reduction='none'")
+    return _backend.as_values(losses, device, length, name=name)

@@ -18,11 +18,11 @@ The sampler adds, on top of any transform, a uniform mixture ``(1 - lam) p + lam
 
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, Union
 
 import torch
 
+from . import _backend
 from .tree import SoftmaxTree, SumTree
 
 __all__ = ["Transform", "Softmax", "Proportional", "RankBased", "get_transform"]
@@ -64,9 +64,7 @@ class Softmax(Transform):
     tree_holds_scores = True
 
     def __init__(self, temperature: float = 1.0) -> None:
-        if not (isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(temperature)):
-            raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-        self.temperature = float(temperature)
+        self.temperature = _backend.check_real(temperature, "temperature", low=0.0, low_open=True)
 
     def make_tree(self, num_items, *, device, seed):
         return SoftmaxTree(num_items, temperature=self.temperature, device=device, seed=seed)
@@ -88,11 +86,8 @@ class Proportional(Transform):
     name = "proportional"
 
     def __init__(self, alpha: float = 1.0, eps: float = 1e-6) -> None:
-        if not (isinstance(alpha, (int, float)) and alpha >= 0 and math.isfinite(alpha)):
-            raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
-        if not (isinstance(eps, (int, float)) and eps >= 0 and math.isfinite(eps)):
-            raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-        self.alpha, self.eps = float(alpha), float(eps)
+        self.alpha = _backend.check_real(alpha, "alpha", low=0.0)
+        self.eps = _backend.check_real(eps, "eps", low=0.0)
 
     def leaf_values(self, scores):
         base = scores.clamp(min=0.0).add_(self.eps)  # clamp made a new tensor: add in place
@@ -110,9 +105,7 @@ class RankBased(Transform):
     epoch_level = True
 
     def __init__(self, alpha: float = 0.7) -> None:
-        if not (isinstance(alpha, (int, float)) and alpha >= 0 and math.isfinite(alpha)):
-            raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
-        self.alpha = float(alpha)
+        self.alpha = _backend.check_real(alpha, "alpha", low=0.0)
 
     def leaf_values(self, scores):
         order = torch.argsort(scores, descending=True, stable=True)

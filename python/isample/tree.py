@@ -8,6 +8,7 @@ on the tree's device (int64 indices, float64 values).
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any, Dict, Optional, Tuple
 
 import torch
@@ -19,6 +20,18 @@ from ._device import DeviceCore
 __all__ = ["SumTree", "SoftmaxTree", "uniforms"]
 
 _STATE_VERSION = 1
+#: the largest capacity the core accepts (indices are int64 and the padded leaf count must fit)
+MAX_CAPACITY = 2**40
+_METHODS = ("auto", "removal", "race")
+#: outputs above this many bytes are checked against the memory before they are allocated
+_CHECKED_OUTPUT_BYTES = 2**30
+
+
+def _restore(cls: type, arguments: Dict[str, Any], state: Dict[str, Any]) -> "_Tree":
+    """Rebuild a pickled or deep-copied tree from its constructor arguments and state_dict."""
+    tree = cls(**arguments)
+    tree.load_state_dict(state)
+    return tree
 
 
 class _Tree:
@@ -27,10 +40,11 @@ class _Tree:
     _format: str
 
     def __init__(self, capacity: int, device: DeviceLike, seed: Optional[int], implementation: str) -> None:
-        capacity = _backend.check_count(capacity, "capacity")
+        capacity = _backend.check_count(capacity, "capacity", limit=MAX_CAPACITY)
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
         self._device = _backend.resolve_device(device)
+        self._sync_errors = False
         self._capacity = capacity
         self._stream_seed = _backend.draw_seed() if seed is None else _backend.check_seed(seed)
         # "cpu": the CPU tree; "cuda": the GPU algorithms on a CUDA device; "gpu_on_host": the
@@ -48,6 +62,7 @@ class _Tree:
             self._implementation = "gpu_on_host" if implementation == "gpu_on_host" else "cpu"
 
     def _device_core(self, softmax: bool, temperature: float, sync_errors: bool) -> DeviceCore:
+        self._sync_errors = _backend.check_bool(sync_errors, "sync_errors")
         kind = "cuda" if self._implementation == "cuda" else "host"
         index = self._device.index if self._device.index is not None else 0
         handle = _core.DeviceTree(self._stream_seed, kind, self._capacity, softmax, temperature, index)
@@ -63,6 +78,28 @@ class _Tree:
         """
         if isinstance(self._core, DeviceCore):
             self._core.check()
+
+    def _arguments(self) -> Dict[str, Any]:
+        """Constructor arguments that rebuild this tree (its values come from state_dict)."""
+        arguments: Dict[str, Any] = {"capacity": self._capacity, "device": str(self._device)}
+        if self._implementation != "cpu":
+            arguments["sync_errors"] = self._sync_errors
+        if self._implementation == "gpu_on_host":
+            arguments["_implementation"] = "gpu_on_host"
+        return arguments
+
+    def __reduce__(self) -> Tuple[Any, ...]:
+        # pickle and copy.deepcopy go through state_dict: the compiled core cannot be pickled
+        return (_restore, (type(self), self._arguments(), self.state_dict()))
+
+    @property
+    def max_device_weight(self) -> float:
+        """The largest leaf weight the GPU algorithms accept (DBL_MAX / 2n, n rounded up to
+        the fan-out), so that no sum can overflow without a check on the host. The CPU tree
+        checks the total instead; for it this bound is informative only."""
+        fanout = int(_core.build_info()["fanout"])
+        leaf_slots = -(-self._capacity // fanout) * fanout
+        return sys.float_info.max / (2.0 * float(leaf_slots))
 
     # -- properties -------------------------------------------------------------------
     def __len__(self) -> int:
@@ -143,18 +180,33 @@ class _Tree:
         Raises ValueError when every weight is zero, or when ``replace=False`` and fewer
         than k items have a positive weight.
         """
-        if type(k) is not int or k < 0:
-            k = _backend.check_count(k)
+        if replace is not True and replace is not False:
+            replace = _backend.check_bool(replace, "replace")
+        if type(k) is not int or k < 0 or k > 65536:
+            k = self._check_draw_count(k, replace)
         if seed is not None or generator is not None:
             seed = _seed_of_call(seed, generator)
-        out = _backend.empty_indices(k, self._device)
         if method == "auto":
-            self._core.sample(k, replace is True or bool(replace), out.data_ptr(), seed)
-        else:
-            if replace:
-                raise ValueError("method applies to replace=False only")
-            self._core.sample(k, False, out.data_ptr(), seed, method)
+            out = _backend.empty_indices(k, self._device)
+            self._core.sample(k, replace, out.data_ptr(), seed)
+            return out
+        if not isinstance(method, str) or method not in _METHODS:
+            raise ValueError(f"method must be one of {', '.join(map(repr, _METHODS))}, got {method!r:.40}")
+        if replace:
+            raise ValueError("method applies to replace=False only")
+        out = _backend.empty_indices(k, self._device)
+        self._core.sample(k, False, out.data_ptr(), seed, str(method))
         return out
+
+    def _check_draw_count(self, k: Any, replace: Any) -> int:
+        """k as an int, checked before anything is allocated: at most n distinct items, and
+        an output that fits in memory."""
+        k = _backend.check_count(k, "k")
+        if replace is False and k > self._capacity:
+            raise ValueError(f"cannot draw {k:,} distinct items from a tree of {self._capacity:,}: pass k <= capacity")
+        if 8 * k > _CHECKED_OUTPUT_BYTES:
+            _backend.check_fits(f"drawing {k:,} items", {"the drawn indices": 8 * k}, self._device)
+        return k
 
     def sample_with_inclusion(
         self,
@@ -172,7 +224,7 @@ class _Tree:
         ``f.sum()`` (priority sampling: Duffield, Lund & Thorup 2007). Returns
         ``(indices int64 (k,), inclusion float64 (k,))``.
         """
-        k = _backend.check_count(k)
+        k = self._check_draw_count(k, False)
         if seed is not None or generator is not None:
             seed = _seed_of_call(seed, generator)
         out = _backend.empty_indices(k, self._device)
@@ -185,7 +237,7 @@ class _Tree:
 
         ``sample(k, seed=s)`` equals ``sample_from_uniforms(isample.uniforms(k, seed=s))``.
         """
-        values = _backend.as_values(u, self._device, _length_of(u), name="u")
+        values = _backend.as_values(u, self._device, _length_of(u, "u"), name="u")
         out = _backend.empty_indices(values.shape[0], self._device)
         self._core.sample_from_uniforms(values.data_ptr(), values.shape[0], out.data_ptr())
         return out
@@ -204,15 +256,22 @@ class _Tree:
         if state.get("capacity") != self._capacity:
             raise ValueError(f"state is for capacity {state.get('capacity')}, this tree has {self._capacity}")
         for key in ("stream_seed", "stream_calls"):
-            _backend.check_seed(state.get(key))
+            if key not in state:
+                raise ValueError(f"the state lacks {key!r}: pass a state from {type(self).__name__}.state_dict()")
+            _backend.check_seed(state[key], f"state[{key!r}]")
         values = state.get(array_key)
         if not isinstance(values, torch.Tensor):
-            raise TypeError(f"state[{array_key!r}] must be a tensor")
+            raise TypeError(f"state[{array_key!r}] must be a tensor, got {type(values).__name__}")
         return _backend.as_values(values, self._device, self._capacity, name=f"state[{array_key!r}]")
 
     def _load_stream(self, state: Dict[str, Any]) -> None:
         self._core.stream_seed = _backend.check_seed(state["stream_seed"])
         self._core.stream_calls = _backend.check_seed(state["stream_calls"])
+
+    def check_state_dict(self, state: Dict[str, Any]) -> None:
+        """Raise what ``load_state_dict(state)`` would raise for a state that does not fit,
+        without changing anything (a sampler checks its whole state before loading any of it)."""
+        raise NotImplementedError
 
     def __repr__(self) -> str:
         where = f"'{self._device}'" + (", gpu_on_host" if self._implementation == "gpu_on_host" else "")
@@ -229,16 +288,18 @@ def _seed_of_call(seed: Optional[int], generator: Optional[torch.Generator]) -> 
     return _backend.check_seed(seed)
 
 
-def _length_of(x: Any) -> int:
+def _length_of(x: Any, name: str) -> int:
+    if isinstance(x, (str, bytes)):
+        raise TypeError(f"{name} must be an array of numbers, got {type(x).__name__}")
     if isinstance(x, (torch.Tensor,)) or hasattr(x, "shape"):
         shape = tuple(x.shape)
         if len(shape) != 1:
-            raise ValueError(f"expected a 1-D array, got shape {shape}")
-        return shape[0]
+            raise ValueError(f"{name} must be a 1-D array, got shape {shape}")
+        return int(shape[0])
     try:
         return len(x)
     except TypeError as error:
-        raise TypeError(f"expected an array of numbers, got {type(x).__name__}") from error
+        raise TypeError(f"{name} must be an array of numbers, got {type(x).__name__}") from error
 
 
 class SumTree(_Tree):
@@ -278,7 +339,7 @@ class SumTree(_Tree):
     @classmethod
     def from_weights(cls, weights: Any, *, device: DeviceLike = "cpu", seed: Optional[int] = None, **kwargs: Any) -> "SumTree":
         """A tree holding `weights` (shape (n,)), built in O(n)."""
-        tree = cls(_length_of(weights), device=device, seed=seed, **kwargs)
+        tree = cls(_length_of(weights, "weights"), device=device, seed=seed, **kwargs)
         tree.assign(weights)
         return tree
 
@@ -312,9 +373,22 @@ class SumTree(_Tree):
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore a state from ``state_dict``; a state that does not fit changes nothing."""
-        weights = self._check_state(state, "weights")
+        weights = self._checked_weights(state)
         self._core.assign(weights.data_ptr())
         self._load_stream(state)
+
+    def check_state_dict(self, state: Dict[str, Any]) -> None:
+        self._checked_weights(state)
+
+    def _checked_weights(self, state: Dict[str, Any]) -> torch.Tensor:
+        weights = self._check_state(state, "weights")
+        if self._device.type != "cuda":  # on a GPU the core checks them, without a synchronisation
+            finite = bool(torch.isfinite(weights).all())
+            if not finite or bool((weights < 0).any()):
+                raise ValueError("state['weights'] holds a negative or non-finite weight")
+            if math.isinf(float(weights.sum())):
+                raise ValueError("state['weights'] sum to more than the largest float64")
+        return weights
 
 
 class SoftmaxTree(_Tree):
@@ -364,7 +438,7 @@ class SoftmaxTree(_Tree):
         **kwargs: Any,
     ) -> "SoftmaxTree":
         """A tree holding `scores` (shape (n,)), built in O(n)."""
-        tree = cls(_length_of(scores), temperature=temperature, device=device, seed=seed, **kwargs)
+        tree = cls(_length_of(scores, "scores"), temperature=temperature, device=device, seed=seed, **kwargs)
         tree.assign(scores)
         return tree
 
@@ -403,10 +477,11 @@ class SoftmaxTree(_Tree):
         average in one call. Each item blends with its score from before the call; a
         repeated index takes its last value. keep = 0 is ``update``.
         """
+        keep = _backend.check_real(keep, "keep", low=0.0, high=1.0)
         idx = _backend.as_indices(indices, self._device)
         k = idx.numel()
         val = _backend.as_values(values, self._device, k, name="values")
-        self._core.update(idx.data_ptr(), val.data_ptr(), k, float(keep))
+        self._core.update(idx.data_ptr(), val.data_ptr(), k, keep)
 
     def assign(self, scores: Any) -> None:
         """Set all n scores at once (shape (n,)), O(n)."""
@@ -430,26 +505,32 @@ class SoftmaxTree(_Tree):
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore a state from ``state_dict``; a state that does not fit changes nothing."""
-        scores = self._check_state(state, "scores")
-        temperature = _check_temperature(state.get("temperature"))
-        reference = state.get("reference")
-        if not isinstance(reference, float) or not math.isfinite(reference):
-            raise ValueError(f"state['reference'] must be a finite float, got {reference!r}")
-        if not bool(torch.isfinite(scores).all()):
-            raise ValueError("state['scores'] holds a non-finite score")
-        if temperature != self.temperature:
+        scores, temperature, reference = self._checked_state(state)
+        previous = self.temperature
+        if temperature != previous:
             self._core.temperature = temperature
-        self._core.load(scores.data_ptr(), reference)
+        try:
+            self._core.load(scores.data_ptr(), reference)
+        except BaseException:
+            if temperature != previous:
+                self._core.temperature = previous
+            raise
         self._load_stream(state)
 
+    def check_state_dict(self, state: Dict[str, Any]) -> None:
+        self._checked_state(state)
 
-def _check_temperature(value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"temperature must be a number, got {type(value).__name__}")
-    value = float(value)
-    if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"temperature must be a finite number > 0, got {value}")
-    return value
+    def _checked_state(self, state: Dict[str, Any]) -> Tuple[torch.Tensor, float, float]:
+        scores = self._check_state(state, "scores")
+        temperature = _check_temperature(state.get("temperature"), "state['temperature']")
+        reference = _backend.check_real(state.get("reference"), "state['reference']")
+        if self._device.type != "cuda" and not bool(torch.isfinite(scores).all()):
+            raise ValueError("state['scores'] holds a non-finite score")
+        return scores, temperature, reference
+
+
+def _check_temperature(value: Any, name: str = "temperature") -> float:
+    return _backend.check_real(value, name, low=0.0, low_open=True)
 
 
 def uniforms(k: int, *, seed: int, offset: int = 0) -> torch.Tensor:
@@ -459,6 +540,8 @@ def uniforms(k: int, *, seed: int, offset: int = 0) -> torch.Tensor:
     ``offset + j`` of stream ``seed`` is the j-th value, identical on every back end.
     """
     k = _backend.check_count(k)
+    if 8 * k > _CHECKED_OUTPUT_BYTES:
+        _backend.check_fits(f"{k:,} uniforms", {"the uniforms": 8 * k}, _backend.CPU)
     out = _backend.empty_values(k, torch.device("cpu"))
     _core.uniforms(_backend.check_seed(seed), _backend.check_count(offset, "offset"), k, out.data_ptr())
     return out
