@@ -11,17 +11,21 @@ largest weight is 1 (``normalize="batch"``: the batch's largest, as the PER pape
 New items get the largest priority given so far (1.0 at first), so each is likely to be
 seen soon.
 
-Moving from cpprb (see ``docs/backend_protocol.md`` for the full diff)::
+Moving from cpprb (``docs/adapters.md`` has the full diff)::
 
-    rb = PrioritizedReplayBuffer(100_000, alpha=0.6, eps=1e-4, normalize="buffer")  # no env_dict
+    rb = PrioritizedReplayBuffer(100_000, alpha=0.6, eps=1e-4, normalize="buffer",  # no env_dict
+                                 bool_as_float=True)             # gymnasium's bool done -> 0./1.
     rb.add(obs=obs, act=act, rew=rew, next_obs=next_obs, done=done)                # one transition
-    batch = rb.sample(32, beta=0.4)                   # dict of tensors + "indices", "weights"
-    rb.update_priorities(batch["indices"], td_error.abs())
-    rb.get_stored_size()                              # == len(rb)
+    batch = rb.sample(32, beta=0.4)       # dict of tensors + "indices" (or "indexes"), "weights"
+    rb.update_priorities(batch["indexes"], np.abs(td))      # numpy or torch
+    rb.get_stored_size()                                      # == len(rb)
 
-Cost: ``sample(k)`` is one O(k log n) tree descent plus a gather per field;
-``update_priorities(k)`` re-sums the touched ancestors, O(k log n). Memory: the fields'
-storage plus 8.5 bytes per slot for the tree.
+Cost, on the CPU: ``sample(k)`` is one O(k log n) tree descent, one gather per field and the
+weights; ``update_priorities(k)`` re-sums the touched ancestors, O(k log n); ``add`` of one
+transition checks each field's type and shape and writes it in place. ``normalize="buffer"``
+needs the smallest priority: it is kept beside the tree (8 bytes per slot) and recomputed,
+O(n), only after an update overwrote the slot that held it. Memory: the fields' storage plus
+8.5 bytes per slot for the tree (16.5 with ``normalize="buffer"``).
 """
 
 from __future__ import annotations
@@ -35,26 +39,31 @@ import torch
 
 from .._backend import DeviceLike, check_count, resolve_device
 from ..tree import SumTree
+from ._replay_fields import RESERVED, FieldStorage, as_field
+from ._smallest_leaf import SmallestLeaf
 
-__all__ = ["PrioritizedReplayBuffer"]
+__all__ = ["PrioritizedReplayBuffer", "ReplayBatch"]
 
 _FORMAT = "isample.PrioritizedReplayBuffer"
 _VERSION = 1
-_RESERVED = ("indices", "weights", "priorities")
+_STATE_KEYS = ("format", "version", "config", "beta", "size", "position", "max_priority", "storage", "tree")
 
 
-def _as_field(value: Any, name: str, device: torch.device) -> torch.Tensor:
-    """A field's value as a tensor on `device` (numpy arrays and Python numbers accepted)."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().to(device)
-    if isinstance(value, np.ndarray):
-        if value.dtype == object:
-            raise TypeError(f"field {name!r} must be numeric, got a numpy array of objects")
-        return torch.from_numpy(np.ascontiguousarray(value)).to(device)
-    try:
-        return torch.as_tensor(value, device=device)
-    except (TypeError, ValueError, RuntimeError) as error:
-        raise TypeError(f"field {name!r} must be a tensor, an array or a number: {error}") from error
+class ReplayBatch(dict):
+    """``sample``'s result: a dict of tensors. ``batch["indexes"]`` (cpprb's name) reads
+    ``batch["indices"]``; only "indices" is a key (iteration, ``in`` and ``get`` see it alone)."""
+
+    def __missing__(self, key: Any) -> torch.Tensor:
+        if key == "indexes":
+            return self["indices"]
+        raise KeyError(key)
+
+
+def _real(value: Any, name: str) -> float:
+    """A real number (Python or numpy, not bool) as a float; TypeError naming `name` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} {value!r}")
+    return float(value)
 
 
 class PrioritizedReplayBuffer:
@@ -68,15 +77,21 @@ class PrioritizedReplayBuffer:
         eps: added to every priority (default 1e-6) so that an item with priority 0 can
             still be drawn; with ``eps=0`` such an item is never drawn.
         normalize: ``"batch"`` (default): divide the weights by the batch's largest;
-            ``"buffer"``: by the largest weight of any stored item (cpprb's choice; O(n) per
-            ``sample``); ``None``: raw (N P(i))^-beta.
+            ``"buffer"``: by the largest weight of any stored item (cpprb's choice; keeps a
+            copy of the leaves, 8 bytes per slot, and rescans it, O(n), after an update
+            overwrote the smallest priority); ``None``: raw (N P(i))^-beta.
+        bool_as_float: store a field whose first value is bool (gymnasium's ``terminated``)
+            as float32 0/1, so that ``1 - batch["done"]`` works as with cpprb (default False:
+            every field keeps its first value's dtype).
         device: where the tree and the storage live (``"cpu"``, or ``"cuda"`` in a CUDA build).
         seed: seed of the draws (default: from torch's default generator, so
             ``torch.manual_seed`` makes a run reproducible).
 
-    Fields are whatever ``add`` is given first: each becomes a tensor of shape
+    Fields are whatever the first ``add`` is given: each becomes a tensor of shape
     (capacity, *item_shape) with that first value's dtype. Later values must have the same
-    names and shapes and a dtype that casts safely (``torch.can_cast``).
+    names and shapes and a dtype that casts safely (``torch.can_cast``); integers must fit
+    a narrower integer field. Every call checks all its input before it changes anything.
+    Copies (``copy.deepcopy``, ``pickle``) go through ``state_dict``.
     """
 
     def __init__(
@@ -87,30 +102,39 @@ class PrioritizedReplayBuffer:
         beta: float = 0.4,
         eps: float = 1e-6,
         normalize: Optional[str] = "batch",
+        bool_as_float: bool = False,
         device: DeviceLike = "cpu",
         seed: Optional[int] = None,
     ) -> None:
         capacity = check_count(capacity, "capacity")
         if capacity < 1:
             raise ValueError("capacity must be at least 1")
-        if not (isinstance(alpha, numbers.Real) and math.isfinite(alpha) and alpha >= 0.0):
+        alpha, eps = _real(alpha, "alpha"), _real(eps, "eps")
+        if not (math.isfinite(alpha) and alpha >= 0.0):
             raise ValueError(f"alpha must be a finite number >= 0, got {alpha!r}")
-        self._check_beta(beta)
-        if not (isinstance(eps, numbers.Real) and math.isfinite(eps) and eps >= 0.0):
+        beta = self._check_beta(beta)
+        if not (math.isfinite(eps) and eps >= 0.0):
             raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
         if normalize not in ("batch", "buffer", None):
             raise ValueError(f"normalize must be 'batch', 'buffer' or None, got {normalize!r}")
+        if not isinstance(bool_as_float, bool):
+            raise TypeError(f"bool_as_float must be True or False, got {bool_as_float!r}")
         self.capacity = capacity
-        self.alpha = float(alpha)
-        self.beta = float(beta)
-        self.eps = float(eps)
+        self.alpha = alpha
+        self.beta = beta
+        self.eps = eps
         self.normalize = normalize
+        self.bool_as_float = bool_as_float
         self.device = resolve_device(device)
+        self._cpu = self.device.type == "cpu"
         self._tree = SumTree(capacity, device=self.device, seed=seed)
-        self._storage: Dict[str, torch.Tensor] = {}
+        self._smallest = SmallestLeaf(capacity, self.device, zeros_possible=eps == 0.0 and alpha > 0.0) if normalize == "buffer" else None
+        self._fields: Optional[FieldStorage] = None
         self._size = 0
         self._position = 0  # next slot to write
-        self._max_priority = 1.0
+        self._set_max_priority(1.0)
+        self._one_leaf = torch.from_numpy(np.zeros(1))  # the leaf of a one-item add (the tree copies it)
+        self._scratch_pair: Optional[Tuple[torch.Tensor, np.ndarray]] = None
 
     # -- sizes ----------------------------------------------------------------------------
     def __len__(self) -> int:
@@ -133,213 +157,398 @@ class PrioritizedReplayBuffer:
     @property
     def fields(self) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
         """Each field's item shape and dtype (empty before the first ``add``)."""
-        return {name: (tuple(t.shape[1:]), t.dtype) for name, t in self._storage.items()}
+        return {} if self._fields is None else self._fields.layout
 
-    # -- priorities -----------------------------------------------------------------------
+    # -- checks ---------------------------------------------------------------------------
     @staticmethod
     def _check_beta(beta: Any) -> float:
-        if not (isinstance(beta, numbers.Real) and 0.0 <= beta <= 1.0):
+        if type(beta) is float and 0.0 <= beta <= 1.0:
+            return beta
+        beta = _real(beta, "beta")
+        if not 0.0 <= beta <= 1.0:
             raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
-        return float(beta)
+        return beta
+
+    def _leaf_of(self, priority: float) -> float:
+        """(priority + eps) ** alpha, or ValueError when it overflows float64."""
+        try:
+            leaf = (priority + self.eps) ** self.alpha
+        except OverflowError:
+            leaf = math.inf
+        if not math.isfinite(leaf):
+            raise ValueError(
+                f"(priority + eps) ** alpha overflows float64 for priority {priority!r} and alpha={self.alpha}: "
+                "rescale the priorities"
+            )
+        return leaf
+
+    def _set_max_priority(self, priority: float) -> None:
+        self._new_leaf = self._leaf_of(priority)  # the leaf new items get
+        self._max_priority = priority
+
+    def _bad_slots(self, slots: torch.Tensor) -> IndexError:
+        bad = slots[(slots < 0) | (slots >= self._size)][:5].tolist()
+        where = f"slots 0..{self._size - 1}" if self._size else "no slot (the buffer is empty)"
+        return IndexError(f"indices {bad} hold no item: the buffer stores {self._size} items in {where}")
+
+    def _slots(self, indices: Any) -> torch.Tensor:
+        """`indices` as int64 (k,) on the device, each a slot that holds an item.
+
+        An int64 tensor on the buffer's device is taken as it is; once the buffer is full,
+        the tree's own range check is the check (its IndexError is reworded by the caller)."""
+        if (
+            type(indices) is torch.Tensor
+            and indices.dtype is torch.int64
+            and indices.dim() == 1
+            and (indices.is_cpu if self._cpu else indices.device == self.device)
+            and not indices.is_neg()
+        ):
+            slots = indices
+        else:
+            slots = self._as_slots(indices)
+        if self._size < self.capacity and slots.shape[0]:
+            if self._cpu:
+                index = slots.numpy()
+                out_of_range = index.min() < 0 or index.max() >= self._size
+            else:
+                out_of_range = bool(((slots < 0) | (slots >= self._size)).any())
+            if out_of_range:
+                raise self._bad_slots(slots)
+        return slots
+
+    def _as_slots(self, indices: Any) -> torch.Tensor:
+        if isinstance(indices, (str, bytes)):
+            raise TypeError(f"indices must be integers (sample()['indices']), got {type(indices).__name__} {indices!r}")
+        if isinstance(indices, torch.Tensor):
+            if indices.layout is not torch.strided:
+                raise TypeError(f"indices is a {indices.layout} tensor: pass a dense one")
+            array: Any = indices.detach().resolve_neg()
+            kind = "b" if array.dtype is torch.bool else "f" if array.is_floating_point() or array.is_complex() else "i"
+        else:
+            try:
+                array = np.asarray(indices)
+            except (TypeError, ValueError) as error:
+                raise TypeError(f"indices must be integers (sample()['indices']): {error}") from None
+            kind = array.dtype.kind
+        if kind not in "iu":
+            raise TypeError(f"indices must be integers (sample()['indices']), got dtype {array.dtype}")
+        if array.ndim != 1:
+            raise ValueError(f"indices must have shape (k,), got {tuple(array.shape)}")
+        if isinstance(array, np.ndarray):
+            if kind == "u" and array.size and int(array.max()) > 2**63 - 1:
+                raise IndexError(f"indices {array[array > 2**63 - 1][:5].tolist()} hold no item: the buffer stores {self._size} items")
+            array = torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64))
+        elif array.dtype is torch.uint64:
+            return self._as_slots(array.cpu().numpy())
+        return array.to(device=self.device, dtype=torch.int64).contiguous()
+
+    def _as_priorities(self, priorities: Any) -> Union[float, Any]:
+        """A Python float for a scalar, else (k,) real numbers: a numpy array on the CPU (any
+        real dtype: ``_leaves`` computes in float64), a float64 tensor elsewhere."""
+        if type(priorities) is np.ndarray:
+            array = priorities
+        elif isinstance(priorities, torch.Tensor):
+            p = priorities.detach()
+            if p.layout is not torch.strided or p.dtype is torch.bool or p.is_complex():
+                raise TypeError(f"priorities must be real numbers, got a {p.layout} tensor of dtype {p.dtype}")
+            if p.dim() == 0:
+                return float(p)
+            if not self._cpu:
+                p = p.to(device=self.device, dtype=torch.float64)
+                if p.dim() != 1:
+                    raise ValueError(f"priorities must have shape (k,), one per item, got {tuple(p.shape)}")
+                return p
+            if p.is_floating_point() and p.dtype not in (torch.float16, torch.float32, torch.float64):
+                p = p.to(torch.float64)  # bfloat16 and float8 have no numpy dtype
+            array = p.resolve_neg().cpu().numpy()
+        elif isinstance(priorities, (str, bytes)):
+            raise TypeError(f"priorities must be numbers (a tensor, an array or a number), got {type(priorities).__name__} {priorities!r}")
+        elif isinstance(priorities, numbers.Real) and not isinstance(priorities, bool):
+            return float(priorities)
+        else:
+            try:
+                array = np.asarray(priorities)
+            except (TypeError, ValueError) as error:
+                raise TypeError(f"priorities must be real numbers: {error}") from None
+        if array.dtype.kind not in "iuf":
+            raise TypeError(f"priorities must be real numbers, got an array of dtype {array.dtype}")
+        if array.ndim == 0:
+            return float(array)
+        if array.ndim != 1:
+            raise ValueError(
+                f"priorities must have shape (k,), one per item, got {tuple(array.shape)}"
+                + ("; flatten them with .reshape(-1)" if array.size == max(array.shape) else "")
+            )
+        if not self._cpu:
+            return torch.from_numpy(array.astype(np.float64)).to(self.device)
+        return array
+
+    def _scratch(self, k: int) -> Tuple[torch.Tensor, np.ndarray]:
+        """A float64 (k,) tensor and its numpy view, reused from call to call (the tree copies
+        what it is given), so that a training loop's calls allocate nothing for their leaves."""
+        if k > 4096:
+            t = torch.from_numpy(np.empty(k))
+            return t, t.numpy()
+        if self._scratch_pair is None or self._scratch_pair[1].shape[0] != k:
+            t = torch.from_numpy(np.empty(k))
+            self._scratch_pair = (t, t.numpy())
+        return self._scratch_pair
 
     def _leaves(self, priorities: Any, count: int) -> Tuple[torch.Tensor, float]:
-        """Validated priorities -> tree leaves (p + eps)^alpha, float64 (count,), and their max."""
-        if isinstance(priorities, torch.Tensor):
-            p = priorities.detach()
-        elif isinstance(priorities, numbers.Real) and not isinstance(priorities, bool):
-            p = torch.full((count,), float(priorities), dtype=torch.float64)
-        else:
-            p = torch.as_tensor(np.asarray(priorities) if not isinstance(priorities, np.ndarray) else priorities)
-        if p.dtype is torch.bool or p.is_complex():
-            raise TypeError(f"priorities must be real numbers, got dtype {p.dtype}")
-        p = p.to(device=self.device, dtype=torch.float64)
-        if p.dim() == 0:
-            p = p.expand(count)
-        if p.dim() != 1 or p.shape[0] != count:
-            raise ValueError(
-                f"priorities must have shape ({count},), one per item, got {tuple(p.shape)}"
-                + ("; flatten them with .reshape(-1)" if p.numel() == count else "")
-            )
+        """Validated priorities -> tree leaves (p + eps)^alpha, float64 (count,), and their max.
+        On the CPU the leaves are scratch memory: valid until the next call."""
+        p = self._as_priorities(priorities)
+        if isinstance(p, float):
+            if not (0.0 <= p < math.inf):
+                raise ValueError(f"priorities must be finite and >= 0, got {p} (e.g. pass td_error.abs())")
+            leaf = self._leaf_of(p)
+            return torch.full((count,), leaf, dtype=torch.float64, device=self.device), (p if count else -math.inf)
+        if p.shape[0] != count:
+            raise ValueError(f"priorities must have shape ({count},), one per item, got {tuple(p.shape)}")
         if count == 0:
-            return p, -math.inf
-        if not bool(torch.isfinite(p).all()) or bool((p < 0).any()):
-            bad = p[~torch.isfinite(p) | (p < 0)][:5].tolist()
+            return torch.empty(0, dtype=torch.float64, device=self.device), -math.inf
+        lowest, largest = float(p.min()), float(p.max())
+        if not (lowest >= 0.0 and largest < math.inf):  # NaN fails both
+            bad = p[~((p >= 0) & (p < math.inf))][:5].tolist()
             raise ValueError(f"priorities must be finite and >= 0, got {bad} (e.g. pass td_error.abs())")
-        leaves = (p + self.eps).pow(self.alpha)
-        if not bool(torch.isfinite(leaves).all()):
-            raise ValueError(f"(priority + eps) ** alpha overflows float64 for alpha={self.alpha}: rescale the priorities")
-        return leaves, float(p.max())
+        self._leaf_of(largest)  # the largest leaf must be finite: then all are
+        if not self._cpu:
+            return (p + self.eps) ** self.alpha, largest
+        leaves, buffer = self._scratch(count)
+        np.add(p, self.eps, out=buffer, dtype=np.float64)  # in float64 whatever p's dtype
+        np.power(buffer, self.alpha, out=buffer)
+        return leaves, largest
 
+    # -- the tree -------------------------------------------------------------------------
+    def _write_tree(self, slots: torch.Tensor, leaves: torch.Tensor) -> None:
+        """Set the leaves; the tree refuses (and keeps) everything on bad input."""
+        try:
+            self._tree.update(slots, leaves)
+        except IndexError:
+            raise self._bad_slots(slots) from None
+        except ValueError as error:
+            if "overflow" in str(error):
+                raise ValueError(
+                    "these priorities would make the sum of (priority + eps) ** alpha overflow float64: rescale them"
+                ) from None
+            raise
+
+    def _get_leaves(self, slots: torch.Tensor) -> torch.Tensor:
+        try:
+            return self._tree.get(slots)
+        except IndexError:
+            raise self._bad_slots(slots) from None
+
+    # -- priorities -----------------------------------------------------------------------
     def update_priorities(self, indices: Any, priorities: Any) -> None:
         """Set the priorities of stored items (e.g. to |TD error| after a learning step).
 
         Args:
-            indices: int (k,): slots from ``sample()["indices"]``.
-            priorities: float (k,) >= 0 (tensor with or without grad, array, or a scalar for all).
+            indices: int (k,): slots from ``sample()["indices"]`` (tensor, or an array such
+                as cpprb's uint64 ``"indexes"``).
+            priorities: float (k,) >= 0 (tensor with or without grad, array, or a number for all).
 
         A repeated index takes its last priority. Raises IndexError for a slot that holds no
-        item, ValueError for NaN, infinite or negative priorities; a rejected call changes
-        nothing. An item overwritten since it was sampled gets the priority all the same
-        (as in cpprb without ``check_for_update``).
+        item, ValueError for NaN, infinite or negative priorities, TypeError for anything
+        but numbers; a rejected call changes nothing. An item overwritten since it was
+        sampled gets the priority all the same (as in cpprb without ``check_for_update``).
         """
-        idx = torch.as_tensor(indices.detach() if isinstance(indices, torch.Tensor) else np.asarray(indices))
-        if idx.dtype is torch.bool or idx.is_floating_point() or idx.is_complex():
-            raise TypeError(f"indices must be integers (sample()['indices']), got dtype {idx.dtype}")
-        if idx.dim() != 1:
-            raise ValueError(f"indices must have shape (k,), got {tuple(idx.shape)}")
-        idx = idx.to(device=self.device, dtype=torch.int64)
-        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self._size):
-            bad = idx[(idx < 0) | (idx >= self._size)][:5].tolist()
-            raise IndexError(f"indices {bad} hold no item: the buffer stores {self._size} items in slots 0..{self._size - 1}")
-        leaves, largest = self._leaves(priorities, idx.numel())
-        self._tree.update(idx, leaves)
-        self._max_priority = max(self._max_priority, largest)
+        slots = self._slots(indices)
+        leaves, largest = self._leaves(priorities, slots.shape[0])
+        if not slots.shape[0]:
+            return
+        self._write_tree(slots, leaves)
+        if self._smallest is not None:
+            self._smallest.set(slots, self._tree.get(slots))
+        if largest > self._max_priority:
+            self._set_max_priority(largest)
 
     def priorities(self, indices: Any = None) -> torch.Tensor:
         """Stored priorities p_i (float64, (k,), or all ``len(self)`` when None), recovered
-        from the tree's (p + eps)^alpha (exact to rounding; for alpha = 0 they are unknown: NaN)."""
-        idx = torch.arange(self._size, device=self.device) if indices is None else torch.as_tensor(indices, device=self.device)
-        leaves = self._tree.get(idx)
+        from the tree's (p + eps)^alpha (exact to rounding; for alpha = 0 they are unknown:
+        NaN). IndexError for a slot that holds no item."""
+        slots = torch.arange(self._size, device=self.device) if indices is None else self._slots(indices)
+        leaves = self._get_leaves(slots)
         if self.alpha == 0.0:
             return torch.full_like(leaves, math.nan)
         return leaves.pow(1.0 / self.alpha) - self.eps
 
     def probabilities(self, indices: Any = None) -> torch.Tensor:
-        """P(i) of one draw (float64, (k,), or all ``len(self)`` when None)."""
-        idx = torch.arange(self._size, device=self.device) if indices is None else indices
-        return self._tree.probability(idx)
+        """P(i) of one draw (float64, (k,), or all ``len(self)`` when None). IndexError for a
+        slot that holds no item."""
+        slots = torch.arange(self._size, device=self.device) if indices is None else self._slots(indices)
+        try:
+            return self._tree.probability(slots)
+        except IndexError:
+            raise self._bad_slots(slots) from None
 
     def weights(self, indices: Any, *, beta: Optional[float] = None) -> torch.Tensor:
         """Importance weights (N P(i))^-beta of `indices` (int (k,)), normalised as
-        ``normalize`` says ("batch": over these indices), float32 (k,)."""
+        ``normalize`` says ("batch": over these indices), float32 (k,). IndexError for a slot
+        that holds no item; ValueError for one that cannot be drawn (priority 0 with eps 0)."""
         beta = self.beta if beta is None else self._check_beta(beta)
-        n = self._size
-        if n == 0:
+        if self._size == 0:
             raise ValueError("the buffer is empty: add items first")
-        p = self._tree.probability(indices)
-        if beta == 0.0:
-            return torch.ones(p.shape, dtype=torch.float32, device=p.device)
-        weights = (n * p).pow(-beta)
-        if self.normalize == "batch" and weights.numel():
-            weights = weights / weights.max()
+        slots = self._slots(indices)
+        leaves = self._get_leaves(slots)
+        if slots.shape[0] and not float(leaves.min()) > 0.0:
+            raise ValueError(
+                f"indices {slots[leaves <= 0][:5].tolist()} have probability 0 (priority 0 with eps=0): "
+                "they are never drawn, so they have no importance weight"
+            )
+        return self._weights_of(leaves, beta)
+
+    def _weights_of(self, leaves: torch.Tensor, beta: float) -> torch.Tensor:
+        """Normalised weights of items with these (positive) leaves, float32.
+
+        w_i / w_ref = (P(ref) / P(i))^beta = (leaf_ref / leaf_i)^beta, so only the
+        unnormalised weights need the total."""
+        k = leaves.shape[0]
+        if beta == 0.0 or k == 0:
+            return torch.ones(k, dtype=torch.float32, device=self.device)
+        if not self._cpu:
+            reference = leaves.min() if self.normalize == "batch" else self._smallest.value if self.normalize else None
+            w = (leaves * (self._size / self._tree.total)) ** -beta if reference is None else (reference / leaves) ** beta
+            return w.to(torch.float32)
+        x = leaves.numpy()
+        # the ratio in float64, its power straight into float32 (one rounding of the ratio, < 1e-7)
+        if self.normalize == "batch":
+            w = np.power(x.min() / x, beta, dtype=np.float32)
         elif self.normalize == "buffer":
-            # the smallest probability of any item that can be drawn gives the largest weight: O(n)
-            leaves = self._tree.get(torch.arange(n, device=self.device))
-            p_min = leaves[leaves > 0].min() / self._tree.total
-            weights = weights / (n * p_min).pow(-beta)
-        return weights.to(torch.float32)
+            w = np.power(self._smallest.value / x, beta, dtype=np.float32)
+        else:
+            w = np.power(x * (self._size / self._tree.total), -beta, dtype=np.float32)
+        return torch.from_numpy(w)
 
     # -- adding ---------------------------------------------------------------------------
-    def _define_fields(self, values: Dict[str, torch.Tensor], batched: bool) -> None:
-        for name in values:
-            if name in _RESERVED:
-                raise ValueError(f"{name!r} is reserved for sample()'s output: rename the field")
-        storage = {}
-        for name, v in values.items():
-            shape = tuple(v.shape[1:]) if batched else tuple(v.shape)
-            storage[name] = torch.zeros((self.capacity, *shape), dtype=v.dtype, device=self.device)
-        self._storage = storage
-
-    def _check_fields(self, values: Dict[str, torch.Tensor], batched: bool) -> int:
-        """The number of items in `values`, after checking them against the fields."""
-        if set(values) != set(self._storage):
-            missing, extra = sorted(set(self._storage) - set(values)), sorted(set(values) - set(self._storage))
-            raise KeyError(f"add() got fields {sorted(values)}; the buffer stores {sorted(self._storage)} "
-                           f"(missing {missing}, unknown {extra})")
-        count = None
-        for name, v in values.items():
-            store = self._storage[name]
-            item_shape = tuple(store.shape[1:])
-            if batched:
-                if v.dim() == 0 or tuple(v.shape[1:]) != item_shape:
-                    raise ValueError(f"field {name!r}: a batch must have shape (k, *{item_shape}), got {tuple(v.shape)}")
-                if count is None:
-                    count = v.shape[0]
-                elif v.shape[0] != count:
-                    raise ValueError(f"fields hold different numbers of items ({count} and {v.shape[0]} for {name!r})")
-            elif tuple(v.shape) != item_shape:
-                hint = (
-                    "; add(**fields) stores one item: pass a batch as a dict, add({'name': batch, ...})"
-                    if tuple(v.shape[1:]) == item_shape
-                    else ""
-                )
-                raise ValueError(f"field {name!r} must have shape {item_shape}, got {tuple(v.shape)}{hint}")
-            if not torch.can_cast(v.dtype, store.dtype):
-                raise TypeError(f"field {name!r} is stored as {store.dtype}; a {v.dtype} value would not cast safely")
-        return 1 if count is None else count
-
     def add(self, batch: Optional[Mapping[str, Any]] = None, /, *, priorities: Any = None, **fields: Any) -> torch.Tensor:
         """Store items; returns the slots they went to, int64 (k,).
 
         ``add(obs=o, act=a, ...)`` stores one item; ``add({"obs": O, "act": A, ...})`` stores
         a batch along dim 0 (a batch larger than ``capacity`` keeps its last ``capacity``
-        items). ``priorities`` (a scalar or (k,)) defaults to ``max_priority``. The first call
-        defines the fields; a call that does not fit them raises and changes nothing.
+        items). ``priorities`` (a number or (k,)) defaults to ``max_priority``.
+
+        The first call defines the fields. There, keyword fields that all have k entries
+        along dim 0 with ``priorities`` of shape (k,) are a batch (cpprb's
+        ``add(**batch, priorities=p)``); two or more keyword fields that all have k >= 2
+        entries along dim 0, without such priorities, are refused as ambiguous (the error
+        shows the dict form). A call that does not fit the fields raises and changes nothing.
         """
+        if batch is None and priorities is None and self._fields is not None:
+            ready = self._fields.prepare_one(fields)
+            if ready is not None:
+                return self._add_one(ready)
+        return self._add(batch, priorities, fields)
+
+    def _add_one(self, ready: list) -> torch.Tensor:
+        """One item whose values ``FieldStorage.prepare_one`` checked (CPU), at max priority."""
+        slot = self._position
+        slots = torch.from_numpy(np.array([slot], dtype=np.int64))
+        self._one_leaf[0] = self._new_leaf
+        self._write_tree(slots, self._one_leaf)  # first: a refused leaf (overflow) leaves the fields as they were
+        self._fields.write_one(slot, ready)
+        if self._smallest is not None:
+            self._smallest.set_one(slot, self._new_leaf)
+        self._position = slot + 1 if slot + 1 < self.capacity else 0
+        if self._size < self.capacity:
+            self._size += 1
+        return slots
+
+    def _keyword_batch(self, values: Dict[str, torch.Tensor], priorities: Any) -> bool:
+        """Whether the first add's keyword fields are a batch (see ``add``)."""
+        lengths = [v.shape[0] if v.dim() else None for v in values.values()]
+        try:
+            p = priorities if isinstance(priorities, (torch.Tensor, np.ndarray)) else np.asarray(priorities)
+            count = p.shape[0] if p.ndim == 1 else None
+        except (TypeError, ValueError):
+            count = None  # _leaves explains
+        if count is not None and all(n == count for n in lengths):
+            return True
+        first = lengths[0]
+        # one field of k entries is one item (cpprb's add(obs=o) with env_dict {"obs": {"shape": k}})
+        if count is None and len(lengths) >= 2 and first is not None and first >= 2 and all(n == first for n in lengths):
+            names = list(values)
+            as_dict = "{" + ", ".join(f"'{n}': {n}" for n in names) + "}"
+            raise ValueError(
+                f"add() got keyword fields that all have {first} entries along dim 0 "
+                f"({', '.join(f'{n} {tuple(v.shape)}' for n, v in values.items())}). On the first add, which "
+                f"defines the fields, that reads as a batch of {first} items, which add(**fields) would store as "
+                f"one item. Pass a batch as one dict: rb.add({as_dict}) (or add(..., priorities=p) with p of "
+                f"shape ({first},)); to store one item whose fields all have {first} entries, pass a batch of "
+                f"one: rb.add({{name: value[None], ...}})"
+            )
+        return False
+
+    def _add(self, batch: Optional[Mapping[str, Any]], priorities: Any, fields: Dict[str, Any]) -> torch.Tensor:
         if (batch is None) == (not fields):
             raise TypeError("add() takes one item as keyword fields, add(obs=..., ...), or a batch as one dict, add({...})")
+        if batch is not None and not isinstance(batch, Mapping):
+            raise TypeError(f"add()'s positional argument is a batch as a dict of field -> values, got {type(batch).__name__}")
         batched = batch is not None
         raw = dict(batch) if batched else fields
         if not raw:
             raise ValueError("add() got no fields")
-        values = {str(name): _as_field(v, str(name), self.device) for name, v in raw.items()}
-        new_fields = not self._storage
-        if new_fields:
+        values = {str(name): as_field(v, str(name), self.device) for name, v in raw.items()}
+        storage = self._fields
+        if storage is None:  # the first add defines the fields; they are kept only if it succeeds
+            batched = batched or self._keyword_batch(values, priorities)
             if batched:
                 counts = {name: (v.shape[0] if v.dim() else None) for name, v in values.items()}
                 if None in counts.values() or len(set(counts.values())) != 1:
                     raise ValueError(f"a batch needs a leading dimension of one size in every field, got {counts}")
-            self._define_fields(values, batched)
-        try:
-            count = self._check_fields(values, batched)
-            leaves, largest = (
-                (torch.full((count,), (self._max_priority + self.eps) ** self.alpha, dtype=torch.float64, device=self.device),
-                 -math.inf)
-                if priorities is None
-                else self._leaves(priorities, count)
-            )
-        except Exception:
-            if new_fields:
-                self._storage = {}
-            raise
-        if count == 0:
-            return torch.empty(0, dtype=torch.int64, device=self.device)
+            storage = FieldStorage.define(values, batched, self.capacity, self.device, self.bool_as_float)
+        count, converted = storage.check(values, batched)
+        if priorities is None:
+            leaves, largest = torch.full((count,), self._new_leaf, dtype=torch.float64, device=self.device), -math.inf
+        else:
+            leaves, largest = self._leaves(priorities, count)
         skip = max(0, count - self.capacity)  # only the last `capacity` items of a large batch survive
-        kept = count - skip
         start = (self._position + skip) % self.capacity
-        slots = (torch.arange(kept, device=self.device) + start) % self.capacity
-        for name, v in values.items():
-            self._storage[name][slots] = (v[skip:] if batched else v.unsqueeze(0)).to(self._storage[name].dtype)
-        self._tree.update(slots, leaves[skip:])
-        self._max_priority = max(self._max_priority, largest)
+        slots = (torch.arange(count - skip, device=self.device) + start) % self.capacity
+        leaves = leaves[skip:]
+        # everything is checked; the tree goes first, since it alone can still refuse (a total
+        # that overflows), and it keeps its leaves when it does
+        self._write_tree(slots, leaves)
+        storage.write(slots, converted, batched, skip)
+        self._fields = storage
+        if self._smallest is not None and slots.shape[0]:
+            self._smallest.set(slots, leaves)  # distinct slots: the leaves are what the tree holds
+        if largest > self._max_priority:
+            self._set_max_priority(largest)
         self._position = (self._position + count) % self.capacity
         self._size = min(self.capacity, self._size + count)
         return slots
 
     # -- sampling -------------------------------------------------------------------------
-    def sample(self, batch_size: int, beta: Optional[float] = None) -> Dict[str, torch.Tensor]:
+    def sample(self, batch_size: int, beta: Optional[float] = None) -> ReplayBatch:
         """Draw `batch_size` items with replacement, with probability P(i).
 
-        Returns a dict of each field's values, shape (batch_size, *item_shape), plus
-        ``"indices"`` (int64 (batch_size,): pass them to ``update_priorities``) and
+        Returns a dict (``ReplayBatch``) of each field's values, shape (batch_size,
+        *item_shape), plus ``"indices"`` (int64 (batch_size,): pass them to
+        ``update_priorities``; ``batch["indexes"]``, cpprb's name, reads them too) and
         ``"weights"`` (float32 (batch_size,): multiply the per-item losses by them).
         ``beta`` overrides the buffer's for this call. Raises ValueError on an empty buffer.
         """
-        batch_size = check_count(batch_size, "batch_size")
+        if type(batch_size) is not int or batch_size < 0:
+            batch_size = check_count(batch_size, "batch_size")
+        beta = self.beta if beta is None else self._check_beta(beta)
         if self._size == 0:
             raise ValueError("the buffer is empty: add items before sampling")
-        indices = self._tree.sample(batch_size)
-        out = {name: store[indices] for name, store in self._storage.items()}
-        out["indices"] = indices
-        out["weights"] = self.weights(indices, beta=beta)
+        slots = self._tree.sample(batch_size)
+        out = ReplayBatch(self._fields.gather(slots))
+        out["indices"] = slots
+        out["weights"] = self._weights_of(self._tree.get(slots), beta)
         return out
 
     def clear(self) -> None:
         """Forget every item (the fields stay defined) and reset the max priority to 1."""
-        self._tree.assign(torch.zeros(self.capacity, dtype=torch.float64, device=self.device))
+        zeros = torch.zeros(self.capacity, dtype=torch.float64, device=self.device)
+        self._tree.assign(zeros)
+        if self._smallest is not None:
+            self._smallest.reset(zeros)
         self._size = 0
         self._position = 0
-        self._max_priority = 1.0
+        self._set_max_priority(1.0)
 
     # -- state ----------------------------------------------------------------------------
     def _config(self) -> Dict[str, Any]:
@@ -356,38 +565,59 @@ class PrioritizedReplayBuffer:
             "size": self._size,
             "position": self._position,
             "max_priority": self._max_priority,
-            "storage": {name: t[: self._size].clone() for name, t in self._storage.items()},
+            "storage": {} if self._fields is None else self._fields.head(self._size),
             "tree": self._tree.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore a ``state_dict`` of a buffer with the same capacity, alpha, eps and
-        normalize; a state that does not fit raises and changes nothing."""
+        normalize. Everything is checked first (sizes, priorities, fields, the tree, and that
+        no slot beyond the size can be drawn); a state that does not fit raises and changes
+        nothing."""
         if not isinstance(state, Mapping) or state.get("format") != _FORMAT or state.get("version") != _VERSION:
             raise ValueError(f"not a {_FORMAT} state of version {_VERSION}")
-        saved = state.get("config", {})
-        config = self._config()
-        if saved != config:
+        missing = [key for key in _STATE_KEYS if key not in state]
+        if missing:
+            raise ValueError(f"the state lacks {missing}: it is not a complete {_FORMAT} state")
+        saved, config = state["config"], self._config()
+        if not isinstance(saved, Mapping) or dict(saved) != config:
+            saved = saved if isinstance(saved, Mapping) else {}
             diff = ", ".join(f"{k}: saved {saved.get(k)!r}, here {config[k]!r}" for k in config if saved.get(k) != config[k])
             raise ValueError(f"the state comes from a buffer configured differently: {diff}")
-        size, position = check_count(state["size"], "size"), check_count(state["position"], "position")
-        if size > self.capacity or position >= self.capacity:
-            raise ValueError("the state's size or position does not fit this buffer's capacity")
-        storage = {}
-        for name, t in state["storage"].items():
-            if not isinstance(t, torch.Tensor) or t.dim() == 0 or t.shape[0] != size:
-                raise ValueError(f"state['storage'][{name!r}] must be a tensor of {size} items")
-            full = torch.zeros((self.capacity, *t.shape[1:]), dtype=t.dtype, device=self.device)
-            full[:size] = t.to(self.device)
-            storage[name] = full
-        max_priority = float(state["max_priority"])
+        size, position = check_count(state["size"], "state['size']"), check_count(state["position"], "state['position']")
+        if size > self.capacity or position >= self.capacity or (size < self.capacity and position != size):
+            raise ValueError(
+                f"the state's size {size} and position {position} do not fit a ring of {self.capacity} slots "
+                "(size <= capacity, position < capacity, and position == size until the ring is full)"
+            )
+        max_priority = _real(state["max_priority"], "state['max_priority']")
+        if not (0.0 <= max_priority < math.inf):
+            raise ValueError(f"state['max_priority'] must be finite and >= 0, got {max_priority!r}")
+        self._leaf_of(max_priority)
         beta = self._check_beta(state["beta"])
-        self._tree.load_state_dict(state["tree"])  # validates itself before changing anything
-        self._storage, self._size, self._position = storage, size, position
-        self._max_priority, self.beta = max_priority, beta
+        tree = SumTree(self.capacity, device=self.device, seed=0)
+        tree.load_state_dict(state["tree"])  # checks the weights and the stream
+        leaves = tree.get()
+        if size < self.capacity and bool((leaves[size:] != 0).any()):
+            raise ValueError(f"the state's tree gives weight to slots beyond its {size} items: they hold no item")
+        fields = FieldStorage.from_state(state["storage"], size, self.capacity, self.device)
+        self._tree, self._fields = tree, (fields if fields.storage else None)
+        self._size, self._position, self.beta = size, position, beta
+        self._set_max_priority(max_priority)
+        if self._smallest is not None:
+            self._smallest.reset(leaves)
+
+    # -- copies ---------------------------------------------------------------------------
+    def __getstate__(self) -> Dict[str, Any]:
+        options = {**self._config(), "beta": self.beta, "bool_as_float": self.bool_as_float, "device": str(self.device)}
+        return {"options": options, "state": self.state_dict()}
+
+    def __setstate__(self, saved: Dict[str, Any]) -> None:
+        self.__init__(**saved["options"], seed=0)  # the seed is replaced by the state's stream
+        self.load_state_dict(saved["state"])
 
     def __repr__(self) -> str:
         return (
             f"PrioritizedReplayBuffer(capacity={self.capacity}, size={self._size}, alpha={self.alpha}, "
-            f"beta={self.beta}, eps={self.eps}, normalize={self.normalize!r}, fields={list(self._storage)})"
+            f"beta={self.beta}, eps={self.eps}, normalize={self.normalize!r}, fields={list(self.fields)})"
         )
