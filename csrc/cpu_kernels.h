@@ -31,8 +31,9 @@ struct CpuKernels {
   // u_i = open_uniform_at(key, i); +inf for w_i = 0 (and where the quotient overflows).
   void (*race_keys)(const double* leaves, int64_t n, uint64_t key, double inverse_total, double* keys);
   // The same race in the log domain, for weights so spread out that the linear keys
-  // overflow: keys[i] = log(E_i) - log(w_i); +inf for w_i = 0.
-  void (*race_log_keys)(const double* leaves, int64_t n, uint64_t key, double* keys);
+  // overflow (or a total so tiny that 1 / total does): keys[i] = log(E_i) - log(w_i * scale),
+  // scale a power of two (exact); +inf for w_i = 0.
+  void (*race_log_keys)(const double* leaves, int64_t n, uint64_t key, double scale, double* keys);
 };
 
 const CpuKernels& cpu_kernels();

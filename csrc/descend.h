@@ -5,6 +5,8 @@
 //   node_sum(children)                 sum of one block of kFanout children, O(B)
 //   choose_child(children, &target)    one descent step, O(B), branch-free
 //   descend(...)                       a whole root-to-leaf descent, O(B log_B n)
+//   tiny_total_scale(total)            1, or the power of two that lifts a tiny total
+//   descend_scaled(...)                a descent in a tree read as scaled by that power
 //   softmax_exponent(s, ref, T)        (s - ref) / T of a softmax leaf, O(1)
 #pragma once
 
@@ -114,6 +116,33 @@ ISAMPLE_FN int64_t descend(const TreeLayout& layout, const double* internal,
     const double* block = (level == 1 ? leaves : internal + layout.level_offset[level - 1]) +
                           node * kFanout;
     node = node * kFanout + choose_child(block, target);
+  }
+  return node;
+}
+
+// Totals below 2^-1000 (weights in the subnormal range, say 100 items of 5e-324): a target
+// u * total would be rounded to a multiple of 2^-1074, losing most of u's 53 random bits
+// (item 0 of 100 equal weights of 5e-324 would get half its share), and 1 / total may be
+// inf. Such trees are drawn from as if every leaf and sum were multiplied by 2^1000. That
+// is exact, and it is the tree the scaled leaves would build: a sum below 2^-1022 is an
+// exact multiple of 2^-1074 (so its scaled twin, below 2^-22, is exact too), and above it
+// both round to 53 bits alike. The scaled total is in [2^-74, 1), with full precision.
+// Every back end decides with this one function.
+constexpr double kTinyTotal = 0x1.0p-1000;
+constexpr double kTinyTotalScale = 0x1.0p+1000;
+
+ISAMPLE_FN double tiny_total_scale(double total) { return total < kTinyTotal ? kTinyTotalScale : 1.0; }
+
+// descend() in the tree scaled by `scale` (a power of two): each block is read multiplied
+// by it, and `target` is a mass of the scaled tree. With scale = 1 it is descend().
+ISAMPLE_FN int64_t descend_scaled(const TreeLayout& layout, const double* internal, const double* leaves,
+                                  double target, double scale) {
+  int64_t node = 0;
+  for (int level = layout.levels; level >= 1; --level) {
+    const double* block = (level == 1 ? leaves : internal + layout.level_offset[level - 1]) + node * kFanout;
+    double scaled[kFanout];
+    for (int j = 0; j < kFanout; ++j) scaled[j] = block[j] * scale;
+    node = node * kFanout + choose_child(scaled, target);
   }
   return node;
 }

@@ -8,6 +8,7 @@
 #include <string>
 
 #include "descend.h"
+#include "fastmath.h"
 
 namespace isample {
 namespace {
@@ -62,7 +63,7 @@ void SoftmaxTree::rebase() {
   const double* s = scores_.data();
   ref_ = *std::max_element(s, s + capacity());
   const double ref = ref_, t = temperature_;
-  tree_.rebuild_from([s, ref, t](int64_t i) { return std::exp(softmax_exponent(s[i], ref, t)); });
+  tree_.rebuild_from([s, ref, t](int64_t i) { return exp_shared(softmax_exponent(s[i], ref, t)); });
 }
 
 void SoftmaxTree::update(const int64_t* indices, const double* scores, int64_t k, double keep) {
@@ -90,9 +91,9 @@ void SoftmaxTree::update(const int64_t* indices, const double* scores, int64_t k
     rebase();
     return;
   }
-  for (int64_t j = 0; j < k; ++j) leaf_scratch_[j] = std::exp(leaf_scratch_[j]);
+  for (int64_t j = 0; j < k; ++j) leaf_scratch_[j] = exp_shared(leaf_scratch_[j]);
   tree_.write_unchecked(indices, leaf_scratch_.data(), k);
-  if (tree_.total() < std::exp(-kMaxExponent)) rebase();
+  if (tree_.total() < exp_shared(-kMaxExponent)) rebase();
 }
 
 void SoftmaxTree::assign(const double* scores) {
@@ -125,8 +126,8 @@ void SoftmaxTree::load(const double* scores, double reference) {
     return;
   }
   ref_ = reference;
-  tree_.rebuild_from([s, reference, t](int64_t i) { return std::exp(softmax_exponent(s[i], reference, t)); });
-  if (tree_.total() < std::exp(-kMaxExponent)) rebase();
+  tree_.rebuild_from([s, reference, t](int64_t i) { return exp_shared(softmax_exponent(s[i], reference, t)); });
+  if (tree_.total() < exp_shared(-kMaxExponent)) rebase();
 }
 
 }  // namespace isample

@@ -9,6 +9,7 @@
 
 #include "cpu_kernels.h"
 #include "descend.h"
+#include "fastmath.h"
 #include "select.h"
 
 namespace isample {
@@ -183,6 +184,11 @@ void SumTree::sample_from_uniforms(const double* u, int64_t k, int64_t* out) con
   }
   const double sum = total();
   if (k > 0 && !(sum > 0.0)) throw std::invalid_argument("cannot sample: every weight is zero");
+  const double scale = tiny_total_scale(sum);
+  if (scale != 1.0) {
+    for (int64_t j = 0; j < k; ++j) out[j] = descend_tiny(u[j]);
+    return;
+  }
   double target[kChunk];
   for (int64_t start = 0; start < k; start += kChunk) {
     int m = int(std::min<int64_t>(kChunk, k - start));
@@ -191,10 +197,19 @@ void SumTree::sample_from_uniforms(const double* u, int64_t k, int64_t* out) con
   }
 }
 
+int64_t SumTree::descend_tiny(double u) const {
+  const double scale = tiny_total_scale(total());
+  return descend_scaled(layout_, internal_.data(), leaves_.data(), u * (total() * scale), scale);
+}
+
 void SumTree::sample_with_replacement(uint64_t key, int64_t k, int64_t* out) const {
   check_count(k, "the number of draws");
   const double sum = total();
   if (k > 0 && !(sum > 0.0)) throw std::invalid_argument("cannot sample: every weight is zero");
+  if (tiny_total_scale(sum) != 1.0) {
+    for (int64_t j = 0; j < k; ++j) out[j] = descend_tiny(uniform_at(key, uint64_t(j)));
+    return;
+  }
   double target[kChunk];
   for (int64_t start = 0; start < k; start += kChunk) {
     int m = int(std::min<int64_t>(kChunk, k - start));
@@ -210,7 +225,10 @@ void SumTree::sample_without_replacement(uint64_t key, int64_t k, int64_t* out, 
                                 std::to_string(num_positive_) + " have a positive weight");
   }
   if (k == 0) return;
-  const bool race = method == DistinctMethod::kRace || (method == DistinctMethod::kAuto && race_is_cheaper(k));
+  // A tiny total always takes the race, which handles it exactly (see sample_by_race);
+  // "removal" then gives the same distribution, as the two methods always do.
+  const bool race = method == DistinctMethod::kRace || tiny_total_scale(total()) != 1.0 ||
+                    (method == DistinctMethod::kAuto && race_is_cheaper(k));
   if (race) {
     sample_by_race(key, k, out);
   } else {
@@ -228,23 +246,29 @@ bool SumTree::race_is_cheaper(int64_t k) const {
 // of E_i / w_i are a successive sample. Keys are E_i / p_i with p_i = w_i / total; a key
 // that overflows belongs to an item that could only be drawn after every finite-key item,
 // so the linear keys are exact whenever k of them are finite. Otherwise the keys are
-// recomputed in the log domain, log(E_i) - log(w_i), which cannot overflow.
+// recomputed in the log domain, log(E_i) - log(w_i), which cannot overflow. A tiny total
+// (where 1 / total may be inf) goes straight to the log domain, on the weights scaled by
+// tiny_total_scale (exactly), so that w e^tau in the inclusion probabilities stays finite.
 void SumTree::sample_by_race(uint64_t key, int64_t k, int64_t* out, double* inclusion) {
   const int64_t n = layout_.capacity;
   const double inverse_total = 1.0 / total();
+  const double scale = tiny_total_scale(total());
   race_keys_.resize(size_t(n));
   double tau = 0.0;
-  cpu_kernels().race_keys(leaves_.data(), n, key, inverse_total, race_keys_.data());
-  const bool linear = smallest_in_order(race_keys_.data(), n, k, out, select_scratch_, &tau);
+  bool linear = scale == 1.0;
+  if (linear) {
+    cpu_kernels().race_keys(leaves_.data(), n, key, inverse_total, race_keys_.data());
+    linear = smallest_in_order(race_keys_.data(), n, k, out, select_scratch_, &tau);
+  }
   if (!linear) {
-    cpu_kernels().race_log_keys(leaves_.data(), n, key, race_keys_.data());
+    cpu_kernels().race_log_keys(leaves_.data(), n, key, scale, race_keys_.data());
     smallest_in_order(race_keys_.data(), n, k, out, select_scratch_, &tau);
   }
   if (inclusion != nullptr) {
     // P(E / p < tau) = 1 - exp(-p tau) for linear keys; P(log E - log w < tau) = 1 - exp(-w e^tau).
     const double* leaves = leaves_.data();
     for (int64_t j = 0; j < k; ++j) {
-      const double rate = linear ? leaves[out[j]] * inverse_total * tau : leaves[out[j]] * std::exp(tau);
+      const double rate = linear ? leaves[out[j]] * inverse_total * tau : (leaves[out[j]] * scale) * exp_shared(tau);
       inclusion[j] = -std::expm1(-rate);
     }
   }

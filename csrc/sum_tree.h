@@ -87,6 +87,8 @@ class SumTree {
   void propagate_one(int64_t leaf);
   // Descend m <= kChunk targets in place: on return node[j] is the leaf of target[j].
   void descend_chunk(double* target, int64_t* node, int m) const;
+  // The leaf holding mass u * total of a tree whose total is tiny (descend.h).
+  int64_t descend_tiny(double u) const;
   void sample_by_race(uint64_t key, int64_t k, int64_t* out, double* inclusion = nullptr);
   void sample_by_rejection_and_removal(uint64_t key, int64_t k, int64_t* out);
   bool race_is_cheaper(int64_t k) const;
