@@ -22,6 +22,7 @@
 #include "buffer.h"
 #include "cpu_kernels.h"
 #include "descend.h"
+#include "fastmath.h"
 #include "gpu/device_tree_api.h"
 #include "softmax_tree.h"
 #include "sum_tree.h"
@@ -94,6 +95,19 @@ int cuda_devices() {
 #endif
 }
 
+// A comma-separated list from CMake ("75,80,90") as ["sm_75", "sm_80", "sm_90"].
+py::list prefixed(const std::string& text, const std::string& prefix) {
+  py::list items;
+  size_t start = 0;
+  while (start < text.size()) {
+    size_t end = text.find(',', start);
+    if (end == std::string::npos) end = text.size();
+    items.append(prefix + text.substr(start, end - start));
+    start = end + 1;
+  }
+  return items;
+}
+
 // A device tree: "cuda" (on GPU `device`) or "host" (the GPU algorithms on the CPU).
 std::unique_ptr<DeviceTreeApi> make_device_tree(const std::string& kind, int64_t capacity, bool softmax,
                                                 double temperature, int device) {
@@ -113,8 +127,10 @@ std::unique_ptr<DeviceTreeApi> make_device_tree(const std::string& kind, int64_t
   if (kind == "cuda") {
 #if defined(ISAMPLE_HAVE_CUDA)
     if (device < 0 || device >= cuda_device_count()) {
+      const std::string error = cuda_status().error;
       throw std::invalid_argument("CUDA device " + std::to_string(device) + " is not available (" +
-                                  std::to_string(cuda_device_count()) + " visible)");
+                                  std::to_string(cuda_device_count()) + " visible" +
+                                  (error.empty() ? "" : "; the CUDA runtime says " + error) + ")");
     }
     return make_cuda_tree(capacity, softmax, temperature, device);
 #else
@@ -208,19 +224,14 @@ PYBIND11_MODULE(_core, m) {
         py::dict info;
 #if defined(ISAMPLE_HAVE_CUDA)
         info["cuda"] = true;
-        py::list archs;
-        std::string text = ISAMPLE_CUDA_ARCHS;
-        size_t start = 0;
-        while (start <= text.size()) {
-          size_t end = text.find(',', start);
-          if (end == std::string::npos) end = text.size();
-          archs.append("sm_" + text.substr(start, end - start));
-          start = end + 1;
-        }
-        info["cuda_archs"] = archs;
+        info["cuda_archs"] = prefixed(ISAMPLE_CUDA_SASS, "sm_");      // machine code
+        info["cuda_ptx"] = prefixed(ISAMPLE_CUDA_PTX, "compute_");    // PTX, compiled by the driver
+        info["cuda_runtime"] = ISAMPLE_CUDA_RUNTIME;  // linked statically: 13000 is CUDA 13.0
 #else
         info["cuda"] = false;
         info["cuda_archs"] = py::list();
+        info["cuda_ptx"] = py::list();
+        info["cuda_runtime"] = 0;
 #endif
 #if defined(ISAMPLE_HAVE_GPU_ON_HOST)
         info["gpu_on_host"] = true;
@@ -233,6 +244,68 @@ PYBIND11_MODULE(_core, m) {
         return info;
       },
       "How this extension was built.");
+  m.def(
+      "cuda_status",
+      [] {
+        py::dict result;
+#if defined(ISAMPLE_HAVE_CUDA)
+        CudaStatus status = cuda_status();
+        result["runtime_version"] = status.runtime_version;
+        result["driver_version"] = status.driver_version;
+        result["error"] = status.error;
+        py::list devices;
+        for (const CudaDevice& d : status.devices) {
+          py::dict device;
+          device["name"] = d.name;
+          device["capability"] = py::make_tuple(d.major, d.minor);
+          device["multiprocessors"] = d.multiprocessors;
+          device["total_memory"] = d.total_memory;
+          devices.append(device);
+        }
+        result["devices"] = devices;
+#else
+        result["runtime_version"] = 0;
+        result["driver_version"] = 0;
+        result["error"] = std::string("this build of isample has no CUDA back end");
+        result["devices"] = py::list();
+#endif
+        return result;
+      },
+      "The CUDA runtime's and driver's versions (1000 * major + 10 * minor; 0: none), the error "
+      "that kept the runtime from listing devices ('' if none), and each visible device's name, "
+      "compute capability, multiprocessors and memory. Creates no CUDA context.");
+  m.def(
+      "cuda_memory_pool",
+      [](int device, bool reset_peaks) {
+        py::dict result;
+#if defined(ISAMPLE_HAVE_CUDA)
+        if (device < 0 || device >= cuda_device_count()) {
+          throw std::invalid_argument("CUDA device " + std::to_string(device) + " is not available");
+        }
+        CudaPoolStats stats = cuda_memory_pool(device, reset_peaks);
+        result["reserved"] = stats.reserved;
+        result["reserved_peak"] = stats.reserved_peak;
+        result["used"] = stats.used;
+        result["used_peak"] = stats.used_peak;
+#else
+        (void)device;
+        (void)reset_peaks;
+        throw std::invalid_argument("this build of isample has no CUDA back end");
+#endif
+        return result;
+      },
+      py::arg("device"), py::arg("reset_peaks") = false,
+      "Bytes of the device's default memory pool (where device trees allocate): reserved and "
+      "used, now and at their peak since the last reset_peaks=True.");
+  m.def(
+      "exp_shared",
+      [](uintptr_t x, int64_t n, uintptr_t out) {
+        const double* in = as_pointer<const double>(x);
+        double* o = as_pointer<double>(out);
+        for (int64_t j = 0; j < n; ++j) o[j] = exp_shared(in[j]);
+      },
+      py::arg("x"), py::arg("n"), py::arg("out"),
+      "out[j] = e^x[j] by the exp that the CPU and GPU trees share (for tests).");
   m.def(
       "select_cpu_kernels",
       [](const std::string& name) {
@@ -284,6 +357,8 @@ PYBIND11_MODULE(_core, m) {
       .def_property_readonly("softmax", [](DeviceHandle& h) { return h.tree->softmax(); })
       .def_property_readonly("levels", [](DeviceHandle& h) { return h.tree->levels(); })
       .def_property_readonly("nbytes", [](DeviceHandle& h) { return h.tree->nbytes(); })
+      .def_property_readonly("scratch_nbytes", [](DeviceHandle& h) { return h.tree->scratch_nbytes(); },
+                             "Bytes of scratch the tree holds between calls.")
       .def_property(
           "stream_seed", [](DeviceHandle& h) { return h.stream_seed; },
           [](DeviceHandle& h, uint64_t seed) { h.locked(0, [&] { h.stream_seed = seed; }); })

@@ -26,8 +26,9 @@ REPOSITORY = GPU_SOURCES.parents[1]
 HOT_ROOTS = ["update", "get", "probability", "sample_from_uniforms", "sample", "sample_distinct"]
 # Helpers the scan must reach from those roots (else the parser has gone blind: fix it).
 MUST_REACH = [
-    "prepare_batch", "resum_levels", "run_rebase", "begin_call", "for_each", "reserve",
-    "reserve_sort_space", "allocate_async", "release_async", "policy", "zero_async", "copy_async",
+    "prepare_batch", "resum_levels", "run_rebase", "begin_call", "for_each", "reserve", "release",
+    "sort_pairs", "sort_temp_bytes", "release_race_scratch", "trim_batch_scratch", "on",
+    "allocate_async", "release_async", "policy", "zero_async", "copy_async",
 ]
 # Calls that synchronise the host with the device, or may.
 SYNCHRONISING = {
@@ -131,8 +132,10 @@ def function_bodies(source: str) -> dict:
 
 
 def called_names(body: str) -> set:
-    """Bare names of everything called in `body` (free, member and qualified calls)."""
-    return {name for name in re.findall(r"\b([A-Za-z_]\w*)\s*\(", body) if name not in KEYWORDS}
+    """Bare names of everything called in `body` (free, member and qualified calls, and
+    templates called with explicit arguments: name<T, U>(...))."""
+    pattern = r"\b([A-Za-z_]\w*)\s*(?:<[^<>;{}()]*>)?\s*\("
+    return {name for name in re.findall(pattern, body) if name not in KEYWORDS}
 
 
 def hot_path_violations(sources: dict, roots=HOT_ROOTS) -> tuple:
@@ -192,9 +195,42 @@ def test_no_synchronisation_on_the_update_and_sample_paths():
     assert thrust_calls_without_policy(sources) == []
     # The project's policy is Thrust's par_nosync on the caller's stream, in the CUDA build
     system = sources["system.h"]
-    policies = re.findall(r"inline auto policy\(Stream s[^)]*\) \{ return ([^;]+); \}", system)
-    assert len(policies) == 2 and all("par_nosync" in p and ".on(s)" in p for p in policies), policies
-    assert "thrust::sort_by_key(policy(s, sort_arena_)" in sources["device_tree.h"]  # sorts use the tree's scratch
+    policies = re.findall(r"inline auto policy\(Stream s[^)]*\) \{ return ([^;]+); \}", as_cuda_build(system))
+    assert len(policies) == 1 and all("par_nosync" in p and ".on(s)" in p for p in policies), policies
+    # Sorts are CUB's radix sort on the caller's stream, with temporary storage the tree owns
+    assert "cub::DeviceRadixSort::SortPairs(temp, temp_bytes, k, v, n, 0, end_bit, s)" in system
+
+
+def _class_body(text: str, name: str) -> str:
+    start = text.index(f"class {name} ")
+    return text[start : _matching(text, text.index("{", start), "{", "}")]
+
+
+def test_the_destructor_frees_every_buffer_behind_the_last_call():
+    """Issue 21 item 1: a tree dropped right after an asynchronous call must not free memory
+    that queued work still uses. Every Buffer member is released in ~DeviceTree, with the
+    tree's device current, stream-ordered (cudaFreeAsync) on the stream that every call
+    records; Buffer's own destructor is only a fallback."""
+    sources = {name: strip_comments_and_strings(as_cuda_build(text)) for name, text in gpu_sources().items()}
+    tree = _class_body(sources["device_tree.h"], "DeviceTree")
+    members = [name.strip() for group in re.findall(r"\bBuffer<[^>]+>\s+([^;()]+);", tree) for name in group.split(",")]
+    assert {"leaves_", "internal_", "race_keys_", "batch_items_"} <= set(members), members
+    bodies = function_bodies(sources["device_tree.h"])
+    (destructor,) = bodies["~DeviceTree"]
+    assert re.search(r"DeviceGuard guard\(device_\);", destructor)
+    missing = [m for m in members if not re.search(rf"&?{m}\b", destructor)]
+    assert missing == [], f"~DeviceTree does not release {missing}"
+    assert "last_stream_" in destructor and "cudaFree(" not in destructor
+    # Every call that takes a stream records it (through on(stream)) before queueing work.
+    for name, found in bodies.items():
+        for body in found:
+            if name in HOT_ROOTS + ["assign", "load", "set_temperature", "status", "export_values", "check"]:
+                assert "on(stream)" in body, f"{name} does not record its stream"
+    system = sources["system.h"]
+    (release,) = [b for b in function_bodies(system)["release_async"]]
+    assert "cudaFreeAsync(p, s)" in release and "cudaFree(p" not in release
+    (buffer_release,) = function_bodies(_class_body(system, "Buffer"))["release"]
+    assert "release_async(data_, s)" in buffer_release
 
 
 SYNTHETIC_TREE = """
@@ -270,15 +306,104 @@ def test_a_build_without_cuda_refuses_device_cuda_with_one_clear_error(monkeypat
         assert raised.value.__cause__ is None and raised.value.__context__ is None
 
 
+def _status(*capabilities, runtime=13000, driver=13000, error=""):
+    devices = [{"name": f"GPU {c}", "capability": c, "multiprocessors": 100, "total_memory": 2**36} for c in capabilities]
+    return {"runtime_version": runtime, "driver_version": driver, "error": error, "devices": devices}
+
+
 def test_cuda_available_needs_a_device_the_core_can_see(monkeypatch):
     from isample import _backend
 
     monkeypatch.setattr(_backend._core, "build_info", lambda: {"cuda": True, "cuda_archs": ["sm_90"], "gpu_on_host": True})
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(_backend._core, "cuda_device_count", lambda: 0)
+    monkeypatch.setattr(_backend._core, "cuda_status", lambda: _status())
     assert not isample.cuda_available()
     monkeypatch.setattr(_backend._core, "cuda_device_count", lambda: 1)
+    monkeypatch.setattr(_backend._core, "cuda_status", lambda: _status((9, 0)))
     assert isample.cuda_available()
+
+
+BUILD = {"cuda": True, "cuda_archs": ["sm_75", "sm_80", "sm_90"], "cuda_ptx": ["compute_90"], "gpu_on_host": True}
+
+
+@pytest.mark.parametrize(
+    "capability, sass, ptx, runs",
+    [
+        ((7, 5), BUILD["cuda_archs"], BUILD["cuda_ptx"], True),  # T4: its own machine code
+        ((8, 6), BUILD["cuda_archs"], BUILD["cuda_ptx"], True),  # A10 / RTX 30: sm_80 runs on 8.x
+        ((8, 9), BUILD["cuda_archs"], BUILD["cuda_ptx"], True),  # L4 / RTX 40
+        ((9, 0), BUILD["cuda_archs"], BUILD["cuda_ptx"], True),  # H100
+        ((10, 0), BUILD["cuda_archs"], BUILD["cuda_ptx"], True),  # B200: compute_90 PTX, compiled by the driver
+        ((12, 0), BUILD["cuda_archs"], BUILD["cuda_ptx"], True),
+        ((7, 0), BUILD["cuda_archs"], BUILD["cuda_ptx"], False),  # V100: nothing it can run
+        ((10, 0), BUILD["cuda_archs"], [], False),  # no PTX: no forward compatibility
+        ((7, 5), ["sm_80", "sm_90"], [], False),  # the old build on a T4
+        ((8, 0), ["sm_86"], [], False),  # machine code of a later minor version does not run
+    ],
+)
+def test_which_devices_a_build_can_run_on(capability, sass, ptx, runs):
+    from isample import _device
+
+    assert _device.kernels_run_on(capability, sass, ptx) is runs
+
+
+def test_cuda_problem_says_what_is_wrong(monkeypatch):
+    """Issue 21 item 4: a driver too old for the core's CUDA runtime is reported as such (not
+    as "no device"), and a device the build has no kernels for is refused up front."""
+    from isample import _device
+
+    monkeypatch.setattr(_device._core, "build_info", lambda: BUILD)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(_device._core, "cuda_status", lambda: _status((9, 0)))
+    assert _device.cuda_problem() is None and _device.cuda_problem(0) is None and _device.cuda_available()
+    assert "device 1 is not visible (1 visible)" in _device.cuda_problem(1)
+    error = "cudaErrorInsufficientDriver: CUDA driver version is insufficient for CUDA runtime version"
+    monkeypatch.setattr(_device._core, "cuda_status", lambda: _status(driver=12080, error=error))
+    problem = _device.cuda_problem()
+    assert "driver supports CUDA up to 12.8" in problem and "CUDA 13.0 runtime" in problem and "580" in problem
+    assert not _device.cuda_available()
+    monkeypatch.setattr(_device._core, "cuda_status", lambda: _status(driver=0, error=error))
+    assert error in _device.cuda_problem()
+    monkeypatch.setattr(_device._core, "cuda_status", lambda: _status((7, 0), (9, 0)))
+    assert _device.cuda_problem() is None  # device 1 can run it
+    problem = _device.cuda_problem(0)
+    assert "CUDA device 0 (GPU (7, 0), compute capability 7.0) cannot run this build" in problem
+    assert "sm_75, sm_80, sm_90 and PTX for compute_90" in problem and "ISAMPLE_CUDA_ARCHS" in problem
+    monkeypatch.setattr(_device._core, "cuda_status", lambda: _status((7, 0)))
+    assert not _device.cuda_available()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert "sees no CUDA device" in _device.cuda_problem()
+    monkeypatch.setattr(_device._core, "build_info", lambda: dict(BUILD, cuda=False))
+    assert "compiled without the CUDA back end" in _device.cuda_problem()
+
+
+def test_the_core_reports_the_cuda_runtime_it_links():
+    status = isample._core.cuda_status()
+    assert set(status) == {"runtime_version", "driver_version", "error", "devices"}
+    info = isample.build_info()
+    if info["cuda"]:
+        assert status["runtime_version"] == info["cuda_runtime"] >= 12000
+        assert info["cuda_ptx"] and all(re.fullmatch(r"compute_\d+", a) for a in info["cuda_ptx"])
+        assert "sm_75" in info["cuda_archs"]  # a T4 gets kernels
+        if status["error"] == "" and not status["devices"]:
+            pytest.fail("the runtime started but listed no device")
+    else:
+        assert status["devices"] == [] and "no CUDA back end" in status["error"]
+
+
+def test_no_cccl_symbol_is_exported():
+    """Issue 21 item 8: with hidden visibility for the CUDA code too, none of the Thrust,
+    CUB or libcu++ code instantiated in the core is exported, where it could clash with
+    torch's own CCCL."""
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("nm is not installed")
+    exported = subprocess.run([nm, "-D", "--defined-only", "-C", isample._core.__file__], capture_output=True, text=True,
+                              check=True).stdout.splitlines()
+    assert any("PyInit__core" in line for line in exported)
+    leaked = [line for line in exported if re.search(r"thrust::|cub::|cuda::|\bcccl", line)]
+    assert leaked == [], leaked[:5]
 
 
 def test_draw_seed_takes_the_generator_of_either_device(monkeypatch):
@@ -375,20 +500,19 @@ def test_cuda_draw_frequencies(rng):
 def test_cuda_update_and_sample_do_not_synchronise(first_use):
     """With a long kernel queued ahead of them, update and sample must return while it still
     runs: any host synchronisation (a blocking copy, cudaMalloc / cudaFree, a stream or
-    device sync) would wait for it. first_use: the scratch grows inside the timed calls."""
+    device sync) would wait for it. first_use: the scratch grows inside the timed calls.
+
+    CUDA loads each kernel on its first launch (lazy loading, the default since 12.2), and
+    that load may synchronise the context. So the kernels are first run once on another tree
+    of the same size (the same kernels: CUB picks its sort kernels by size); a training loop
+    gets the same by one warm-up step, or by CUDA_MODULE_LOADING=EAGER set before CUDA
+    starts (docs/gpu.md)."""
     n = 10_000_000
-    tree = isample.SoftmaxTree(n, device="cuda", seed=0)
     idx = torch.randint(0, n, (128,), device="cuda")
     many = torch.randint(0, n, (5000,), device="cuda")  # > kScanBatch: the sorted-batch path
     losses = torch.rand(5000, device="cuda", dtype=torch.float64)
-    if not first_use:
-        tree.update(many, losses)
-        tree.sample(1000, replace=False)
-    torch.cuda.synchronize()
-    stream = torch.cuda.current_stream()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        torch.cuda._sleep(2_000_000_000)  # about a second of GPU time, queued first
+
+    def every_call(tree):
         tree.update(idx, losses[:128])
         tree.update(many, losses)
         for _ in range(10):
@@ -396,6 +520,19 @@ def test_cuda_update_and_sample_do_not_synchronise(first_use):
             tree.update(draws, losses[:128])
             tree.blend(draws, losses[:128], 0.2)
         tree.sample(1000, replace=False)
+
+    warm = isample.SoftmaxTree(n, device="cuda", seed=1)
+    every_call(warm)
+    del warm
+    tree = isample.SoftmaxTree(n, device="cuda", seed=0)
+    if not first_use:
+        every_call(tree)
+    torch.cuda.synchronize()
+    stream = torch.cuda.current_stream()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        torch.cuda._sleep(2_000_000_000)  # about a second of GPU time, queued first
+        every_call(tree)
         still_running = not stream.query()
     finally:
         torch.cuda.set_sync_debug_mode("default")
@@ -490,3 +627,109 @@ def test_sampler_reports_rejected_batches_at_the_next_epoch():
     sampler.update(items[:10], torch.full((10,), float("nan"), device="cuda"))
     with pytest.raises(ValueError):
         list(iter(sampler))
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("n", [1 << 16, 3 << 20])  # race scratch kept until the tree goes / given back after the draw
+def test_cuda_a_tree_dropped_during_its_draw_frees_its_memory_after_it(n, rng):
+    """Issue 21 item 1. A draw without replacement is queued behind a long kernel on a side
+    stream and the tree is dropped at once; then memory is taken from the same pool and
+    from torch on another stream, and written. The draw must still be right, and
+    compute-sanitizer (scripts/gpu_check.sh runs this test under it) must find no access to
+    freed memory: the tree's memory is freed behind its last call, on that call's stream."""
+    import gc
+
+    weights = rng.random(n) + 1e-3
+    expected = isample.SumTree.from_weights(weights).sample(1000, replace=False, seed=3, method="race")
+    device_weights = torch.from_numpy(weights).cuda()
+    side, other = torch.cuda.Stream(), torch.cuda.Stream()
+    torch.cuda.synchronize()
+    with torch.cuda.stream(side):
+        tree = isample.SumTree.from_weights(device_weights, device="cuda", seed=0)
+        torch.cuda._sleep(1_000_000_000)  # about half a second, ahead of the draw
+        drawn = tree.sample(1000, replace=False, seed=3)
+        del tree
+        gc.collect()
+        dropped_while_queued = not side.query()
+    with torch.cuda.stream(other):
+        intruder = isample.SumTree.from_weights(torch.full((n,), 7.0, dtype=torch.float64, device="cuda"), device="cuda")
+        intruder.sample(1000, replace=False, seed=1)
+        junk = torch.full((8 * n,), float("nan"), dtype=torch.float64, device="cuda")
+    torch.cuda.synchronize()
+    assert dropped_while_queued, "the draw finished before the tree was dropped: the test proved nothing"
+    assert torch.equal(drawn.cpu(), expected)
+    del intruder, junk
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_scratch_is_exact_and_given_back():
+    """Issue 21 item 3, on the device: a draw without replacement reserves 32 bytes per item
+    plus CUB's exact temporary, and gives back more than 64 MiB after the call. The device's
+    pool (where the trees allocate) shows the peak."""
+    device = torch.cuda.current_device()
+    small = 1 << 16
+    tree = isample.SumTree.from_weights(torch.rand(small, dtype=torch.float64, device="cuda") + 1e-3, device="cuda")
+    tree.sample(100, replace=False)
+    assert 32 * small <= tree._core.scratch_nbytes <= 32 * small + (8 << 20)
+    big = 3 << 20
+    large = isample.SumTree.from_weights(torch.rand(big, dtype=torch.float64, device="cuda") + 1e-3, device="cuda")
+    torch.cuda.synchronize()
+    before = isample._core.cuda_memory_pool(device, reset_peaks=True)
+    large.sample(100, replace=False)
+    torch.cuda.synchronize()
+    after = isample._core.cuda_memory_pool(device)
+    assert large._core.scratch_nbytes == 0
+    assert 32 * big <= after["used_peak"] - before["used"] <= 32 * big + (16 << 20)
+    assert after["used"] == before["used"]
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_tiny_totals_draw_as_the_cpu_does():
+    """Issue 19 item 5 on the device: the same scaling, the same draws."""
+    weights = np.arange(1, 101) * 5e-324
+    gpu = isample.SumTree.from_weights(torch.from_numpy(weights).cuda(), device="cuda", seed=0)
+    cpu = isample.SumTree.from_weights(weights, seed=0)
+    assert torch.equal(gpu.sample(20_000, seed=1).cpu(), cpu.sample(20_000, seed=1))
+    assert torch.equal(gpu.sample(60, replace=False, seed=2).cpu(), cpu.sample(60, replace=False, seed=2))
+    gi, gp = gpu.sample_with_inclusion(60, seed=3)
+    ci, cp = cpu.sample_with_inclusion(60, seed=3)
+    assert torch.equal(gi.cpu(), ci)
+    torch.testing.assert_close(gp.cpu(), cp, rtol=1e-12, atol=0)
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_softmax_leaves_are_the_cpus_bit_for_bit(rng):
+    """Issue 21 item 6: one exp (exp_shared) on both sides, so probabilities, totals and
+    draws agree in every bit."""
+    scores = rng.normal(size=100_003) * 30
+    gpu = isample.SoftmaxTree.from_scores(torch.from_numpy(scores).cuda(), temperature=0.7, device="cuda", seed=0)
+    cpu = isample.SoftmaxTree.from_scores(scores, temperature=0.7, seed=0)
+    assert torch.equal(gpu.probability().cpu(), cpu.probability())
+    assert gpu.log_total == cpu.log_total
+    assert torch.equal(gpu.sample(20_000, seed=1).cpu(), cpu.sample(20_000, seed=1))
+    # exp over the whole range on the device against the host's: scores in [-745, 0], the
+    # largest 0, temperature 1, so each leaf is exp_shared(score), subnormals included.
+    wide = np.concatenate([[0.0], rng.uniform(-745.2, 0.0, (1 << 20) - 1)])
+    gpu = isample.SoftmaxTree.from_scores(torch.from_numpy(wide).cuda(), device="cuda", seed=0)
+    cpu = isample.SoftmaxTree.from_scores(wide, seed=0)
+    assert torch.equal(gpu.probability().cpu(), cpu.probability())
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_worker_count_fills_the_device(rng):
+    """Issue 21 item 5: assign / load / rebase passes run one worker per device thread (not
+    4096); their results are those of the CPU."""
+    n = 3_000_017
+    scores = rng.normal(size=n) * 50
+    gpu = isample.SoftmaxTree.from_scores(torch.from_numpy(scores).cuda(), device="cuda", seed=0)
+    cpu = isample.SoftmaxTree.from_scores(scores, seed=0)
+    assert gpu.num_positive == cpu.num_positive and gpu.log_total == cpu.log_total
+    state = gpu.state_dict()
+    other = isample.SoftmaxTree(n, device="cuda", seed=0)
+    other.load_state_dict(state)
+    assert torch.equal(other.probability(), gpu.probability())

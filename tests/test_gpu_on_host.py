@@ -217,3 +217,65 @@ def test_sampler_runs_on_the_host_build(rng):
     for sampler in (cpu, host):
         sampler.update(range(300), scores)
     assert list(iter(cpu)) == list(iter(host))
+
+
+def test_scratch_is_exact_and_large_scratch_is_given_back(rng):
+    """Issue 21 item 3: a draw without replacement holds exactly 32 bytes per item (keys,
+    items and their alternates for the radix sort; the host build has no CUB temporary),
+    with no growth factor, and gives it back after the call above 64 MiB; a sorted batch's
+    buffers grow by half as much again (batch sizes vary), a softmax update's likewise."""
+    n = 5000
+    tree = isample.SumTree.from_weights(rng.random(n) + 1e-3, seed=0, **HOST)
+    core = tree._core
+    assert core.scratch_nbytes == 0 and core.nbytes == isample.SumTree(n).nbytes  # the arrays, from the layout
+    tree.sample(100, replace=False, seed=1)
+    assert core.scratch_nbytes == 32 * n
+    tree.sample(n, replace=False, seed=2)  # no regrowth
+    assert core.scratch_nbytes == 32 * n
+    tree.update(rng.integers(0, n, 300), rng.random(300))  # sorted batch: 4 buffers of 1.5 * 300 int64
+    assert core.scratch_nbytes == 32 * n + 4 * 450 * 8
+    big = 2_200_000  # 32 bytes each: 70.4 MB, above the 64 MiB kept
+    large = isample.SumTree.from_weights(np.full(big, 1.0), seed=0, **HOST)
+    drawn = large.sample(10, replace=False, seed=3)
+    assert len(set(drawn.tolist())) == 10
+    assert large._core.scratch_nbytes == 0
+    soft = isample.SoftmaxTree(1000, seed=0, **HOST)
+    soft.update(np.arange(128), rng.normal(size=128))
+    assert soft._core.scratch_nbytes == 8 * (2 * 128 + 128)  # old and new leaves, with room to grow
+
+
+def test_softmax_leaves_are_the_cpus_bit_for_bit(rng):
+    """Issue 21 item 6: the CPU and GPU trees compute softmax leaves with one exp
+    (fastmath.h's exp_shared), so leaves, totals and probabilities agree in every bit
+    (the CUDA build runs the same code: tests/test_cuda.py checks it on a GPU)."""
+    scores = rng.normal(size=20_011) * 30
+    cpu = isample.SoftmaxTree.from_scores(scores, temperature=0.7, seed=0)
+    gpu = isample.SoftmaxTree.from_scores(scores, temperature=0.7, seed=0, **HOST)
+    assert torch.equal(gpu.probability(), cpu.probability())
+    assert gpu.log_total == cpu.log_total
+    idx = rng.integers(0, scores.size, 200)
+    values = scores[idx] + rng.normal(size=200)  # stays within the headroom: no rebase on either side
+    cpu.update(idx, values)
+    gpu.update(idx, values)
+    assert torch.equal(gpu.probability(), cpu.probability())
+    assert torch.equal(gpu.sample(5000, seed=1), cpu.sample(5000, seed=1))
+    leaves = torch.empty(scores.size, dtype=torch.float64)
+    cpu._core.export_leaves(leaves.data_ptr())
+    exponents = (scores - scores.max()) / 0.7
+    exponents[idx] = (values - scores.max()) / 0.7
+    expected = np.empty_like(exponents)
+    isample._core.exp_shared(exponents.ctypes.data, exponents.size, expected.ctypes.data)
+    np.testing.assert_array_equal(leaves.numpy(), expected)
+
+
+def test_a_large_softmax_batch_predicts_the_total_in_two_passes(rng):
+    """PredictTotal sums k > 256 old and new leaves in groups of a fixed shape, then the
+    groups: a batch that drives every leaf below e^-64 must still rebase, as on the CPU."""
+    n = 70_000
+    cpu = isample.SoftmaxTree(n, seed=0)
+    gpu = isample.SoftmaxTree(n, seed=0, **HOST)
+    scores = -100.0 - rng.random(n)  # every leaf e^-100: the total falls below e^-64
+    for tree in (cpu, gpu):
+        tree.update(np.arange(n), scores)
+    assert gpu._core.reference == cpu._core.reference == scores.max()  # both rebased
+    torch.testing.assert_close(gpu.probability(), cpu.probability(), rtol=1e-15, atol=0)

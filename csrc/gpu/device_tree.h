@@ -3,27 +3,42 @@
 // system) and once by host_tree.cpp (Thrust's OpenMP system, the build the tests run); the
 // including file defines ISAMPLE_GPU_NS.
 //
-// No host synchronisation on the update / sample paths: every step is a Thrust algorithm or
-// an async memset on the caller's stream, Thrust runs with par_nosync, temporary storage
-// comes from buffers the tree owns (grown, when a batch outgrows them, by stream-ordered
-// cudaMallocAsync / cudaFreeAsync), and decisions that depend on the data (a rejected
-// batch, a softmax rebase) are taken on the device by the kernels themselves.
+// No host synchronisation on the update / sample paths: every step is a Thrust algorithm,
+// a CUB radix sort or an async memset on the caller's stream, Thrust runs with par_nosync,
+// temporary storage comes from buffers the tree owns (grown, when a batch outgrows them,
+// by stream-ordered cudaMallocAsync / cudaFreeAsync), and decisions that depend on the
+// data (a rejected batch, a softmax rebase) are taken on the device by the kernels
+// themselves.
 //
 // Launches per call, L = levels (6 at n = 1e7):
 //   update (SumTree)        1 memset + validate + write + L level re-sums
-//   update (SoftmaxTree)    the same + 2 rebase kernels that exit at once unless a score
-//                           left the exp(+-64) headroom
+//   update (SoftmaxTree)    the same + the prediction of the total (2 launches when
+//                           k > kSumChunk) + 3 rebase kernels that exit at once unless a
+//                           score left the exp(+-64) headroom
 //   sample k, replace       1 (one thread per draw, full descent)
-//   sample k, distinct      keys + sort (Thrust) + output: O(n)
+//   sample k, distinct      keys + radix sort (CUB) + output: O(n)
 //
 // A batch of k <= kScanBatch updates finds repeated indices and shared ancestors by
 // scanning the batch (O(k) per thread, no sort); a larger batch is sorted once.
+//
+// Memory (bytes): the arrays, 8 per leaf slot + 8 per internal node (+ 8 per item of scores
+// for a SoftmaxTree), held for the tree's life; scratch, held between calls unless above
+// kKeepScratchBytes: a sorted batch 32 per item (+ CUB's temporary), a softmax update 16 per
+// item, a draw without replacement 32 per item (keys, items and their alternates for the
+// radix sort) + CUB's temporary, exactly (scratch_nbytes() reports what is held).
+//
+// Lifetime: every call records its stream; the destructor frees everything, with that
+// tree's device current, stream-ordered on the last call's stream, so memory still used by
+// queued work is not reused before that work has run. That stream must outlive the tree
+// (torch's streams do).
 #pragma once
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstdio>
+#include <initializer_list>
 #include <limits>
 #include <memory>
 #include <stdexcept>
@@ -32,7 +47,6 @@
 #include <thrust/for_each.h>
 #include <thrust/iterator/counting_iterator.h>
 #include <thrust/sequence.h>
-#include <thrust/sort.h>
 
 #include "../common.h"
 #include "../descend.h"
@@ -44,8 +58,14 @@ namespace isample {
 namespace ISAMPLE_GPU_NS {
 
 constexpr int64_t kScanBatch = 256;
-// Workers of the strided kernels that rebase a softmax tree (rare): enough to fill a GPU.
-constexpr int64_t kRebaseWorkers = 4096;
+// The strided kernels (one pass over all n items: assign, load, rebase) give each worker at
+// least this many items, and launch at most as many workers as the device holds threads.
+constexpr int64_t kItemsPerWorker = 32;
+// The prediction of a softmax total sums k values in chunks of at least this many.
+constexpr int64_t kSumChunk = 256;
+// Scratch above this many bytes is given back after the call that needed it (as the CPU
+// tree does), so one large draw does not pin memory for the tree's lifetime.
+constexpr size_t kKeepScratchBytes = size_t(64) << 20;
 constexpr double kMaxExponent = 64.0;
 
 enum ErrorCode : int32_t {
@@ -67,7 +87,8 @@ struct Control {
   int64_t error_position;
   double error_value;
   int32_t call_error;  // this call's input was bad: its later steps do nothing  } reset at the
-  int32_t rebase;      // softmax: this call must move the reference             } start of a call
+  int32_t rebase;      // softmax: this call must move the reference             } start of a
+  uint64_t largest;    // softmax rebase: order_key of the largest score         } call
   int32_t first_error; // sticky until check(): the code of the first error
   int32_t padding;
 };
@@ -173,7 +194,7 @@ struct WriteScores {
     const double exponent = softmax_exponent(s, t.control->reference, t.control->temperature);
     if (!(exponent <= kMaxExponent)) atomic_store(&t.control->rebase, 1);
     // Past the headroom the leaf is provisional: the rebase later in this call rewrites it.
-    const double leaf = std::exp(exponent < 700.0 ? exponent : 700.0);
+    const double leaf = exp_shared(exponent < 700.0 ? exponent : 700.0);
     old_leaves[r] = t.leaves[i];
     new_leaves[r] = leaf;
     const int64_t delta = int64_t(leaf > 0.0) - int64_t(t.leaves[i] > 0.0);
@@ -182,27 +203,51 @@ struct WriteScores {
   }
 };
 
-// One thread, in a fixed order: the total after this update is
+// The total after a softmax update is
 //   (total - sum of old leaves) + sum of new leaves
 // up to rounding; if it may be below e^-64 (its lower bound is), ask for a rebase now, as
 // the CPU tree does after re-summing (where it knows the total exactly). Conservative: it
-// may rebase a little earlier than the CPU, never later.
+// may rebase a little earlier than the CPU, never later. The two sums are taken in a
+// shape fixed by k alone, so the decision is deterministic: k <= chunk values by one
+// thread in order; more, by PredictPartial in groups of `chunk` consecutive values, then
+// the groups' sums in order.
+struct PredictPartial {
+  const double* old_leaves;  // (k,)
+  const double* new_leaves;
+  int64_t k;
+  int64_t chunk;
+  int64_t groups;
+  double* sums;  // (2 * groups,): removed, then added
+  ISAMPLE_HD void operator()(int64_t g) const {
+    const int64_t end = (g + 1) * chunk < k ? (g + 1) * chunk : k;
+    double removed = 0.0, added = 0.0;
+    for (int64_t r = g * chunk; r < end; ++r) {
+      removed += old_leaves[r];
+      added += new_leaves[r];
+    }
+    sums[g] = removed;
+    sums[groups + g] = added;
+  }
+};
+
 struct PredictTotal {
   View t;
   int64_t k;
-  const double* old_leaves;
-  const double* new_leaves;
+  const double* removed_parts;  // (parts,): the old leaves, or PredictPartial's group sums
+  const double* added_parts;
+  int64_t parts;
   ISAMPLE_HD void operator()(int64_t) const {
     if (t.control->call_error) return;
     const double total = t.internal[0];
     double removed = 0.0, added = 0.0;
-    for (int64_t r = 0; r < k; ++r) {
-      removed += old_leaves[r];
-      added += new_leaves[r];
+    for (int64_t p = 0; p < parts; ++p) {
+      removed += removed_parts[p];
+      added += added_parts[p];
     }
     const double predicted = (total - removed) + added;
+    // Any order of summation of k terms errs by at most (k - 1) ulps of their magnitude.
     const double rounding = (total + removed + added) * double(k + 4 * kMaxLevels) * 0x1.0p-52;
-    if (!(predicted - rounding >= 1.6038108905486378e-28)) atomic_store(&t.control->rebase, 1);  // e^-64
+    if (!(predicted - rounding >= exp_shared(-kMaxExponent))) atomic_store(&t.control->rebase, 1);
   }
 };
 
@@ -232,33 +277,33 @@ struct ResumAll {
   }
 };
 
-// Rebase, step 1: each worker's largest score (and the positive count is restarted).
+// Rebase, step 1: the largest score, in two passes: each worker's over its stride, then
+// an atomic max of the workers' (exact, so the order does not matter). The positive count
+// is restarted.
 struct RebaseMax {
   View t;
   int64_t workers;
-  double* partial;
   ISAMPLE_HD void operator()(int64_t w) const {
     if (!t.control->rebase) return;
     if (w == 0) t.control->counted = 0;
     double largest = -positive_infinity();
     for (int64_t i = w; i < t.layout.capacity; i += workers) largest = t.scores[i] > largest ? t.scores[i] : largest;
-    partial[w] = largest;
+    atomic_max(&t.control->largest, order_key(largest));
   }
 };
 
-// Rebase, step 2: the reference becomes the largest score; every leaf is recomputed.
+// Rebase, step 2: the reference becomes the largest score; every leaf is recomputed, and
+// the positive leaves counted (each worker's count, then one atomic add per worker).
 struct RebaseLeaves {
   View t;
   int64_t workers;
-  const double* partial;
   ISAMPLE_HD void operator()(int64_t w) const {
     if (!t.control->rebase) return;
-    double reference = partial[0];
-    for (int64_t j = 1; j < workers; ++j) reference = partial[j] > reference ? partial[j] : reference;
+    const double reference = from_order_key(t.control->largest);
     const double temperature = t.control->temperature;
     int64_t positive = 0;
     for (int64_t i = w; i < t.layout.capacity; i += workers) {
-      const double leaf = std::exp(softmax_exponent(t.scores[i], reference, temperature));
+      const double leaf = exp_shared(softmax_exponent(t.scores[i], reference, temperature));
       t.leaves[i] = leaf;
       positive += leaf > 0.0;
     }
@@ -324,7 +369,7 @@ struct LoadLeaves {
     for (int64_t i = w; i < t.layout.capacity; i += workers) {
       const double exponent = softmax_exponent(t.scores[i], reference, temperature);
       if (!(exponent <= kMaxExponent)) atomic_store(&t.control->rebase, 1);
-      const double leaf = std::exp(exponent < 700.0 ? exponent : 700.0);
+      const double leaf = exp_shared(exponent < 700.0 ? exponent : 700.0);
       t.leaves[i] = leaf;
       positive += leaf > 0.0;
     }
@@ -341,6 +386,7 @@ struct SetTemperature {
   }
 };
 
+// A tiny total (descend.h) descends in the tree read as scaled by a power of two.
 struct Draw {
   View t;
   uint64_t key;
@@ -359,7 +405,9 @@ struct Draw {
       out[j] = 0;
       return;
     }
-    out[j] = descend(t.layout, t.internal, t.leaves, u * total);
+    const double scale = tiny_total_scale(total);
+    out[j] = scale == 1.0 ? descend(t.layout, t.internal, t.leaves, u * total)
+                          : descend_scaled(t.layout, t.internal, t.leaves, u * (total * scale), scale);
   }
 };
 
@@ -386,14 +434,16 @@ struct Gather {
 };
 
 // The race in the log domain: key_i = log(E_i) - log(w_i) orders the items exactly as
-// E_i / w_i does (the CPU's linear keys), and cannot overflow.
+// E_i / w_i does (the CPU's linear keys), and cannot overflow. A tiny total (descend.h)
+// scales the weights by a power of two (exactly), as the CPU's log keys do, so that w e^tau
+// stays finite in RaceOutput.
 struct RaceKeys {
   View t;
   uint64_t key;
   double* keys;
   int64_t* items;
   ISAMPLE_HD void operator()(int64_t i) const {
-    const double w = t.leaves[i];
+    const double w = t.leaves[i] * tiny_total_scale(t.internal[0]);
     items[i] = i;
     const double exponential = -log_positive(open_uniform_at(key, uint64_t(i)));
     keys[i] = w > 0.0 ? log_positive(exponential) - log_positive(w) : positive_infinity();
@@ -417,7 +467,8 @@ struct RaceOutput {
     if (inclusion != nullptr) {
       // P(log E - log w < tau) = 1 - exp(-w e^tau), tau the (k+1)-th smallest key.
       const double tau = k < t.layout.capacity ? keys[k] : positive_infinity();
-      inclusion[j] = -std::expm1(-t.leaves[items[j]] * std::exp(tau));
+      const double w = t.leaves[items[j]] * tiny_total_scale(t.internal[0]);
+      inclusion[j] = -std::expm1(-w * exp_shared(tau));
     }
   }
 };
@@ -426,19 +477,22 @@ struct RaceOutput {
 
 class DeviceTree final : public DeviceTreeApi {
  public:
-  DeviceTree(int64_t capacity, bool softmax, double temperature)
+  // On CUDA device `device` (which the caller has made current), or the host build (-1).
+  DeviceTree(int64_t capacity, bool softmax, double temperature, int device)
       : layout_(TreeLayout::for_capacity(capacity)),
-        leaves_(size_t(layout_.leaf_slots)),
-        internal_(size_t(layout_.internal_slots)),
-        scores_(softmax ? size_t(capacity) : 0),
-        control_(1),
-        partial_(softmax ? size_t(kRebaseWorkers) : 0),
+        device_(device),
+        device_threads_(device_threads(device)),
         softmax_(softmax) {
     const Stream s = Stream(0);
-    zero_async(leaves_.data(), leaves_.size() * sizeof(double), s);
-    zero_async(internal_.data(), internal_.size() * sizeof(double), s);
+    last_stream_ = s;
+    leaves_.reserve(size_t(layout_.leaf_slots), s);
+    internal_.reserve(size_t(layout_.internal_slots), s);
+    if (softmax) scores_.reserve(size_t(capacity), s);
+    control_.reserve(1, s);
+    zero_async(leaves_.data(), leaves_.bytes(), s);
+    zero_async(internal_.data(), internal_.bytes(), s);
     zero_async(control_.data(), sizeof(Control), s);
-    if (softmax) zero_async(scores_.data(), scores_.size() * sizeof(double), s);
+    if (softmax) zero_async(scores_.data(), scores_.bytes(), s);
     Control initial{};
     initial.temperature = temperature;
     copy_async(control_.data(), &initial, sizeof(Control), s);
@@ -446,14 +500,33 @@ class DeviceTree final : public DeviceTreeApi {
       // All scores 0, reference 0: every leaf is exp(0) = 1. A rebase builds exactly that.
       run_rebase(Batch{nullptr, nullptr, 0, false}, s, /*force=*/true);
     }
-    check_cuda_sync(s);
+    synchronise(s);  // a failed allocation or launch surfaces here, not in the first call
+  }
+
+  // Frees everything on the stream of the last call, with the tree's device current: the
+  // frees are queued behind that call's work, so nothing it still reads or writes can be
+  // handed to another user (another stream, torch's allocator) before it has run.
+  ~DeviceTree() override {
+    DeviceGuard guard(device_);
+    for (Buffer<double>* b : {&leaves_, &internal_, &scores_, &leaf_changes_, &race_keys_, &race_keys_alt_}) {
+      b->release(last_stream_);
+    }
+    for (Buffer<int64_t>* b : {&race_items_, &race_items_alt_, &batch_items_, &batch_items_alt_, &batch_positions_,
+                               &batch_positions_alt_}) {
+      b->release(last_stream_);
+    }
+    race_sort_temp_.release(last_stream_);
+    batch_sort_temp_.release(last_stream_);
+    control_.release(last_stream_);
   }
 
   int64_t capacity() const override { return layout_.capacity; }
   bool softmax() const override { return softmax_; }
   int levels() const override { return layout_.levels; }
-  size_t nbytes() const override {
-    return (leaves_.size() + internal_.size() + scores_.size()) * sizeof(double);
+  size_t nbytes() const override { return leaves_.bytes() + internal_.bytes() + scores_.bytes(); }
+  size_t scratch_nbytes() const override {
+    return leaf_changes_.bytes() + race_scratch_bytes() + batch_items_.bytes() + batch_items_alt_.bytes() +
+           batch_positions_.bytes() + batch_positions_alt_.bytes() + batch_sort_temp_.bytes();
   }
 
   void update(const int64_t* indices, const double* values, int64_t k, double keep, uintptr_t stream) override {
@@ -461,25 +534,34 @@ class DeviceTree final : public DeviceTreeApi {
     if (!(keep >= 0.0 && keep <= 1.0)) throw std::invalid_argument("keep must be in [0, 1]");
     if (keep != 0.0 && !softmax_) throw std::invalid_argument("keep applies to softmax trees only");
     if (k == 0) return;
-    const Stream s = Stream(stream);
+    const Stream s = on(stream);
     begin_call(s);
     for_each(s, k, ValidateBatch{view(), indices, values, softmax_, max_weight()});
     const Batch batch = prepare_batch(indices, k, s);
     if (softmax_) {
-      leaf_changes_.reserve(2 * size_t(k), s);
+      const int64_t chunk = std::max<int64_t>(kSumChunk, int64_t(std::ceil(std::sqrt(double(k)))));
+      const int64_t groups = k > chunk ? (k + chunk - 1) / chunk : 0;
+      leaf_changes_.reserve(2 * size_t(k) + 2 * size_t(groups), s, /*spare=*/true);
       double* old_leaves = leaf_changes_.data();
       double* new_leaves = old_leaves + k;
       for_each(s, k, WriteScores{view(), batch, values, keep, old_leaves, new_leaves});
-      for_each(s, 1, PredictTotal{view(), k, old_leaves, new_leaves});
+      if (groups == 0) {
+        for_each(s, 1, PredictTotal{view(), k, old_leaves, new_leaves, k});
+      } else {
+        double* sums = new_leaves + k;
+        for_each(s, groups, PredictPartial{old_leaves, new_leaves, k, chunk, groups, sums});
+        for_each(s, 1, PredictTotal{view(), k, sums, sums + groups, groups});
+      }
       run_rebase(batch, s, /*force=*/false);
     } else {
       for_each(s, k, WriteWeights{view(), batch, values});
       resum_levels(batch, s, /*rebase_possible=*/false);
     }
+    trim_batch_scratch(s);
   }
 
   void assign(const double* values, uintptr_t stream) override {
-    const Stream s = Stream(stream);
+    const Stream s = on(stream);
     begin_call(s);
     const int64_t n = layout_.capacity;
     for_each(s, n, ValidateAll{view(), values, softmax_, max_weight()});
@@ -497,7 +579,7 @@ class DeviceTree final : public DeviceTreeApi {
   void load(const double* scores, double reference, uintptr_t stream) override {
     if (!softmax_) throw std::invalid_argument("load() is for softmax trees");
     if (!std::isfinite(reference)) throw std::invalid_argument("the reference must be finite");
-    const Stream s = Stream(stream);
+    const Stream s = on(stream);
     begin_call(s);
     const int64_t n = layout_.capacity;
     for_each(s, n, ValidateAll{view(), scores, true, 0.0});
@@ -512,7 +594,7 @@ class DeviceTree final : public DeviceTreeApi {
   void set_temperature(double temperature, uintptr_t stream) override {
     if (!softmax_) throw std::invalid_argument("set_temperature() is for softmax trees");
     if (!(temperature > 0.0 && std::isfinite(temperature))) throw std::invalid_argument("temperature must be a finite number > 0");
-    const Stream s = Stream(stream);
+    const Stream s = on(stream);
     begin_call(s);
     for_each(s, 1, SetTemperature{view(), temperature});
     run_rebase(Batch{nullptr, nullptr, 0, false}, s, /*force=*/false);
@@ -521,23 +603,23 @@ class DeviceTree final : public DeviceTreeApi {
   void get(const int64_t* indices, int64_t k, double* out, uintptr_t stream) override {
     if (k < 0) throw std::invalid_argument("the number of indices must be >= 0");
     if (k == 0) return;
-    for_each(Stream(stream), k, Gather{view(), indices, softmax_ ? scores_.data() : leaves_.data(), false, out});
+    for_each(on(stream), k, Gather{view(), indices, softmax_ ? scores_.data() : leaves_.data(), false, out});
   }
 
   void probability(const int64_t* indices, int64_t k, double* out, uintptr_t stream) override {
     if (k < 0) throw std::invalid_argument("the number of indices must be >= 0");
     if (k == 0) return;
-    for_each(Stream(stream), k, Gather{view(), indices, leaves_.data(), true, out});
+    for_each(on(stream), k, Gather{view(), indices, leaves_.data(), true, out});
   }
 
   void sample_from_uniforms(const double* u, int64_t k, int64_t* out, uintptr_t stream) override {
     if (k < 0) throw std::invalid_argument("the number of uniforms must be >= 0");
-    if (k > 0) for_each(Stream(stream), k, Draw{view(), 0, u, out});
+    if (k > 0) for_each(on(stream), k, Draw{view(), 0, u, out});
   }
 
   void sample(uint64_t key, int64_t k, int64_t* out, uintptr_t stream) override {
     if (k < 0) throw std::invalid_argument("the number of draws must be >= 0");
-    if (k > 0) for_each(Stream(stream), k, Draw{view(), key, nullptr, out});
+    if (k > 0) for_each(on(stream), k, Draw{view(), key, nullptr, out});
   }
 
   void sample_distinct(uint64_t key, int64_t k, int64_t* out, double* inclusion, uintptr_t stream) override {
@@ -547,21 +629,27 @@ class DeviceTree final : public DeviceTreeApi {
       throw std::invalid_argument("cannot draw " + std::to_string(k) + " distinct items from " + std::to_string(n));
     }
     if (k == 0) return;
-    const Stream s = Stream(stream);
-    race_keys_.reserve(size_t(n), s);
-    race_items_.reserve(size_t(n), s);
-    reserve_sort_space(size_t(n) * (sizeof(double) + sizeof(int64_t)), s);
-    double* keys = race_keys_.data();
-    int64_t* items = race_items_.data();
-    for_each(s, n, RaceKeys{view(), key, keys, items});
-    sort_arena_.used = 0;
-    thrust::sort_by_key(policy(s, sort_arena_), keys, keys + n, items);
-    check_launch();
-    for_each(s, k, RaceOutput{view(), keys, items, k, out, inclusion});
+    const Stream s = on(stream);
+    const size_t temp_bytes = sort_temp_bytes<double, int64_t>(n, 64);
+    try {
+      race_keys_.reserve(size_t(n), s);
+      race_keys_alt_.reserve(size_t(n), s);
+      race_items_.reserve(size_t(n), s);
+      race_items_alt_.reserve(size_t(n), s);
+      race_sort_temp_.reserve(temp_bytes, s);
+    } catch (...) {
+      release_race_scratch(s);  // a partial reservation must not stay pinned
+      throw;
+    }
+    for_each(s, n, RaceKeys{view(), key, race_keys_.data(), race_items_.data()});
+    const auto sorted = sort_pairs(race_keys_.data(), race_keys_alt_.data(), race_items_.data(), race_items_alt_.data(),
+                                   n, 64, race_sort_temp_.data(), temp_bytes, s);
+    for_each(s, k, RaceOutput{view(), sorted.first, sorted.second, k, out, inclusion});
+    if (race_scratch_bytes() > kKeepScratchBytes) release_race_scratch(s);
   }
 
   Status status(uintptr_t stream) override {
-    const Stream s = Stream(stream);
+    const Stream s = on(stream);
     Control c{};
     double total = 0.0;
     copy_to_host(&c, control_.data(), sizeof(Control), s);
@@ -572,16 +660,16 @@ class DeviceTree final : public DeviceTreeApi {
   void export_values(double* host_out, bool scores, uintptr_t stream) override {
     const double* source = scores ? scores_.data() : leaves_.data();
     if (scores && !softmax_) throw std::invalid_argument("only softmax trees hold scores");
-    copy_to_host(host_out, source, size_t(layout_.capacity) * sizeof(double), Stream(stream));
+    copy_to_host(host_out, source, size_t(layout_.capacity) * sizeof(double), on(stream));
   }
 
   void check(uintptr_t stream) override {
-    const Stream s = Stream(stream);
+    const Stream s = on(stream);
     Control c{};
     copy_to_host(&c, control_.data(), sizeof(Control), s);
     if (c.first_error == kNoError) return;
     zero_async(&control_.data()->first_error, sizeof(int32_t), s);
-    check_cuda_sync(s);
+    synchronise(s);
     const std::string where = " (at position " + std::to_string(c.error_position) + ")";
     char value[64];
     std::snprintf(value, sizeof value, "%.17g", c.error_value);
@@ -609,12 +697,48 @@ class DeviceTree final : public DeviceTreeApi {
  private:
   View view() const { return View{layout_, leaves_.data(), internal_.data(), scores_.data(), control_.data()}; }
 
+  // The stream of this call, remembered for the destructor.
+  Stream on(uintptr_t stream) {
+    last_stream_ = Stream(stream);
+    return last_stream_;
+  }
+
   // Every sum stays finite when each weight is at most DBL_MAX / (2n).
   double max_weight() const {
     return std::numeric_limits<double>::max() / (2.0 * double(layout_.leaf_slots));
   }
 
-  int64_t worker_count() const { return std::min<int64_t>(kRebaseWorkers, layout_.capacity); }
+  // Workers of the strided kernels: enough to fill the device, each with kItemsPerWorker
+  // items or more (so a small tree does not launch idle workers, nor as many atomics).
+  int64_t worker_count() const {
+    const int64_t wanted = (layout_.capacity + kItemsPerWorker - 1) / kItemsPerWorker;
+    return std::max<int64_t>(1, std::min<int64_t>(device_threads_, wanted));
+  }
+
+  size_t race_scratch_bytes() const {
+    return race_keys_.bytes() + race_keys_alt_.bytes() + race_items_.bytes() + race_items_alt_.bytes() +
+           race_sort_temp_.bytes();
+  }
+  void release_race_scratch(Stream s) {
+    race_keys_.release(s);
+    race_keys_alt_.release(s);
+    race_items_.release(s);
+    race_items_alt_.release(s);
+    race_sort_temp_.release(s);
+  }
+  // A huge sorted batch's scratch is given back once its call is queued.
+  void trim_batch_scratch(Stream s) {
+    if (leaf_changes_.bytes() > kKeepScratchBytes) leaf_changes_.release(s);
+    const size_t batch = batch_items_.bytes() + batch_items_alt_.bytes() + batch_positions_.bytes() +
+                         batch_positions_alt_.bytes() + batch_sort_temp_.bytes();
+    if (batch > kKeepScratchBytes) {
+      batch_items_.release(s);
+      batch_items_alt_.release(s);
+      batch_positions_.release(s);
+      batch_positions_alt_.release(s);
+      batch_sort_temp_.release(s);
+    }
+  }
 
   template <class F>
   void for_each(Stream s, int64_t count, const F& f) {
@@ -622,25 +746,32 @@ class DeviceTree final : public DeviceTreeApi {
     check_launch();
   }
 
-  // Clears this call's error flag and the rebase request (one async memset).
+  // Clears this call's error flag, the rebase request and the rebase's largest score (one
+  // async memset).
   void begin_call(Stream s) {
     static_assert(offsetof(Control, rebase) == offsetof(Control, call_error) + sizeof(int32_t), "layout");
-    zero_async(&control_.data()->call_error, 2 * sizeof(int32_t), s);
+    static_assert(offsetof(Control, largest) == offsetof(Control, rebase) + sizeof(int32_t), "layout");
+    zero_async(&control_.data()->call_error, 2 * sizeof(int32_t) + sizeof(uint64_t), s);
   }
 
   Batch prepare_batch(const int64_t* indices, int64_t k, Stream s) {
     if (k <= kScanBatch) return Batch{indices, nullptr, k, false};
-    // Sort (item, position) pairs; stable, so within one item the positions stay in order.
-    batch_items_.reserve(size_t(k), s);
-    batch_positions_.reserve(size_t(k), s);
+    // Sort (item, position) pairs, stably (a radix sort), so that within one item the
+    // positions stay in order; only the bits an index below the capacity can have.
+    int index_bits = 1;
+    while (index_bits < 63 && (int64_t(1) << index_bits) < layout_.capacity) ++index_bits;
+    const size_t temp_bytes = sort_temp_bytes<int64_t, int64_t>(k, index_bits);
+    batch_items_.reserve(size_t(k), s, /*spare=*/true);
+    batch_items_alt_.reserve(size_t(k), s, /*spare=*/true);
+    batch_positions_.reserve(size_t(k), s, /*spare=*/true);
+    batch_positions_alt_.reserve(size_t(k), s, /*spare=*/true);
+    batch_sort_temp_.reserve(temp_bytes, s, /*spare=*/true);
     copy_async(batch_items_.data(), indices, size_t(k) * sizeof(int64_t), s);
     thrust::sequence(policy(s), batch_positions_.data(), batch_positions_.data() + k);
-    reserve_sort_space(size_t(k) * 2 * sizeof(int64_t), s);
-    sort_arena_.used = 0;
-    thrust::stable_sort_by_key(policy(s, sort_arena_), batch_items_.data(), batch_items_.data() + k,
-                               batch_positions_.data());
     check_launch();
-    return Batch{batch_items_.data(), batch_positions_.data(), k, true};
+    const auto sorted = sort_pairs(batch_items_.data(), batch_items_alt_.data(), batch_positions_.data(),
+                                   batch_positions_alt_.data(), k, index_bits, batch_sort_temp_.data(), temp_bytes, s);
+    return Batch{sorted.first, sorted.second, k, true};
   }
 
   void resum_levels(const Batch& batch, Stream s, bool rebase_possible) {
@@ -649,22 +780,23 @@ class DeviceTree final : public DeviceTreeApi {
       if (batch.k >= nodes) {
         for_each(s, nodes, ResumAll{view(), level});
       } else {
-        const int64_t threads = rebase_possible ? std::max(batch.k, std::min(nodes, kRebaseWorkers)) : batch.k;
+        const int64_t threads = rebase_possible ? std::max(batch.k, std::min(nodes, device_threads_)) : batch.k;
         for_each(s, threads, ResumLevel{view(), batch, level, threads});
       }
     }
   }
 
   // The softmax rebase, decided on the device: the kernels do nothing unless the flag is
-  // set (by WriteScores, CopyIn, LoadLeaves or SetTemperature), or `force` sets it here.
+  // set (by WriteScores, PredictTotal, CopyIn, LoadLeaves or SetTemperature), or `force`
+  // sets it here.
   void run_rebase(const Batch& batch, Stream s, bool force, bool full_levels = false) {
     if (force) {
       const int32_t one = 1;
       copy_async(&control_.data()->rebase, &one, sizeof(int32_t), s);
     }
     const int64_t workers = worker_count();
-    for_each(s, workers, RebaseMax{view(), workers, partial_.data()});
-    for_each(s, workers, RebaseLeaves{view(), workers, partial_.data()});
+    for_each(s, workers, RebaseMax{view(), workers});
+    for_each(s, workers, RebaseLeaves{view(), workers});
     for_each(s, 1, CommitCount{view(), false});
     if (full_levels) {
       for (int level = 1; level <= layout_.levels; ++level) for_each(s, layout_.level_nodes[level], ResumAll{view(), level});
@@ -673,36 +805,21 @@ class DeviceTree final : public DeviceTreeApi {
     }
   }
 
-  void reserve_sort_space(size_t bytes, Stream s) {
-    const size_t wanted = 2 * bytes + (size_t(1) << 20);
-    if (sort_space_.size() < wanted) {
-      sort_space_.reserve(wanted, s);
-      sort_arena_.base = sort_space_.data();
-      sort_arena_.capacity = sort_space_.size();
-    }
-  }
-
-  static void check_cuda_sync(Stream s) {
-#if defined(__CUDACC__)
-    check_cuda(cudaStreamSynchronize(s), "cudaStreamSynchronize");
-#else
-    (void)s;
-#endif
-  }
-
   TreeLayout layout_;
+  int device_;              // CUDA device ordinal; unused by the host build
+  int64_t device_threads_;  // threads the device holds at once (the strided kernels' cap)
+  Stream last_stream_{};    // the stream of the last call: the destructor frees behind it
   Buffer<double> leaves_;
   Buffer<double> internal_;
   Buffer<double> scores_;
   Buffer<Control> control_;
-  Buffer<double> partial_;
-  Buffer<double> race_keys_;
-  Buffer<int64_t> race_items_;
-  Buffer<int64_t> batch_items_;
-  Buffer<int64_t> batch_positions_;
-  Buffer<double> leaf_changes_;
-  Buffer<char> sort_space_;
-  ScratchAllocator sort_arena_;
+  // scratch
+  Buffer<double> leaf_changes_;  // softmax update: old and new leaves, then group sums
+  Buffer<double> race_keys_, race_keys_alt_;
+  Buffer<int64_t> race_items_, race_items_alt_;
+  Buffer<char> race_sort_temp_;
+  Buffer<int64_t> batch_items_, batch_items_alt_, batch_positions_, batch_positions_alt_;
+  Buffer<char> batch_sort_temp_;
   bool softmax_;
 };
 

@@ -24,7 +24,11 @@ class DeviceTreeApi {
   virtual int64_t capacity() const = 0;
   virtual bool softmax() const = 0;
   virtual int levels() const = 0;
+  // Bytes of the tree's arrays (held for its lifetime), and of the scratch it holds now
+  // between calls (batch sorting, softmax updates, the race; large scratch is given back
+  // after its call).
   virtual size_t nbytes() const = 0;
+  virtual size_t scratch_nbytes() const = 0;
 
   // SumTree: w[idx] = values; SoftmaxTree: s[idx] = keep * s_before + (1 - keep) * values.
   virtual void update(const int64_t* indices, const double* values, int64_t k, double keep, uintptr_t stream) = 0;
@@ -57,9 +61,37 @@ class DeviceTreeApi {
 std::unique_ptr<DeviceTreeApi> make_host_gpu_tree(int64_t capacity, bool softmax, double temperature);
 
 #if defined(ISAMPLE_HAVE_CUDA)
-// The CUDA build, on the given device.
+// The CUDA build, on the given device. Throws std::invalid_argument when this build holds
+// no kernel the device can run (its compute capability is not among the build's).
 std::unique_ptr<DeviceTreeApi> make_cuda_tree(int64_t capacity, bool softmax, double temperature, int device);
+// Visible devices; 0 when the runtime cannot start (no driver, a driver too old for this
+// build's runtime: cuda_status() says which).
 int cuda_device_count();
+
+struct CudaDevice {
+  std::string name;
+  int major = 0, minor = 0;  // compute capability
+  int multiprocessors = 0;
+  uint64_t total_memory = 0;
+};
+// What the statically linked CUDA runtime sees, without creating a context: its version,
+// the driver's (both as 1000 * major + 10 * minor, 0 when there is no driver), the error
+// that kept it from listing devices ("" when none: cudaErrorInsufficientDriver when the
+// driver is older than the runtime), and the visible devices.
+struct CudaStatus {
+  int runtime_version = 0;
+  int driver_version = 0;
+  std::string error;
+  std::vector<CudaDevice> devices;
+};
+CudaStatus cuda_status();
+
+// The device's default memory pool, from which every device tree allocates: bytes reserved
+// from the driver and in use, now and at their peak since the last reset.
+struct CudaPoolStats {
+  uint64_t reserved = 0, reserved_peak = 0, used = 0, used_peak = 0;
+};
+CudaPoolStats cuda_memory_pool(int device, bool reset_peaks);
 #endif
 
 }  // namespace isample

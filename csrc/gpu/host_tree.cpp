@@ -7,7 +7,7 @@
 namespace isample {
 
 std::unique_ptr<DeviceTreeApi> make_host_gpu_tree(int64_t capacity, bool softmax, double temperature) {
-  return std::make_unique<host_impl::DeviceTree>(capacity, softmax, temperature);
+  return std::make_unique<host_impl::DeviceTree>(capacity, softmax, temperature, /*device=*/-1);
 }
 
 }  // namespace isample

@@ -14,17 +14,94 @@ so it raises exactly where the CPU tree does.
 One difference remains on the no-sync CUDA path: a draw that the device rejects still
 advances the tree's random stream (``stream_calls``), because the host learns of the error
 only later. With ``sync_errors=True``, and on the host build, a rejected draw changes nothing.
+
+Whether a CUDA device can be used at all is decided here too (``cuda_problem``): the build
+must hold kernels the device can run (machine code of its architecture, or PTX the driver
+can compile for it), and the driver must be new enough for the CUDA runtime linked into the
+core, which is reported as such rather than as "no device".
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from typing import ContextManager, Optional
+from typing import ContextManager, Optional, Sequence, Tuple
 
 import torch
 
 from . import _core
+
+
+def _version_text(version: int) -> str:
+    """CUDA's 1000 * major + 10 * minor as "major.minor"."""
+    return f"{version // 1000}.{version % 1000 // 10}"
+
+
+def kernels_run_on(capability: Tuple[int, int], sass: Sequence[str], ptx: Sequence[str]) -> bool:
+    """Whether a device of compute capability ``(major, minor)`` can run kernels built as
+    machine code ``sass`` ("sm_80": runs on 8.0 and the later 8.x) and PTX ``ptx``
+    ("compute_90": the driver compiles it for 9.0 and every later capability)."""
+    major, minor = int(capability[0]), int(capability[1])
+    for arch in sass:
+        number = int(arch.split("_")[1])
+        if number // 10 == major and number % 10 <= minor:
+            return True
+    return any(int(arch.split("_")[1]) <= 10 * major + minor for arch in ptx)
+
+
+def _build_text(info: dict) -> str:
+    text = ", ".join(info["cuda_archs"])
+    ptx = info.get("cuda_ptx", [])
+    if ptx:
+        oldest = min(int(arch.split("_")[1]) for arch in ptx)
+        text += f" and PTX for {', '.join(ptx)} (which runs on compute capability {oldest // 10}.{oldest % 10} and newer)"
+    return text
+
+
+def cuda_problem(device: Optional[int] = None) -> Optional[str]:
+    """Why the CUDA back end cannot run on CUDA device ``device`` (None: on any visible
+    device), as a sentence that says what to do; None when it can."""
+    info = _core.build_info()
+    if not info["cuda"]:
+        return (
+            "device='cuda' is not supported by this build of isample: it was compiled without the CUDA "
+            "back end (see isample.build_info(); rebuild with nvcc on PATH)"
+        )
+    if not torch.cuda.is_available():
+        return f"device='cuda' was asked for, but torch {torch.__version__} sees no CUDA device"
+    status = _core.cuda_status()
+    runtime, driver = status["runtime_version"], status["driver_version"]
+    if status["error"]:
+        if driver and runtime and driver < runtime:
+            return (
+                f"the NVIDIA driver supports CUDA up to {_version_text(driver)}, but this build of isample "
+                f"links the CUDA {_version_text(runtime)} runtime, which needs a newer driver (CUDA 13.x: "
+                "driver 580 or newer). Update the driver, or build isample from source with a CUDA toolkit "
+                f"no newer than {_version_text(driver)}"
+            )
+        return f"the CUDA runtime linked into isample cannot start: {status['error']}"
+    devices = status["devices"]
+    if not devices:
+        return "device='cuda' was asked for, but no CUDA device is visible"
+    if device is not None and not 0 <= device < len(devices):
+        return f"CUDA device {device} is not visible ({len(devices)} visible)"
+    candidates = range(len(devices)) if device is None else [device]
+    unsupported = []
+    for index in candidates:
+        d = devices[index]
+        if kernels_run_on(d["capability"], info["cuda_archs"], info.get("cuda_ptx", [])):
+            return None
+        unsupported.append(f"CUDA device {index} ({d['name']}, compute capability {d['capability'][0]}.{d['capability'][1]})")
+    return (
+        f"{' and '.join(unsupported)} cannot run this build of isample: it has kernels for "
+        f"{_build_text(info)}. Rebuild it from source with ISAMPLE_CUDA_ARCHS naming that architecture"
+    )
+
+
+def cuda_available() -> bool:
+    """True when the core was built with CUDA, torch sees a GPU, the driver can run the
+    core's CUDA runtime, and some visible device can run the core's kernels."""
+    return cuda_problem() is None
 
 
 class DeviceCore:
@@ -67,6 +144,11 @@ class DeviceCore:
     @property
     def nbytes(self) -> int:
         return self._handle.nbytes
+
+    @property
+    def scratch_nbytes(self) -> int:
+        """Bytes of scratch the tree holds between calls (large scratch is given back)."""
+        return self._handle.scratch_nbytes
 
     def _status(self) -> dict:
         with self._on_device():
