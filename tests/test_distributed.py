@@ -1,11 +1,12 @@
 """DistributedImportanceSampler: two real processes on the CPU over gloo, and world size 1.
 
-The two-process runs start this file as a script, twice (``python test_distributed.py
-SCENARIO RANK WORLD STORE OUT``): the workers meet through a file store, run a scenario
-(replicated or sharded) that batches many checks into one start-up, and save what they saw
-for the tests below to judge against a single-process ImportanceSampler. Every run is bounded:
-a collective that waits longer than PG_TIMEOUT_S raises in the worker, and a run that takes
-longer than RUN_TIMEOUT_S is killed and fails its tests.
+The two-process runs start this file as a script (``python test_distributed.py SCENARIO
+RANK WORLD STORE OUT``): the workers meet through a file store, run a scenario (replicated,
+sharded, the exchange modes, faults) that batches many checks into one start-up, and save
+what they saw for the tests below to judge against a single-process ImportanceSampler and
+against each other. Every run is bounded: a collective that waits longer than PG_TIMEOUT_S
+raises in the worker, and a run that takes longer than RUN_TIMEOUT_S is killed and fails its
+tests.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pytest
@@ -57,8 +58,11 @@ def _train(
     stop: Optional[int] = None,
     batch: int = 8,
     check: bool = False,
+    flush_at_stop: bool = True,
 ) -> Tuple[List[Dict[str, Any]], Any]:
-    """A DDP-style loop without a model; stops after global step `stop` with a state_dict."""
+    """A DDP-style loop without a model; stops after global step `stop` with a state_dict
+    (taken after a flush on every rank, so that rank 0's serves every rank, unless
+    `flush_at_stop` is False: then each rank's own state, with its pending updates)."""
     log: List[Dict[str, Any]] = []
     for epoch in range(first_epoch, epochs):
         sampler.set_epoch(epoch)
@@ -86,6 +90,8 @@ def _train(
             )
             step += 1
             if stop is not None and step == stop:
+                if flush_at_stop:
+                    sampler.flush()
                 return log, sampler.state_dict(consumed=consumed)
     return log, None
 
@@ -120,6 +126,7 @@ def _overlapping_updates(sampler: Any, rank: int) -> Dict[str, Any]:
         losses = _loss(idx, step + rank)
         sampler.update(idx, losses)
         steps.append((idx.tolist(), losses.tolist()))
+    sampler.flush()  # the default exchange waits for an exchange point
     return {"steps": steps, "counters": dict(sampler.counters)}
 
 
@@ -152,9 +159,11 @@ def _scenario_replicated(rank: int, world: int, out: Path) -> Dict[str, Any]:
     s = D(60, score="running_loss", initial_score=1.0, seed=14)
     results["overlap"] = {**_overlapping_updates(s, rank), "scores": s.scores()}
 
-    # Exact resume: rank 0 saves mid-epoch, every rank loads that file.
+    # Exact resume: after a flush on every rank, rank 0 saves mid-epoch and every rank loads
+    # that file; or, without a flush, each rank saves and loads its own (pending updates in it).
     config = REPLICATED_CONFIGS[0]
     full, _ = _train(D(**config), rank, 6)
+    full_scores = None
     head, state = _train(D(**config), rank, 6, stop=13)
     if rank == 0:
         torch.save(state, out / "replicated_state.pt")
@@ -163,10 +172,29 @@ def _scenario_replicated(rank: int, world: int, out: Path) -> Dict[str, Any]:
     resumed = D(**config)
     resumed.load_state_dict(torch.load(out / "replicated_state.pt", weights_only=False))
     tail, _ = _train(resumed, rank, 6, first_epoch=resumed.epoch, step=13)
+    resumed.flush()
     results["resume"] = {"full": full, "head": head, "tail": tail}
+    straight = D(**config)
+    full, _ = _train(straight, rank, 6)
+    straight.flush()
+    full_scores = straight.scores()
+    head, own = _train(D(**config), rank, 6, stop=13, flush_at_stop=False)
+    results["own_state_pending"] = own["pending"] is not None and own["pending"]["rank"] == rank
+    torch.save(own, out / f"replicated_own_{rank}.pt")
+    dist.barrier()
+    resumed = D(**config)
+    theirs = torch.load(out / f"replicated_own_{1 - rank}.pt", weights_only=False)
+    results["wrong_rank_load"] = _outcome(lambda: resumed.load_state_dict(theirs))
+    resumed.load_state_dict(torch.load(out / f"replicated_own_{rank}.pt", weights_only=False))
+    tail, _ = _train(resumed, rank, 6, first_epoch=resumed.epoch, step=13)
+    resumed.flush()
+    results["own_resume"] = {"full": full, "head": head, "tail": tail}
+    results["own_resume_scores_equal"] = torch.equal(resumed.scores(), full_scores)
+    results["own_resume_states_equal"] = _same(resumed.state_dict(), straight.state_dict())
 
-    # Bad input on one rank: every rank raises the same class, nothing is applied anywhere.
-    s = D(20, score="running_loss", seed=1)
+    # Bad input on one rank, exchange="step": every rank raises the same class at once, and
+    # nothing of that step is applied anywhere.
+    s = D(20, score="running_loss", seed=1, exchange="step")
     s.update(torch.arange(20), torch.linspace(0.0, 2.0, 20, dtype=torch.float64))
     before = s.scores().clone()
     nan = torch.tensor([1.0, math.nan], dtype=torch.float64)
@@ -188,12 +216,12 @@ def _scenario_replicated(rank: int, world: int, out: Path) -> Dict[str, Any]:
         "bad_argument_on_rank1": _outcome(lambda: D(20, samples_per_epoch=0 if rank == 1 else 5)),
     }
 
-    # A rank that never calls update: the other fails after the group's timeout, not forever.
+    # A rank that never calls flush: the other fails after the group's timeout, not forever.
     short = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=SHORT_TIMEOUT_S))
     s = D(20, group=short, seed=0)
     if rank == 0:
         started = time.monotonic()
-        results["hang"] = _outcome(lambda: s.update([1], [1.0]))
+        results["hang"] = _outcome(s.flush)
         results["hang_seconds"] = time.monotonic() - started
         (out / "released").touch()
     else:
@@ -215,7 +243,7 @@ def _scenario_sharded(rank: int, world: int, out: Path) -> Dict[str, Any]:
     s = D(n, sharded=True, samples_per_epoch=40_000, seed=11)
     theirs = torch.arange(n // 2, n) if rank == 0 else torch.arange(0, n // 2)
     s.update(theirs, scores[theirs])
-    items = list(s)
+    items = list(s)  # iter() first routes the updates to their owners
     results["softmax"] = {
         "items": items,
         "weights": s.weights(items),
@@ -254,7 +282,7 @@ def _scenario_sharded(rank: int, world: int, out: Path) -> Dict[str, Any]:
     # Many training steps, then an exact resume where every rank saves and loads its own state.
     config = dict(num_items=90, sharded=True, score="running_loss", samples_per_epoch=70, warmup_epochs=1, seed=5)
     full, _ = _train(D(**config), rank, 5, check=True)
-    head, state = _train(D(**config), rank, 5, stop=9)
+    head, state = _train(D(**config), rank, 5, stop=9, flush_at_stop=False)  # pending updates in it
     torch.save(state, out / f"sharded_state_{rank}.pt")
     dist.barrier()
     resumed = D(**config)
@@ -264,8 +292,8 @@ def _scenario_sharded(rank: int, world: int, out: Path) -> Dict[str, Any]:
     tail, _ = _train(resumed, rank, 5, first_epoch=resumed.epoch, step=9)
     results["resume"] = {"full": full, "head": head, "tail": tail}
 
-    # Bad input on one rank.
-    s = D(20, sharded=True, score="running_loss", seed=1)
+    # Bad input on one rank, exchange="step".
+    s = D(20, sharded=True, score="running_loss", seed=1, exchange="step")
     s.update(torch.arange(20), torch.linspace(0.0, 2.0, 20, dtype=torch.float64))
     before = _gather_scores(s)
     good = torch.tensor([1.0, 2.0], dtype=torch.float64)
@@ -282,7 +310,201 @@ def _scenario_sharded(rank: int, world: int, out: Path) -> Dict[str, Any]:
     return results
 
 
-SCENARIOS = {"replicated": _scenario_replicated, "sharded": _scenario_sharded}
+def _same(a: Any, b: Any) -> bool:
+    """Bit-for-bit equality of two states: tensors by dtype, shape and bytes (NaN included)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (
+            isinstance(a, torch.Tensor)
+            and isinstance(b, torch.Tensor)
+            and a.dtype == b.dtype
+            and a.shape == b.shape
+            and a.detach().cpu().contiguous().numpy().tobytes() == b.detach().cpu().contiguous().numpy().tobytes()
+        )
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a):
+        return math.isnan(b)
+    return type(a) is type(b) and a == b
+
+
+CLASSES = 7
+
+
+def _logits(idx: torch.Tensor, step: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic float32 logits (b, CLASSES) and targets for grad_norm and EarlyImportance."""
+    z = torch.sin(idx[:, None].to(torch.float32) * 0.37 + torch.arange(CLASSES) * 1.3 + step) * 3.0
+    return z, idx % CLASSES
+
+
+def _odd_loss(idx: torch.Tensor, step: int) -> torch.Tensor:
+    """Losses with a NaN and an infinity every third step (for nonfinite="skip" / "clamp")."""
+    losses = _loss(idx, step)
+    if step % 3 == 1 and idx.numel() >= 2:
+        losses[0], losses[1] = math.nan, math.inf if step % 2 else -math.inf
+    return losses
+
+
+# (name, sampler options, which score calls: "update", "extras" (logits/targets), "set" (set_scores
+# on rank `step % 3` ... see _mode_run), "odd" (non-finite losses))
+MODE_CASES = [
+    ("last_loss", dict(num_items=40, seed=21), "update"),
+    ("running_loss", dict(num_items=40, score="running_loss", samples_per_epoch=50, seed=22), "update"),
+    ("grad_norm", dict(num_items=40, score="grad_norm", transform="proportional", uniform_mix=0.1, seed=23), "extras"),
+    ("early_importance", dict(num_items=40, transform="proportional", warmup_epochs=2, uniform_mix=0.1, seed=24), "extras"),
+    ("set_scores", dict(num_items=40, score="running_loss", transform="proportional", seed=25), "set"),
+    ("skip", dict(num_items=40, score="running_loss", nonfinite="skip", seed=26), "odd"),
+    ("clamp", dict(num_items=40, nonfinite="clamp", clamp_value=50.0, seed=27), "odd"),
+]
+SHARDED_MODE_CASES = ["last_loss", "running_loss", "grad_norm", "set_scores", "skip"]
+MODES: List[Any] = ["step", "epoch", 2]
+MODE_EPOCHS = 4
+
+
+def _mode_sampler(case: str, mode: Any, sharded_mode: bool) -> Any:
+    from isample.distributed import DistributedImportanceSampler as D
+
+    options = dict(next(o for name, o, _ in MODE_CASES if name == case))
+    if case == "early_importance":
+        options["score"] = isample.EarlyImportance(40, 2)  # a fresh one: it keeps counts
+    return D(**options, sharded=sharded_mode, exchange=mode)
+
+
+def _mode_run(case: str, mode: Any, sharded_mode: bool, rank: int, len_before_last: bool = False) -> Dict[str, Any]:
+    """Train MODE_EPOCHS epochs in batches of 6; hand back every batch plus item 5 (so that a
+    running loss blends it several times per epoch and on both ranks in one step). Record
+    what each epoch yields and weighs, the state right after each iter() (its exchange and
+    draw), and how many collectives the steps made."""
+    kind = next(k for name, _, k in MODE_CASES if name == case)
+    sampler = _mode_sampler(case, mode, sharded_mode)
+    log: Dict[str, Any] = {"items": [], "weights": [], "states": [], "step_collectives": [], "calls": []}
+    step = 0
+    for epoch in range(MODE_EPOCHS):
+        sampler.set_epoch(epoch)
+        it = iter(sampler)
+        log["states"].append(sampler.state_dict())
+        batches = []
+        while True:
+            chunk = list(itertools.islice(it, 6))
+            if not chunk:
+                break
+            batches.append(chunk)  # every batch fetched before the first update (a prefetching loader)
+        before = sampler.stats["collectives"]
+        for j, chunk in enumerate(batches):
+            idx = torch.tensor(chunk, dtype=torch.int64)
+            log["items"].append(chunk)
+            log["weights"].append(sampler.weights(idx).tolist())
+            send = torch.cat([idx, torch.tensor([5])])
+            if len_before_last and j == len(batches) - 1:
+                # after the last batch was fetched, before its update: none of these may draw
+                log["lengths"] = (len(sampler), sampler.steps_per_epoch(6), sampler.total_steps(MODE_EPOCHS, 6))
+            if kind == "set" and step % 3 != 0:
+                scores = 0.1 + _loss(send, step + rank)
+                sampler.set_scores(send, scores)
+                log["calls"].append(("set", send.tolist(), scores.tolist(), None))
+            elif kind == "extras":
+                losses = _loss(send, step + rank)
+                logits, targets = _logits(send, step + rank)
+                sampler.update(send, losses, logits=logits, targets=targets)
+                log["calls"].append(("update", send.tolist(), losses.tolist(), (logits, targets)))
+            else:
+                losses = (_odd_loss if kind == "odd" else _loss)(send, step + rank)
+                sampler.update(send, losses)
+                log["calls"].append(("update", send.tolist(), losses.tolist(), None))
+            step += 1
+        log["step_collectives"].append(sampler.stats["collectives"] - before)
+    sampler.flush()
+    log["final"] = sampler.state_dict()
+    log["scores"] = _gather_scores(sampler) if sharded_mode else sampler.scores()
+    log["counters"] = dict(sampler.counters)
+    log["stats"] = sampler.stats
+    return log
+
+
+def _scenario_modes(rank: int, world: int, out: Path) -> Dict[str, Any]:
+    """Every score policy, replicated and sharded, in each exchange mode."""
+    results: Dict[str, Any] = {}
+    for case, _, _ in MODE_CASES:
+        for mode in MODES:
+            results[("replicated", case, mode)] = _mode_run(case, mode, False, rank)
+        results[("replicated", case, "epoch+len")] = _mode_run(case, "epoch", False, rank, len_before_last=True)
+    for case in SHARDED_MODE_CASES:
+        for mode in MODES:
+            results[("sharded", case, mode)] = _mode_run(case, mode, True, rank)
+        results[("sharded", case, "epoch+len")] = _mode_run(case, "epoch", True, rank, len_before_last=True)
+    return results
+
+
+def _scenario_faults(rank: int, world: int, out: Path) -> Dict[str, Any]:
+    """Refused calls under the deferred exchanges: kept, reported on every rank at the next
+    exchange, every accepted call applied; checkpoints with pending updates."""
+    import torch.distributed as dist
+    from isample.distributed import DistributedImportanceSampler as D
+
+    results: Dict[str, Any] = {}
+    good = torch.tensor([1.0, 2.0], dtype=torch.float64)
+    nan = torch.tensor([1.0, math.nan], dtype=torch.float64)
+    for layout in (False, True):
+        # exchange="epoch": rank 1's second call holds a NaN; flush() raises on both ranks
+        s = D(20, score="running_loss", sharded=layout, seed=1)
+        calls = [([0, 11], good), ([2, 13], nan if rank == 1 else good), ([4, 15], good * 3)]
+        results[(layout, "epoch_calls")] = [_outcome(lambda c=c: s.update(*c)) for c in calls]
+        started = time.monotonic()
+        results[(layout, "epoch_flush")] = _outcome(s.flush)
+        results[(layout, "epoch_seconds")] = time.monotonic() - started
+        results[(layout, "epoch_scores")] = _gather_scores(s) if layout else s.scores()
+        results[(layout, "epoch_counters")] = dict(s.counters)
+        results[(layout, "epoch_calls_made")] = [(idx, loss.tolist()) for idx, loss in calls]
+        # the next exchange has nothing left to report
+        results[(layout, "epoch_flush_again")] = _outcome(s.flush)
+
+        # exchange=2: rank 0's first call passes float indices (refused when recorded); it is
+        # reported where that window is applied, two boundaries later, on both ranks.
+        s = D(20, score="running_loss", sharded=layout, seed=1, exchange=2)
+        outcomes = []
+        for k in range(7):
+            idx = torch.tensor([3.0, 4.0]) if (rank == 0 and k == 0) else [k, 19 - k]
+            outcomes.append(_outcome(lambda idx=idx: s.update(idx, good)))
+        results[(layout, "k_calls")] = outcomes
+        results[(layout, "k_flush")] = _outcome(s.flush)
+
+        # set_scores: a negative score on rank 1; iter() raises on both ranks, then draws next time
+        s = D(20, sharded=layout, seed=2)
+        s.set_scores([1, 12], [0.5, -1.0] if rank == 1 else [0.5, 1.0])
+        s.set_scores([2, 13], [2.0, 3.0])
+        results[(layout, "set_iter")] = _outcome(lambda: iter(s))
+        results[(layout, "set_scores")] = _gather_scores(s) if layout else s.scores()
+        results[(layout, "set_iter_again")] = _outcome(lambda: list(s))
+
+    # A state saved with pending updates resumes only on the rank that saved it.
+    s = D(20, score="running_loss", seed=3)
+    list(s)
+    s.update([rank, 10 + rank], good)
+    state = s.state_dict()
+    results["pending_state"] = state["pending"]
+    torch.save(state, out / f"faults_state_{rank}.pt")
+    dist.barrier()
+    other = D(20, score="running_loss", seed=3)
+    theirs = torch.load(out / f"faults_state_{1 - rank}.pt", weights_only=False)
+    results["load_theirs"] = _outcome(lambda: other.load_state_dict(theirs))
+    results["load_theirs_state_unchanged"] = _same(other.state_dict(), D(20, score="running_loss", seed=3).state_dict())
+    step_mode = D(20, score="running_loss", seed=3, exchange="step")
+    mine = torch.load(out / f"faults_state_{rank}.pt", weights_only=False)
+    results["load_into_step_mode"] = _outcome(lambda: step_mode.load_state_dict(mine))
+    other.load_state_dict(mine)
+    other.flush()
+    s.flush()
+    results["own_load_same"] = _same(other.state_dict(), s.state_dict())
+    return results
+
+
+SCENARIOS = {
+    "replicated": _scenario_replicated,
+    "sharded": _scenario_sharded,
+    "modes": _scenario_modes,
+    "faults": _scenario_faults,
+}
 
 
 def _worker(scenario: str, rank: int, world: int, store: str, out: str) -> None:
@@ -396,10 +618,24 @@ def test_replicated_shards_are_the_single_process_draw_and_replicas_match_it(rep
 
 
 def test_replicated_resume_from_rank0_checkpoint_is_exact(replicated):
+    """After flush() on every rank, rank 0's state serves every rank."""
     for r in replicated:
         full, head, tail = r["resume"]["full"], r["resume"]["head"], r["resume"]["tail"]
         assert len(head) == 13 and len(tail) > 10
         assert head + tail == full
+        assert r["state"]["pending"] is None if "state" in r else True
+
+
+def test_replicated_resume_from_each_ranks_own_checkpoint_with_pending_updates_is_exact(replicated):
+    """Without a flush each rank's state holds its own recorded updates: each rank loads its
+    own and continues exactly (another rank's is refused on every rank)."""
+    for r in replicated:
+        assert r["own_state_pending"]
+        full, head, tail = r["own_resume"]["full"], r["own_resume"]["head"], r["own_resume"]["tail"]
+        assert len(head) == 13 and head + tail == full
+        assert r["own_resume_scores_equal"] and r["own_resume_states_equal"]
+        kind, message = r["wrong_rank_load"]
+        assert kind == "ValueError" and "resumes only on the rank that saved it" in message
 
 
 def test_replicated_checkpoint_taken_on_two_ranks_resumes_on_one(replicated):
@@ -545,6 +781,154 @@ def test_sharded_bad_input_raises_on_every_rank_and_changes_nothing(sharded):
     assert torch.equal(sharded[0]["after_bad"], sharded[1]["after_bad"])
 
 
+# -- the exchange modes, two processes ------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def modes(tmp_path_factory):
+    return _launch("modes", tmp_path_factory.mktemp("modes"))
+
+
+@pytest.fixture(scope="module")
+def faults(tmp_path_factory):
+    return _launch("faults", tmp_path_factory.mktemp("faults"))
+
+
+MODE_KEYS = [("replicated", case) for case, _, _ in MODE_CASES] + [("sharded", case) for case in SHARDED_MODE_CASES]
+
+
+@pytest.mark.parametrize("layout,case", MODE_KEYS)
+def test_every_exchange_mode_gives_the_same_draws_weights_and_state(modes, layout, case):
+    """"step" (a collective per call), "epoch" (one exchange before each draw, with len()
+    asked before the last update or not) and every 2 calls (asynchronous): the same items,
+    weights, state after every exchange, final scores and counters, bit for bit."""
+    for r in modes:
+        reference = r[(layout, case, "step")]
+        assert len(reference["items"]) >= MODE_EPOCHS * 2
+        for mode in ("epoch", 2, "epoch+len"):
+            run = r[(layout, case, mode)]
+            assert run["items"] == reference["items"], mode
+            assert run["weights"] == reference["weights"], mode
+            for epoch, (a, b) in enumerate(zip(run["states"], reference["states"])):
+                assert _same(a, b), (mode, epoch)
+            assert _same(run["final"], reference["final"]), mode
+            assert torch.equal(run["scores"], reference["scores"]) and run["counters"] == reference["counters"]
+        # len() and the step counts asked before the last update of each epoch, as the epoch knew them
+        per_epoch = len(reference["items"]) // MODE_EPOCHS
+        last = reference["items"][-per_epoch:]
+        assert r[(layout, case, "epoch+len")]["lengths"] == (sum(map(len, last)), per_epoch, len(reference["items"]))
+
+
+@pytest.mark.parametrize("layout,case", MODE_KEYS)
+def test_the_default_exchange_makes_no_collective_on_the_training_step(modes, layout, case):
+    for r in modes:
+        assert r[(layout, case, "epoch")]["step_collectives"] == [0] * MODE_EPOCHS
+        assert r[(layout, case, "epoch+len")]["step_collectives"] == [0] * MODE_EPOCHS
+        # the controls: the per-step exchange and exchange=2 do communicate on the step
+        assert all(n >= 2 for n in r[(layout, case, "step")]["step_collectives"])
+        assert sum(r[(layout, case, 2)]["step_collectives"]) > 0
+        stats = r[(layout, case, "epoch")]["stats"]
+        assert stats["pending_steps"] == 0 and stats["exchanges"] >= MODE_EPOCHS
+        assert stats["bytes_received"] > 0
+
+
+def _reference_step(reference: Any, step: Sequence[Tuple[str, List[int], List[float], Any]]) -> None:
+    """Hand step k of rank 0, then of rank 1, to one ImportanceSampler as one call (a policy
+    with keep=None prepares each rank's batch on its own, as the ranks do)."""
+    from isample.sampler import ScoreUpdate
+
+    kinds = {call[0] for call in step}
+    assert len(kinds) == 1  # the scenario never mixes update and set_scores in one step
+    if "set" in kinds:
+        reference.set_scores(sum((c[1] for c in step), []), sum((c[2] for c in step), []))
+    elif reference.score_policy.keep is None:
+        parts = []
+        for _, idx, losses, extra in step:
+            kwargs = {} if extra is None else {"logits": extra[0], "targets": extra[1]}
+            parts.append(reference.prepare_update(idx, losses, **kwargs))
+        indices, values = torch.cat([u.indices for u in parts]), torch.cat([u.values for u in parts])
+        reference.apply_update(ScoreUpdate(indices, values, sum(u.skipped for u in parts)))
+    else:
+        reference.update(sum((c[1] for c in step), []), torch.tensor(sum((c[2] for c in step), []), dtype=torch.float64))
+
+
+@pytest.mark.parametrize("layout,case", MODE_KEYS)
+def test_the_exchange_applies_every_rank_s_steps_in_step_then_rank_order(modes, layout, case):
+    """One ImportanceSampler handed step k of rank 0 then of rank 1, epoch by epoch, ends
+    with the same scores and counters; replicated, each epoch's parts are its draw, split as
+    DistributedSampler splits."""
+    from isample.distributed import _rank_positions
+
+    options = dict(next(o for name, o, _ in MODE_CASES if name == case))
+    if case == "early_importance":
+        options["score"] = isample.EarlyImportance(40, 2)
+    reference = isample.ImportanceSampler(**options)
+    logs = [r[(layout, case, "epoch")] for r in modes]
+    per_epoch = len(logs[0]["calls"]) // MODE_EPOCHS
+    for epoch in range(MODE_EPOCHS):
+        order = torch.tensor(list(reference), dtype=torch.int64)
+        if layout == "replicated":
+            for rank, log in enumerate(logs):
+                items = sum(log["items"][epoch * per_epoch : (epoch + 1) * per_epoch], [])
+                assert items == order[_rank_positions(len(order), 2, rank, False)].tolist(), epoch
+        for step in zip(*(log["calls"][epoch * per_epoch : (epoch + 1) * per_epoch] for log in logs)):
+            _reference_step(reference, step)
+    for log in logs:
+        assert torch.equal(log["scores"], reference.scores())
+        assert log["counters"] == reference.counters
+
+
+def test_refused_calls_are_kept_and_raised_on_every_rank_at_the_exchange(faults):
+    from isample.sampler import ImportanceSampler
+
+    for layout in (False, True):
+        for rank, r in enumerate(faults):
+            assert r[(layout, "epoch_calls")] == [("none", "")] * 3  # update() never raises
+            kind, message = r[(layout, "epoch_flush")]
+            assert kind == "ValueError", message
+            assert "update() on rank 1 (call 2 since the exchange before) was refused" in message
+            assert "non-finite" in message and "Every accepted call was applied" in message
+            assert r[(layout, "epoch_seconds")] < 10  # nobody waited for a timeout
+            assert r[(layout, "epoch_flush_again")] == ("none", "")
+        # every accepted call applied, in (step, rank) order; rank 1's second call changed nothing
+        reference = ImportanceSampler(20, score="running_loss", seed=1)
+        calls = [f[(layout, "epoch_calls_made")] for f in faults]
+        for k in range(3):
+            idx = sum((c[k][0] for rank, c in enumerate(calls) if not (rank == 1 and k == 1)), [])
+            losses = sum((c[k][1] for rank, c in enumerate(calls) if not (rank == 1 and k == 1)), [])
+            reference.update(idx, losses)
+        for r in faults:
+            assert torch.equal(r[(layout, "epoch_scores")], reference.scores())
+            assert r[(layout, "epoch_counters")]["updates"] == 3
+
+            # exchange=2: rank 0's first call is reported where its window is applied, the 6th call
+            outcomes = r[(layout, "k_calls")]
+            assert [o[0] for o in outcomes] == ["none"] * 5 + ["TypeError", "none"], outcomes
+            assert "update() on rank 0 (call 1 since the exchange before) was refused" in outcomes[5][1]
+            assert "must hold integers" in outcomes[5][1]
+            assert r[(layout, "k_flush")] == ("none", "")
+
+            kind, message = r[(layout, "set_iter")]
+            assert kind == "ValueError" and "set_scores() on rank 1" in message and ">= 0" in message
+            expected = torch.zeros(20, dtype=torch.float64)
+            expected[[1, 12, 2, 13]] = torch.tensor([0.5, 1.0, 2.0, 3.0], dtype=torch.float64)
+            assert torch.equal(r[(layout, "set_scores")], expected)
+            assert r[(layout, "set_iter_again")] == ("none", "")
+
+
+def test_a_state_with_pending_updates_resumes_only_on_its_own_rank(faults):
+    for rank, r in enumerate(faults):
+        pending = r["pending_state"]
+        assert pending["rank"] == rank and pending["world_size"] == 2
+        assert pending["index"].tolist() == [rank, 10 + rank]
+        kind, message = r["load_theirs"]
+        assert kind == "ValueError" and "resumes only on the rank that saved it" in message
+        assert r["load_theirs_state_unchanged"]
+        kind, message = r["load_into_step_mode"]
+        assert kind == "ValueError" and "exchange='step'" in message
+        assert r["own_load_same"]
+
+
 # -- one process ----------------------------------------------------------------------------
 
 EQUIVALENCE_CONFIGS = [
@@ -561,6 +945,8 @@ def _single_process_log(sampler: Any, epochs: int = 4) -> List[Any]:
         log.append((items, sampler.weights(items).tolist(), len(items)))
         idx = torch.tensor(items[:40], dtype=torch.int64)
         sampler.update(idx, _loss(idx, epoch))
+    if hasattr(sampler, "flush"):
+        sampler.flush()  # in a process group the last epoch's updates wait for an exchange point
     log.append(sampler.scores().tolist())
     return log
 
@@ -722,7 +1108,7 @@ def test_the_experiment_runner_under_torchrun_resumes_exactly(torchrun_run, tmp_
     out, straight, _ = torchrun_run
     assert straight.returncode == 0
     (run,) = out.iterdir()
-    stopped = _torchrun_train(tmp_path, "--max-wall-seconds", "0")  # stops after one step, checkpointed
+    stopped = _torchrun_train(tmp_path, "--max-wall-seconds", "1e-9")  # stops after one step, checkpointed
     assert stopped.returncode != 0 and "rerun the same command to resume" in stopped.stdout
     resumed = _torchrun_train(tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-5000:]

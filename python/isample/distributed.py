@@ -6,59 +6,96 @@
     loader = DataLoader(isample.IndexedDataset(train_set), batch_size=128, sampler=sampler)
     for epoch in range(epochs):
         sampler.set_epoch(epoch)
-        for index, x, y in loader:
+        for index, x, y in loader:             # iter(): exchange the last epoch's updates, draw
             losses = F.cross_entropy(model(x), y, reduction="none")
             (losses * sampler.weights(index).to(losses)).mean().backward()
-            sampler.update(index, losses)  # a collective: every rank calls it once per step
+            sampler.update(index, losses)      # local: no collective, no host read
             ...
 
 It is a drop-in for ``DistributedSampler`` with the API of ``ImportanceSampler``. Every rank
 yields a disjoint part of one global sample drawn from the global probabilities, all parts
 of the same length, and the importance weights are ``1 / (N p_global)``. Two layouts:
 
-- **replicated** (default): every rank holds the whole tree, and ``update`` all-gathers the
-  step's (index, loss) pairs so that every replica applies the same updates in rank order.
-  All ranks then draw the same global epoch from the shared seed, without communicating.
-- **sharded** (``sharded=True``): rank r holds only items [start_r, end_r) (``shard_range``).
-  Updates go to their owner (all-to-all); each importance epoch all-gathers the shard masses,
-  a multinomial over shards with a shared seed sets how many draws each shard makes for
-  each rank, each rank descends its own tree, and an all-to-all delivers the draws. Pick it
-  when the replicated tree (16.5 bytes per item for softmax, plus 8 for the epoch's weights)
-  does not fit on one rank, or when the W x B updates per step that every replica applies
-  cost more than the step (see ``docs/distributed.md``).
+- **replicated** (default): every rank holds the whole tree and applies every rank's
+  updates. All ranks then draw the same global epoch from the shared seed, without
+  communicating, and each keeps its part.
+- **sharded** (``sharded=True``): rank r holds only items [start_r, end_r) (``shard_range``);
+  updates travel to their owner; each importance epoch all-gathers the shard masses, a
+  multinomial over shards with a shared seed sets how many draws each shard makes for each
+  rank, each rank descends its own tree, and an all-to-all delivers the draws.
 
-Costs, with W ranks, N items, m = samples_per_epoch, B the batch of one rank and
-L = ceil(m / W) the per-rank epoch length (bytes are what one rank receives):
+**When updates travel** (``exchange=``). Scores change only the next epoch's probabilities,
+so nothing requires them to travel on the training step:
 
-=====================  ========================================  =======================================
-call                   replicated                                sharded
-=====================  ========================================  =======================================
-memory per rank        16.5 N + 8 N + 8 m; about 48 m more       16.5 N / W + 32 L; about 24 c_r more
-                       while drawing an epoch                    while drawing (c_r: this shard's draws)
-``update``, per step   2 all-gathers: 24 W + 16 W max(B) bytes;  2 all-to-alls: 24 W + 16 B bytes on
-                       applies W B updates                       average; applies about B updates
-``iter``, per epoch    no communication; draws all m items       all-gather 16 W, all-to-all 16 L,
-                                                                 all-reduce 16 bytes; draws c_r items
-``weights``, ``len``,  local                                     local
+- ``"epoch"`` (default): ``update`` and ``set_scores`` record this rank's (index, value)
+  pairs in buffers on the values' device, allocated ahead and grown by doubling from sizes
+  the host knows (the batch's shape): no collective and no read of a tensor's value. The
+  next ``iter()`` (or ``flush()``) exchanges them, once, and every replica (or each pair's
+  owner) applies them step by step, in (step, rank) order, before the epoch is drawn.
+- an int K: every K calls the last K steps leave with ``async_op=True``; their sizes are
+  read one boundary later and their pairs arrive and are applied one boundary after that,
+  so the collectives overlap the K steps of compute in between, and memory stays bounded
+  on very long epochs. Every rank must then call ``update``/``set_scores`` the same number
+  of times (as in DDP, where every rank takes every step).
+- ``"step"``: the exchange of earlier versions, a collective in every call, for loops that
+  want other ranks' scores mid-epoch.
+
+The three give bit-identical draws, weights, scores and ``state_dict`` after each exchange:
+the same steps are applied in the same order with the same arithmetic (tested on two
+processes for every score policy and ``set_scores``).
+
+**Bad input.** A call that cannot be recorded (a tensor of the wrong type or shape, a
+scalar loss, a score policy's TypeError) or whose values fail the checks at the exchange (an
+index outside [0, N), a non-finite value under ``nonfinite="raise"``, a negative score given
+to ``set_scores``) is refused: that call changes nothing. With ``"step"`` every rank raises
+at once and nothing of that step is applied anywhere. Otherwise the refusal is kept, the
+call returns, and the next exchange applies every accepted call and then raises the
+refusal's exception class on every rank, naming the rank and the call (``iter()``,
+``flush()``, or ``update()`` at a K boundary). No rank ever waits in a collective for a
+rank that raised, since all of them raise at the same exchange.
+
+Costs, with W ranks, N items, m = samples_per_epoch, B the batch of one rank, S the steps
+of an epoch and L = ceil(m / W) the per-rank epoch length (bytes are what one rank receives;
+w = 2 words per pair replicated, 3 sharded, plus a policy's extra tensors, see below):
+
+=====================  ==========================================  =========================================
+call                   replicated                                  sharded
+=====================  ==========================================  =========================================
+memory per rank        16.5 N + 8 N + 8 m; about 48 m more         16.5 N / W + 32 L; about 24 c_r more
+                       while drawing; 16 L recorded pairs          while drawing; 16 L recorded pairs
+``update``, per step   local: copies B pairs into the record       local
+``iter``, per epoch    exchange: all-gather of 80 B per rank,      exchange: all-gather of (80 + 8 W) B,
+                       all-gather of 8 (S + 2 L) B per rank;       all-to-all of 8 (S + 3 L) B;
+                       applies S W B updates; draws m items        applies about S B; draw: all-gather 16 W,
+                       locally                                     all-to-all 16 L, all-reduce 16 B
+``weights``, ``len``,  local                                       local
 ``state_dict``
-``load_state_dict``    an all-gather of 16 bytes (checks)        an all-gather of 16 bytes (checks)
-=====================  ========================================  =======================================
+``load_state_dict``    an all-gather of 16 bytes (checks)          an all-gather of 16 bytes (checks)
+=====================  ==========================================  =========================================
 
-(SumTree-backed transforms hold 8.53 bytes per item in the tree plus 8 for the scores.)
-``update``, ``load_state_dict``, ``check_consistency``, sharded ``iter`` and sharded
-``probabilities`` are collectives: every rank must call them, in the same order. A bad batch
-on any rank (NaN loss, index out of range, wrong type) raises the same exception on every
-rank before anything is applied; a rank that stops calling leaves the others waiting only
-until the process group's ``timeout`` (``init_process_group(timeout=...)``).
+A policy that needs the previous score and is not an EMA (``EarlyImportance``) runs at the
+exchange, where the previous score is known, so its extra tensors (``logits=``,
+``targets=``) travel too: 8 C + 8 more bytes per pair for float32 logits of C classes.
+
+``iter()`` (except with ``"step"``), ``flush``, ``load_state_dict``, ``check_consistency``,
+sharded ``probabilities``, and ``update``/``set_scores`` with ``"step"`` are collectives:
+every rank calls them, in the same order. A rank that stops calling leaves the others
+waiting only until the process group's ``timeout`` (``init_process_group(timeout=...)``).
+On NCCL the record lives on the GPU and the step launches only copies; each exchange reads
+its sizes on the host (one synchronisation per exchange: per epoch by default, per K steps
+with ``exchange=K``).
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import math
+import numbers
+import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -83,10 +120,23 @@ _CPU = torch.device("cpu")
 # Epochs are yielded in chunks converted to Python ints, so that a rank's part of a large
 # epoch is never held as one Python list (about 36 bytes per item).
 _CHUNK = 1 << 16
+#: epochs are seeds' parts: at most the largest int64 (set_epoch refuses more)
+_MAX_EPOCH = 2**63 - 1
 
 # A failed check on one rank travels to all ranks as a code, so that every rank raises the
 # same exception class (0 = fine).
 _ERRORS: Tuple[type, ...] = (ValueError, IndexError, TypeError, RuntimeError)
+
+# A recorded step is one int64: rows << 2 | refused << 1 | kind.
+_UPDATE, _SET = 0, 1
+_REFUSED = 2
+_CALLS = ("update()", "set_scores()")
+
+# The header every rank all-gathers for a window (int64 fields), then, sharded, W row counts.
+_H_ROWS, _H_STEPS, _H_WORDS, _H_CODE, _H_FIRST, _H_REFUSALS, _H_SKIPPED, _H_CLAMPED, _H_SCHEMA = range(9)
+_HEADER = 9
+#: refusal messages that travel per rank and window (the count travels in the header)
+_MESSAGES = 3
 
 
 def _code_of(error: BaseException) -> int:
@@ -131,11 +181,70 @@ def _shard_bounds(num_items: int, world: int) -> List[int]:
     return [r * base + min(r, extra) for r in range(world + 1)]
 
 
+def _check_exchange(value: Any) -> Union[str, int]:
+    """``exchange=``: "epoch", "step" or a number of steps K >= 1."""
+    if isinstance(value, str):
+        if value in ("epoch", "step"):
+            return value
+        raise ValueError(f"exchange must be 'epoch', 'step' or a number of steps >= 1, got {value!r}")
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"exchange must be 'epoch', 'step' or an int number of steps, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"exchange must be at least 1 step, got {value}")
+    return int(value)
+
+
+def _device_of(x: Any) -> torch.device:
+    """Where a recorded tensor stays: its own device (a CPU one for anything else)."""
+    return x.device if isinstance(x, torch.Tensor) and x.device.type in ("cpu", "cuda") else _CPU
+
+
+def _steps(length: int, batch_size: int, drop_last: bool) -> int:
+    return length // batch_size if drop_last else -(-length // batch_size)
+
+
+def _pack(t: torch.Tensor) -> torch.Tensor:
+    """Rows of any dtype and shape (R, ...) as int64 words (R, w), bit for bit."""
+    raw = t.reshape(t.shape[0], -1).contiguous().view(torch.uint8)
+    pad = (-raw.shape[1]) % 8
+    if pad:
+        raw = torch.cat([raw, raw.new_zeros((raw.shape[0], pad))], dim=1)
+    return raw.contiguous().view(torch.int64)
+
+
+def _unpack(words: torch.Tensor, dtype: torch.dtype, trailing: Sequence[int]) -> torch.Tensor:
+    """The inverse of _pack for rows of `dtype` and shape (R, *trailing)."""
+    size = torch.empty((), dtype=dtype).element_size() * math.prod(trailing)
+    raw = words.contiguous().view(torch.uint8)[:, :size].contiguous()
+    return raw.view(dtype).reshape(words.shape[0], *trailing)
+
+
+def _words(schema: Optional[Tuple[Tuple[str, str, Tuple[int, ...]], ...]]) -> List[int]:
+    """int64 words per row of each extra tensor of a schema."""
+    if not schema:
+        return []
+    return [-(-getattr(torch, name).itemsize * math.prod(shape) // 8) for _, name, shape in schema]
+
+
+class _Pending:
+    """A collective in flight (``async_op=True``); ``wait()`` returns its result."""
+
+    def __init__(self, work: Any, result: Any) -> None:
+        self._work, self._result = work, result
+
+    def wait(self) -> Any:
+        if self._work is not None:
+            self._work.wait()  # on NCCL: orders the current stream after it, without a host wait
+            self._work = None
+        return self._result
+
+
 class _Group:
-    """The process group a sampler talks over, and the few collectives it uses.
+    """The process group a sampler talks over, the few collectives it uses, and the bytes
+    they move (``traffic``).
 
     Without an initialised process group it stands for one process (world size 1) and every
-    collective is the identity, so the samplers then behave as ImportanceSampler.
+    collective is the identity; the samplers then behave as ImportanceSampler.
     """
 
     def __init__(
@@ -155,7 +264,7 @@ class _Group:
                 self.device = device if device.type == "cuda" else torch.device("cuda", torch.cuda.current_device())
             else:
                 self.device = _CPU
-            self.active = world > 1
+            self.active = True  # every collective goes through torch.distributed, even with one rank
         else:
             if num_replicas not in (None, 1) or rank not in (None, 0):
                 raise RuntimeError(
@@ -167,38 +276,70 @@ class _Group:
         self.group = group
         self.world = world
         self.rank = me
+        self.traffic = {"collectives": 0, "bytes_sent": 0, "bytes_received": 0}
 
-    def all_gather(self, tensor: torch.Tensor) -> List[torch.Tensor]:
-        """Every rank's `tensor` (same shape and dtype on every rank), in rank order."""
+    def _count(self, sent: int, received: int) -> None:
+        self.traffic["collectives"] += 1
+        self.traffic["bytes_sent"] += sent
+        self.traffic["bytes_received"] += received
+
+    def start_all_gather(self, tensor: torch.Tensor) -> _Pending:
+        """Every rank's `tensor` (same shape and dtype on every rank), in rank order, once
+        ``wait()`` returns."""
         if not self.active:
-            return [tensor]
+            return _Pending(None, [tensor])
         local = tensor.to(self.device).contiguous()
         out = [torch.empty_like(local) for _ in range(self.world)]
-        dist.all_gather(out, local, group=self.group)
-        return out
+        nbytes = local.numel() * local.element_size()
+        self._count(nbytes, nbytes * (self.world - 1))
+        return _Pending(dist.all_gather(out, local, group=self.group, async_op=True), out)
 
-    def all_to_all(self, rows: torch.Tensor, send: Sequence[int], receive: Sequence[int]) -> torch.Tensor:
+    def all_gather(self, tensor: torch.Tensor) -> List[torch.Tensor]:
+        return self.start_all_gather(tensor).wait()
+
+    def start_all_to_all(self, rows: torch.Tensor, send: Sequence[int], receive: Sequence[int]) -> _Pending:
         """Send rows[sum(send[:d]) : sum(send[:d + 1])] to rank d; receive receive[s] rows
-        from each rank s, concatenated in rank order."""
+        from each rank s, concatenated in rank order, once ``wait()`` returns."""
         if not self.active:
-            return rows
+            return _Pending(None, rows)
         local = rows.to(self.device).contiguous()
         out = local.new_empty((int(sum(receive)), *local.shape[1:]))
-        dist.all_to_all_single(
+        row_bytes = local.element_size() * math.prod(local.shape[1:])
+        me = self.rank
+        self._count(
+            row_bytes * (int(sum(send)) - int(send[me])), row_bytes * (int(sum(receive)) - int(receive[me]))
+        )
+        work = dist.all_to_all_single(
             out,
             local,
             output_split_sizes=[int(k) for k in receive],
             input_split_sizes=[int(k) for k in send],
             group=self.group,
+            async_op=True,
         )
-        return out
+        return _Pending(work, out)
+
+    def all_to_all(self, rows: torch.Tensor, send: Sequence[int], receive: Sequence[int]) -> torch.Tensor:
+        return self.start_all_to_all(rows, send, receive).wait()
 
     def all_reduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
         if not self.active:
             return tensor
         local = tensor.to(self.device).clone()
+        nbytes = local.numel() * local.element_size()
+        self._count(nbytes, nbytes)
         dist.all_reduce(local, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=self.group)
         return local.to(tensor.device)
+
+    def all_gather_object(self, value: Any) -> List[Any]:
+        """Every rank's picklable `value`, in rank order (only where something went wrong, or
+        for a policy's extra tensors' layout)."""
+        if not self.active:
+            return [value]
+        out: List[Any] = [None] * self.world
+        self.traffic["collectives"] += 1
+        dist.all_gather_object(out, value, group=self.group)
+        return out
 
     def raise_if_failed(self, codes: Sequence[int], error: Optional[BaseException], what: str) -> None:
         """Raise on every rank when any rank's code is non-zero. Collective only on failure,
@@ -207,11 +348,7 @@ class _Group:
         if not failed:
             return
         mine = None if error is None else f"{type(error).__name__}: {error}"
-        if self.active:
-            messages: List[Any] = [None] * self.world
-            dist.all_gather_object(messages, mine, group=self.group)
-        else:
-            messages = [mine]
+        messages = self.all_gather_object(mine)
         kind = _ERRORS[min(int(codes[failed[0]]), len(_ERRORS)) - 1]
         detail = "; ".join(f"rank {r}: {messages[r]}" for r in failed)
         raise kind(f"{what} was refused on every rank and changed nothing ({detail})") from error
@@ -227,6 +364,691 @@ class _Group:
         if differ:
             raise ValueError(f"{what}: ranks {differ} differ from rank 0 (same arguments and state on every rank?)")
 
+
+# ---------------------------------------------------------------------------------------------
+# The record of this rank's steps, and its exchange.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Refusal:
+    """A refused update()/set_scores() call: its step in the window and why."""
+
+    step: int
+    code: int  # _ERRORS index + 1
+    call: str
+    message: str  # "ValueError: ..."
+    error: Optional[BaseException] = None  # the exception itself, on the rank that refused
+
+
+Schema = Tuple[Tuple[str, str, Tuple[int, ...]], ...]  # (name, torch dtype name, trailing shape) per extra
+
+
+@dataclass
+class _Window:
+    """The steps one rank recorded between two exchange points, as they leave it."""
+
+    codes: List[int]  # one per step: rows << 2 | refused << 1 | kind
+    index: torch.Tensor  # int64 (R,)
+    value: torch.Tensor  # float64 (R,): losses (EMA and deferred policies), new scores otherwise
+    extras: Dict[str, torch.Tensor]  # a deferred policy's extra tensors, (R, ...) each
+    schema: Optional[Schema]
+    refusals: List[_Refusal]
+    skipped: int = 0  # non-finite values left out (nonfinite="skip"/"clamp")
+    clamped: int = 0
+    checked: bool = False  # _validate ran: refused steps hold no rows, values are clean
+
+    @property
+    def rows(self) -> int:
+        return int(self.index.numel())
+
+
+class _Recorder:
+    """This rank's steps since its last exchange: (index, value[, extras]) rows in buffers
+    allocated ahead and grown by doubling. Only sizes the host already knows (the batch's
+    shape) decide anything here, and no tensor value is read, so a GPU is never synchronised:
+    the step costs two copies (plus one per extra tensor)."""
+
+    def __init__(self) -> None:
+        self.floor = 0  # rows to allocate at least (the rank's epoch length, set by iter())
+        # the extra tensors' layout, fixed by the first call that brings some (for the sampler's life)
+        self.schema: Optional[Schema] = None
+        self._clear()
+
+    def _clear(self) -> None:
+        self.codes: List[int] = []
+        self.rows = 0
+        self.index: Optional[torch.Tensor] = None
+        self.value: Optional[torch.Tensor] = None
+        self.extras: Dict[str, torch.Tensor] = {}  # buffers, once a call of the window brought extras
+        self.refusals: List[_Refusal] = []
+        self.skipped = 0
+        self.clamped = 0
+
+    @property
+    def steps(self) -> int:
+        return len(self.codes)
+
+    def check_extras(self, extra: Dict[str, Any], length: int, policy: ScorePolicy) -> Dict[str, torch.Tensor]:
+        """The extra tensors of a policy that runs at the exchange, detached; TypeError or
+        ValueError when they cannot travel (one row per example, the same names, dtypes and
+        shapes in every call of a window)."""
+        out: Dict[str, torch.Tensor] = {}
+        for name in sorted(extra):
+            t = extra[name]
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(
+                    f"{policy!r} runs at the exchange, so update(..., {name}=...) must be a tensor with one row "
+                    f"per example, got {type(t).__name__}"
+                )
+            t = _backend.checked_tensor(t, name)
+            if t.dim() == 0 or t.shape[0] != length:
+                raise ValueError(f"{name} must have one row per example ({length}), got shape {tuple(t.shape)}")
+            out[name] = t.detach()
+        schema = tuple((name, str(t.dtype).replace("torch.", ""), tuple(t.shape[1:])) for name, t in out.items())
+        if self.schema is not None and schema != self.schema:
+            raise TypeError(
+                f"the extra tensors {schema} differ from those of this rank's earlier calls since the last "
+                f"exchange {self.schema}: pass the same names, dtypes and shapes in every call"
+            )
+        return out
+
+    def _grow(self, needed: int, idx: torch.Tensor, values: torch.Tensor, extras: Optional[Dict[str, torch.Tensor]]):
+        old = 0 if self.index is None else self.index.numel()
+        capacity = max(needed, 2 * old, self.floor, 64)
+        index = torch.empty(capacity, dtype=torch.int64, device=self.index.device if self.index is not None else idx.device)
+        value = torch.empty(
+            capacity, dtype=torch.float64, device=self.value.device if self.value is not None else values.device
+        )
+        if self.rows:
+            index[: self.rows].copy_(self.index[: self.rows])
+            value[: self.rows].copy_(self.value[: self.rows])
+        self.index, self.value = index, value
+        for name, buffer in list(self.extras.items()):
+            grown = buffer.new_zeros((capacity, *buffer.shape[1:]))
+            grown[: self.rows].copy_(buffer[: self.rows])
+            self.extras[name] = grown
+
+    def record(
+        self, kind: int, idx: torch.Tensor, values: torch.Tensor, extras: Optional[Dict[str, torch.Tensor]] = None
+    ) -> None:
+        b, r = idx.numel(), self.rows
+        if self.index is None or r + b > self.index.numel():
+            self._grow(r + b, idx, values, extras)
+        assert self.index is not None and self.value is not None
+        self.index[r : r + b].copy_(idx)
+        self.value[r : r + b].copy_(values)
+        if extras is not None and not self.extras:  # the window's first call with extras
+            self.schema = tuple((n, str(t.dtype).replace("torch.", ""), tuple(t.shape[1:])) for n, t in extras.items())
+            capacity = self.index.numel()
+            self.extras = {n: t.new_zeros((capacity, *t.shape[1:])) for n, t in extras.items()}
+        if extras is not None:
+            for name, t in extras.items():
+                self.extras[name][r : r + b].copy_(t)
+        else:
+            for buffer in self.extras.values():
+                buffer[r : r + b].zero_()
+        self.rows = r + b
+        self.codes.append(b << 2 | kind)
+
+    def refuse(self, kind: int, error: BaseException) -> None:
+        """Keep a refused call (it records no rows) to report at the next exchange."""
+        self.refusals.append(_Refusal(len(self.codes), _code_of(error), _CALLS[kind], f"{type(error).__name__}: {error}", error))
+        self.codes.append(_REFUSED | kind)
+
+    def peek(self) -> _Window:
+        """The window so far, without closing it."""
+        if self.index is None:
+            index = torch.empty(0, dtype=torch.int64)
+            value = torch.empty(0, dtype=torch.float64)
+        else:
+            index, value = self.index[: self.rows], self.value[: self.rows]
+        return _Window(
+            list(self.codes),
+            index,
+            value,
+            {n: t[: self.rows] for n, t in self.extras.items()},
+            self.schema if self.extras else None,
+            list(self.refusals),
+            self.skipped,
+            self.clamped,
+        )
+
+    def take(self) -> _Window:
+        """Close the window: hand its rows over and start an empty one (new buffers, since
+        the window's rows may still be in flight)."""
+        window = self.peek()
+        self._clear()
+        return window
+
+    def restore(self, window: _Window) -> None:
+        """Start from a saved window (a checkpoint's pending steps)."""
+        self._clear()
+        if window.rows:
+            self.record(_UPDATE, window.index, window.value, window.extras or None)
+        self.codes = list(window.codes)
+        if window.schema is not None:
+            self.schema = window.schema
+        self.refusals = list(window.refusals)
+        self.skipped, self.clamped = window.skipped, window.clamped
+
+
+@dataclass
+class _Flight:
+    """A closed window on its way: its header all-gather, then its payload."""
+
+    window: _Window
+    header: _Pending
+    all_or_nothing: bool
+    headers: Optional[List[List[int]]] = None
+    payload: Optional[_Pending] = None
+    messages: Optional[List[List[Tuple[int, int, str, str]]]] = None  # per rank, when any refused
+    schemas: Optional[List[Optional[Schema]]] = None
+    layout: Any = None  # what the layout needs to read the payload
+
+
+@dataclass
+class _Source:
+    """What one rank sent for a window, as the applying rank reads it."""
+
+    codes: List[int]  # that rank's steps
+    counts: List[int]  # rows of each step that this rank applies
+    index: torch.Tensor
+    value: torch.Tensor
+    extras: Dict[str, torch.Tensor]
+
+
+def _merge_windows(windows: Sequence[_Window]) -> _Window:
+    """One window holding the steps of `windows`, in order (for a checkpoint)."""
+    codes: List[int] = []
+    refusals: List[_Refusal] = []
+    for w in windows:
+        refusals += [_Refusal(r.step + len(codes), r.code, r.call, r.message) for r in w.refusals]
+        codes += w.codes
+    schemas = {w.schema for w in windows if w.schema is not None}
+    extras: Dict[str, torch.Tensor] = {}
+    schema = next(iter(schemas)) if len(schemas) == 1 else None
+    if schema is not None:
+        for name, dtype, shape in schema:
+            parts = []
+            for w in windows:
+                part = w.extras.get(name)
+                parts.append(part.to(_CPU) if part is not None else torch.zeros((w.rows, *shape), dtype=getattr(torch, dtype)))
+            extras[name] = torch.cat(parts)
+    return _Window(
+        codes,
+        torch.cat([w.index.to(_CPU) for w in windows]),
+        torch.cat([w.value.to(_CPU) for w in windows]),
+        extras,
+        schema,
+        refusals,
+        sum(w.skipped for w in windows),
+        sum(w.clamped for w in windows),
+    )
+
+
+@dataclass
+class _Report:
+    """A refused call as every rank reports it."""
+
+    step: int
+    rank: int
+    code: int
+    call: str
+    message: str
+    error: Optional[BaseException] = None
+
+
+@dataclass
+class _Reports:
+    """The refusals an exchange found: those whose messages travelled, and how many more."""
+
+    listed: List[_Report] = field(default_factory=list)
+    unlisted: int = 0
+
+
+class _Exchanger:
+    """What both layouts share: this rank's record of its ``update``/``set_scores`` calls,
+    and their exchange (see the module docstring).
+
+    A closed window travels in two collectives: an all-gather of a fixed header (its sizes,
+    refusal and non-finite counts; with ``exchange=K`` launched asynchronously at a boundary
+    and read at the next one), then its rows (launched once every rank knows every size, and
+    read, with ``exchange=K``, one boundary later). The applying rank then replays every
+    rank's steps in (step, rank) order, one ``apply_update`` per step as the per-step
+    exchange does, so every mode applies the same calls in the same order.
+
+    A layout sets ``comm``, ``local`` (its ImportanceSampler), ``limit`` (the range of the
+    indices), ``offset`` (the first item it holds) and provides ``_route``,
+    ``_start_payload`` and ``_read_payload``.
+    """
+
+    comm: _Group
+    local: ImportanceSampler
+    limit: int
+    offset: int
+
+    def _init_exchange(self, exchange: Union[str, int], deferred_policy: bool) -> None:
+        self.exchange: Union[str, int] = exchange if self.comm.active else "step"
+        # a policy that needs the previous score and is not an EMA runs where it is applied
+        self.deferred_policy = deferred_policy
+        self.recorder = _Recorder()
+        self.in_flight: Deque[_Flight] = collections.deque()
+        self.stage = self.comm.device if self.comm.active else self.local.device
+        self.timing = {"exchanges": 0, "exchange_seconds": 0.0, "draw_seconds": 0.0}
+
+    # -- recording ------------------------------------------------------------------------
+    def record_update(self, indices: Any, losses: Any, extra: Dict[str, Any]) -> None:
+        if not self.comm.active:  # one process: nothing to exchange
+            self.local.update(indices, losses, **extra)
+            return
+        recorder, policy = self.recorder, self.local.score_policy
+        with torch.no_grad():
+            try:
+                idx = _backend.as_indices(indices, _device_of(indices))
+                values = _as_losses(losses, idx.numel(), _device_of(losses))
+                extras = None
+                if self.deferred_policy:
+                    extras = recorder.check_extras(extra, idx.numel(), policy)
+                elif policy.keep is None:
+                    values = self._policy_scores(idx, values, extra)
+            except Exception as error:  # kept and reported on every rank at the exchange
+                recorder.refuse(_UPDATE, error)
+            else:
+                recorder.record(_UPDATE, idx, values, extras)
+        self._recorded()
+
+    def record_set(self, indices: Any, scores: Any) -> None:
+        if not self.comm.active:
+            self.local.set_scores(indices, scores)
+            return
+        recorder = self.recorder
+        with torch.no_grad():
+            try:
+                idx = _backend.as_indices(indices, _device_of(indices))
+                values = _as_losses(scores, idx.numel(), _device_of(scores), name="scores")
+            except Exception as error:
+                recorder.refuse(_SET, error)
+            else:
+                recorder.record(_SET, idx, values)
+        self._recorded()
+
+    def _policy_scores(self, idx: torch.Tensor, losses: torch.Tensor, extra: Dict[str, Any]) -> torch.Tensor:
+        """New scores of a policy that needs no previous score (grad_norm), computed now, on
+        the rank that holds its inputs (the logits): only the scores travel."""
+        policy = self.local.score_policy
+        # a policy that looks items up must not read outside its table; the exchange refuses such a step
+        safe = torch.where((idx >= 0) & (idx < self.limit), idx, torch.zeros_like(idx))
+        new = policy(losses, None, safe, **extra)
+        if not isinstance(new, torch.Tensor) or new.shape != losses.shape:
+            raise TypeError(f"{policy!r} must return a tensor of shape {tuple(losses.shape)}")
+        return new.detach().to(torch.float64)
+
+    def _recorded(self) -> None:
+        if self.exchange == "step":
+            self._exchange_now()
+        elif self.exchange != "epoch" and self.recorder.steps >= self.exchange:
+            self._boundary()
+
+    # -- exchange points ------------------------------------------------------------------
+    def flush(self) -> None:
+        """Exchange and apply every recorded step of every rank now (a collective), then
+        raise the first refused call, if any, on every rank."""
+        if self.exchange == "step":
+            return  # nothing is ever left pending
+        reports = _Reports()
+        while self.in_flight:
+            self._finish(self.in_flight.popleft(), reports)
+        self._finish(self._launch(self.recorder.take(), all_or_nothing=False), reports)
+        self._raise(reports, all_or_nothing=False)
+
+    def _exchange_now(self) -> None:
+        """exchange="step": this call's step, on every rank, applied whole or not at all."""
+        reports = _Reports()
+        self._finish(self._launch(self.recorder.take(), all_or_nothing=True), reports)
+        self._raise(reports, all_or_nothing=True)
+
+    def _boundary(self) -> None:
+        """exchange=K, every K calls: each window in flight moves one stage on (the oldest
+        is applied), and this one leaves."""
+        reports = _Reports()
+        for flight in list(self.in_flight):
+            if flight.payload is None:
+                self._settle(flight)
+                self._start_payload(flight)
+            else:
+                self.in_flight.popleft()
+                self._apply(flight, reports)
+        self.in_flight.append(self._launch(self.recorder.take(), all_or_nothing=False))
+        self._raise(reports, all_or_nothing=False)
+
+    def drain(self) -> None:
+        """Wait for the collectives in flight, without moving any window on (before the
+        windows are dropped: every rank launched them, so they complete)."""
+        for flight in self.in_flight:
+            flight.header.wait()
+            if flight.payload is not None:
+                flight.payload.wait()
+
+    # -- the stages of a window -------------------------------------------------------------
+    def _launch(self, window: _Window, all_or_nothing: bool) -> _Flight:
+        started = time.perf_counter()
+        self._validate(window)
+        layout, extension = self._route(window)
+        first = window.refusals[0] if window.refusals else None
+        header = [
+            window.rows,
+            len(window.codes),
+            int(layout.shape[1]) if layout.dim() == 2 else 0,
+            first.code if first else 0,
+            first.step if first else 0,
+            len(window.refusals),
+            window.skipped,
+            window.clamped,
+            _fingerprint([list(map(list, window.schema))]) if window.schema else 0,
+            *extension,
+        ]
+        flight = _Flight(window, self.comm.start_all_gather(torch.tensor(header, dtype=torch.int64)), all_or_nothing)
+        flight.layout = layout
+        self.timing["exchange_seconds"] += time.perf_counter() - started
+        return flight
+
+    def _settle(self, flight: _Flight) -> None:
+        """Read every rank's header; their refusal messages (and extra tensors' layouts) travel
+        now, only where some rank has any."""
+        started = time.perf_counter()
+        flight.headers = [row.tolist() for row in flight.header.wait()]
+        if any(h[_H_REFUSALS] for h in flight.headers):
+            mine = [(r.step, r.code, r.call, r.message) for r in flight.window.refusals[:_MESSAGES]]
+            flight.messages = self.comm.all_gather_object(mine)
+        if any(h[_H_SCHEMA] for h in flight.headers):
+            flight.schemas = self.comm.all_gather_object(flight.window.schema)
+        self.timing["exchange_seconds"] += time.perf_counter() - started
+        if flight.all_or_nothing and flight.messages is not None:
+            reports = _Reports()
+            self._collect_refusals(flight, reports)
+            self._raise(reports, all_or_nothing=True)
+
+    def _finish(self, flight: _Flight, reports: _Reports) -> None:
+        if flight.headers is None:
+            self._settle(flight)
+        if flight.payload is None:
+            self._start_payload(flight)
+        self._apply(flight, reports)
+
+    def _apply(self, flight: _Flight, reports: _Reports) -> None:
+        started = time.perf_counter()
+        assert flight.headers is not None
+        self._apply_steps(self._read_payload(flight), reports, flight.all_or_nothing)
+        skipped = sum(h[_H_SKIPPED] for h in flight.headers)
+        clamped = sum(h[_H_CLAMPED] for h in flight.headers)
+        if skipped or clamped:
+            self.local._count_nonfinite(skipped, clamped, self.local._epoch_info())
+        self._collect_refusals(flight, reports)
+        self.timing["exchanges"] += 1
+        self.timing["exchange_seconds"] += time.perf_counter() - started
+
+    def _collect_refusals(self, flight: _Flight, reports: _Reports) -> None:
+        if flight.messages is None:
+            return
+        assert flight.headers is not None
+        mine = {r.step: r.error for r in flight.window.refusals}
+        for rank, (header, messages) in enumerate(zip(flight.headers, flight.messages)):
+            for step, code, call, message in messages:
+                error = mine.get(step) if rank == self.comm.rank else None
+                reports.listed.append(_Report(step, rank, code, call, message, error))
+            reports.unlisted += header[_H_REFUSALS] - len(messages)
+
+    def _raise(self, reports: _Reports, all_or_nothing: bool) -> None:
+        if not reports.listed:
+            return
+        ordered = sorted(reports.listed, key=lambda r: (r.step, r.rank))
+        first = ordered[0]
+        kind = _ERRORS[min(max(first.code, 1), len(_ERRORS)) - 1]
+        cause = next((r.error for r in ordered if r.error is not None), None)
+        if all_or_nothing:
+            by_rank: Dict[int, _Report] = {}
+            for report in ordered:
+                by_rank.setdefault(report.rank, report)
+            detail = "; ".join(f"rank {r}: {report.message}" for r, report in sorted(by_rank.items()))
+            raise kind(f"{first.call} was refused on every rank and changed nothing ({detail})") from cause
+        others = len(ordered) - 1 + reports.unlisted
+        where = "after the exchange" if first.step < 0 else f"call {first.step + 1} since the exchange before"
+        text = (
+            f"{first.call} on rank {first.rank} ({where}) was refused and changed nothing: {first.message}"
+            + (f"; and {others} more refused call(s)" if others else "")
+            + ". Every accepted call was applied; this is raised on every rank at the exchange"
+        )
+        raise kind(text) from cause
+
+    # -- checks, on the rank that recorded ------------------------------------------------------
+    def _validate(self, w: _Window) -> None:
+        """Check a closed window's rows as update() and set_scores() check a batch, all at
+        once, here (the sender, so that a refusal is known to every rank with the header): a
+        step with an index outside [0, limit), a negative score given to set_scores, or a
+        non-finite value under nonfinite="raise" is refused and keeps no rows; "skip" and
+        "clamp" leave out or clamp non-finite values as ImportanceSampler does. The values of
+        a policy that runs at the exchange are checked there. Idempotent."""
+        local, device = self.local, self.stage
+        lengths = [c >> 2 for c in w.codes]
+        steps, rows = len(lengths), sum(lengths)
+        index, value, extras = w.index.to(device), w.value.to(device), dict(w.extras)
+        if rows:
+            step_cpu = torch.repeat_interleave(torch.arange(steps), torch.tensor(lengths, dtype=torch.int64))
+            step_of_row = step_cpu.to(device)
+            is_set = torch.tensor([c & 1 == _SET for c in w.codes], dtype=torch.bool)[step_cpu].to(device)
+            judged = is_set if self.deferred_policy else torch.ones_like(is_set)
+            outside = (index < 0) | (index >= self.limit)
+            nonfinite = ~torch.isfinite(value) & judged
+            negative = (value < 0) & is_set
+            flags = torch.stack([outside, nonfinite, negative]).to(torch.int64)
+            counts = torch.zeros((3, steps), dtype=torch.int64, device=device).index_add_(1, step_of_row, flags)
+            outside_n, nonfinite_n, negative_n = counts.tolist()
+            refused = [False] * steps
+            start = 0
+            for k, n in enumerate(lengths):
+                a, start = start, start + n
+                if not n or not (outside_n[k] or negative_n[k] or (nonfinite_n[k] and local.nonfinite == "raise")):
+                    continue
+                refused[k] = True
+                kind = w.codes[k] & 1
+                error = self._refusal(kind, index[a:start], value[a:start], outside[a:start], nonfinite[a:start])
+                w.refusals.append(_Refusal(k, _code_of(error), _CALLS[kind], f"{type(error).__name__}: {error}", error))
+            drop = torch.tensor(refused, dtype=torch.bool)[step_cpu].to(device)
+            if local.nonfinite != "raise" and any(nonfinite_n):
+                bad = nonfinite & ~drop
+                if local.nonfinite == "clamp":  # +-inf -> +-clamp_value; NaN has nothing to clamp to: skipped
+                    value = torch.where(bad, value.clamp(-local.clamp_value, local.clamp_value), value)
+                    nan = torch.isnan(value) & bad
+                    nans = int(nan.sum())
+                    w.clamped += int(bad.sum()) - nans
+                    w.skipped += nans
+                    drop = drop | nan
+                else:
+                    w.skipped += int(bad.sum())
+                    drop = drop | bad
+            if bool(drop.any()):
+                keep = ~drop
+                index, value = index[keep], value[keep]
+                extras = {name: t[keep.to(t.device)] for name, t in extras.items()}
+                kept = torch.bincount(step_of_row[keep], minlength=steps).tolist()
+                w.codes = [kept[k] << 2 | (w.codes[k] & 1) | (_REFUSED if refused[k] or w.codes[k] & _REFUSED else 0) for k in range(steps)]
+        w.index, w.value, w.extras = index, value, extras
+        w.refusals.sort(key=lambda r: r.step)
+        w.checked = True
+
+    def _refusal(
+        self, kind: int, idx: torch.Tensor, values: torch.Tensor, outside: torch.Tensor, nonfinite: torch.Tensor
+    ) -> Exception:
+        """The exception ImportanceSampler would raise for this batch (the first failed check)."""
+        if bool(outside.any()):
+            return IndexError(f"indices {idx[outside][:5].tolist()} are outside [0, {self.limit})")
+        if kind == _SET:
+            negative = values < 0
+            if bool(negative.any()):
+                return ValueError(
+                    f"scores must be >= 0: items {idx[negative][:5].tolist()} were given "
+                    f"{values[negative][:5].tolist()}; the scores are unchanged"
+                )
+        given = "losses" if kind == _UPDATE and self.local.score_policy.keep is not None else "scores"
+        return ValueError(
+            f"{int(nonfinite.sum())} non-finite score(s) (items {idx[nonfinite][:5].tolist()}, {given} "
+            f"{values[nonfinite][:5].tolist()}); the scores are unchanged. "
+            "Pass nonfinite='skip' (leave such items out) or 'clamp' (inf becomes +-clamp_value)."
+        )
+
+    # -- applying ---------------------------------------------------------------------------
+    def _apply_steps(self, sources: List[_Source], reports: _Reports, all_or_nothing: bool) -> None:
+        """Replay the window's steps: step k of every rank, in rank order, as one update
+        (then one set_scores, when some rank set scores at that step)."""
+        local, offset = self.local, self.offset
+        starts = [0] * len(sources)
+        for k in range(max((len(s.codes) for s in sources), default=0)):
+            updates: List[Tuple[int, torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]] = []
+            sets: List[Tuple[torch.Tensor, torch.Tensor]] = []
+            any_update = any_set = False
+            for rank, source in enumerate(sources):
+                if k >= len(source.codes):
+                    continue
+                code, a = source.codes[k], starts[rank]
+                b = starts[rank] = a + source.counts[k]
+                if code & _REFUSED:
+                    continue
+                if code & 1 == _SET:
+                    any_set = True
+                    if b > a:
+                        sets.append((source.index[a:b], source.value[a:b]))
+                else:
+                    any_update = True
+                    if b > a:
+                        extras = {name: t[a:b] for name, t in source.extras.items()}
+                        updates.append((rank, source.index[a:b], source.value[a:b], extras))
+            if any_update:
+                self._apply_update_step(k, updates, reports, all_or_nothing)
+            if any_set:
+                idx = torch.cat([i for i, _ in sets]) if sets else torch.empty(0, dtype=torch.int64, device=local.device)
+                val = torch.cat([v for _, v in sets]) if sets else torch.empty(0, dtype=torch.float64, device=local.device)
+                local.set_scores(idx - offset if offset else idx, val)  # checked: only clean values reach it
+
+    def _apply_update_step(
+        self,
+        step: int,
+        updates: List[Tuple[int, torch.Tensor, torch.Tensor, Dict[str, torch.Tensor]]],
+        reports: _Reports,
+        all_or_nothing: bool,
+    ) -> None:
+        local = self.local
+        if self.deferred_policy:
+            # The policy reads each item's score from before this step, as on the rank that
+            # called update() in the per-step exchange: prepare every rank's batch, then write.
+            prepared, failed = [], []
+            for rank, idx, losses, extras in updates:
+                try:
+                    prepared.append(local.prepare_update(idx, losses, **extras))
+                except Exception as error:  # the same on every replica: each refuses this call
+                    failed.append(_Report(step, rank, _code_of(error), "update()", f"{type(error).__name__}: {error}"))
+            reports.listed += failed
+            if failed and all_or_nothing:
+                return
+            parts = [(u.indices, u.values) for u in prepared]
+            skipped = sum(u.skipped for u in prepared)
+        else:
+            parts = [(idx - self.offset if self.offset else idx, val) for _, idx, val, _ in updates]
+            skipped = 0
+        if parts:
+            idx, val = torch.cat([i for i, _ in parts]), torch.cat([v for _, v in parts])
+        else:
+            idx = torch.empty(0, dtype=torch.int64, device=local.device)
+            val = torch.empty(0, dtype=torch.float64, device=local.device)
+        local.apply_update(ScoreUpdate(idx, val, skipped))
+
+    # -- what a checkpoint keeps -------------------------------------------------------------
+    def pending_state(self) -> Optional[Dict[str, Any]]:
+        """This rank's steps not yet applied (in flight or still recorded), or None."""
+        windows = [f.window for f in self.in_flight] + [self.recorder.peek()]
+        windows = [w for w in windows if w.codes or w.refusals or w.skipped or w.clamped]
+        if not windows:
+            return None
+        w = _merge_windows(windows)
+        return {
+            "rank": self.comm.rank,
+            "world_size": self.comm.world,
+            "codes": torch.tensor(w.codes, dtype=torch.int64),
+            "index": w.index.clone(),
+            "value": w.value.clone(),
+            "schema": None if w.schema is None else [[n, d, list(s)] for n, d, s in w.schema],
+            "extras": {name: t.clone() for name, t in w.extras.items()},
+            "refusals": [[r.step, r.code, r.call, r.message] for r in w.refusals],
+            "skipped": w.skipped,
+            "clamped": w.clamped,
+        }
+
+    def check_pending(self, saved: Any) -> Optional[_Window]:
+        """A saved ``pending_state`` as a window, or ValueError/TypeError (changes nothing)."""
+        if saved is None:
+            return None
+        if not isinstance(saved, dict):
+            raise TypeError(f"state['pending'] must be a dict or None, got {type(saved).__name__}")
+        if saved.get("rank") != self.comm.rank or saved.get("world_size") != self.comm.world:
+            raise ValueError(
+                f"the state holds the unexchanged updates of rank {saved.get('rank')} of {saved.get('world_size')}, "
+                f"and this is rank {self.comm.rank} of {self.comm.world}: a state saved before its updates were "
+                "exchanged resumes only on the rank that saved it (each rank saves and loads its own), or call "
+                "flush() on every rank before rank 0 saves one state for all"
+            )
+        if self.exchange == "step":
+            raise ValueError(
+                "the state holds updates not yet exchanged, which a sampler with exchange='step' never keeps: "
+                "load it into one with exchange='epoch' or a number of steps, then flush()"
+            )
+        codes_t = saved.get("codes")
+        if not isinstance(codes_t, torch.Tensor) or codes_t.dtype != torch.int64 or codes_t.dim() != 1:
+            raise ValueError("state['pending']['codes'] must be a 1-D int64 tensor")
+        codes = codes_t.tolist()
+        if any(c < 0 for c in codes):
+            raise ValueError("state['pending']['codes'] holds a negative step code")
+        rows = sum(c >> 2 for c in codes)
+        index, value = saved.get("index"), saved.get("value")
+        if not (isinstance(index, torch.Tensor) and index.dtype == torch.int64 and index.shape == (rows,)):
+            raise ValueError(f"state['pending']['index'] must be an int64 tensor of {rows} rows")
+        if not (isinstance(value, torch.Tensor) and value.dtype == torch.float64 and value.shape == (rows,)):
+            raise ValueError(f"state['pending']['value'] must be a float64 tensor of {rows} rows")
+        schema: Optional[Schema] = None
+        extras: Dict[str, torch.Tensor] = {}
+        if saved.get("schema") is not None:
+            try:
+                schema = tuple((str(n), str(d), tuple(int(x) for x in s)) for n, d, s in saved["schema"])
+                dtypes = [getattr(torch, d) for _, d, _ in schema]
+            except (TypeError, ValueError, AttributeError) as error:
+                raise ValueError(f"state['pending']['schema'] is not a layout of extra tensors: {error}") from None
+            given = saved.get("extras")
+            for (name, _, shape), dtype in zip(schema, dtypes):
+                t = given.get(name) if isinstance(given, dict) else None
+                if not (isinstance(t, torch.Tensor) and t.dtype == dtype and tuple(t.shape) == (rows, *shape)):
+                    raise ValueError(f"state['pending']['extras'][{name!r}] does not match its layout")
+                extras[name] = t.clone()
+        refusals = []
+        for entry in saved.get("refusals", []):
+            try:
+                step, code, call, message = entry
+                refusals.append(_Refusal(int(step), int(code), str(call), str(message)))
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"state['pending']['refusals'] holds a malformed entry: {error}") from None
+            if not 1 <= refusals[-1].code <= len(_ERRORS):
+                raise ValueError(f"state['pending']['refusals'] holds an unknown error code {refusals[-1].code}")
+        skipped, clamped = saved.get("skipped", 0), saved.get("clamped", 0)
+        skipped = _backend.check_count(skipped, "state['pending']['skipped']")
+        clamped = _backend.check_count(clamped, "state['pending']['clamped']")
+        return _Window(codes, index.clone(), value.clone(), extras, schema, refusals, skipped, clamped)
+
+    def restore_pending(self, window: Optional[_Window]) -> None:
+        """After a load: drop what was in flight (every rank does) and start from `window`."""
+        self.drain()
+        self.in_flight.clear()
+        if window is None:
+            self.recorder.take()
+        else:
+            self.recorder.restore(window)
 
 @dataclass
 class _ShardEpoch:
@@ -249,25 +1071,34 @@ def _check_policy_sharded(policy: ScorePolicy) -> None:
         )
 
 
-class _Replicated:
+class _Replicated(_Exchanger):
     """Every rank holds an identical ImportanceSampler; ranks take strided parts of its epochs."""
 
-    def __init__(self, comm: _Group, drop_last: bool, options: Dict[str, Any]) -> None:
+    def __init__(self, comm: _Group, drop_last: bool, options: Dict[str, Any], exchange: Union[str, int]) -> None:
         self.comm = comm
         self.drop_last = drop_last
         self.local = ImportanceSampler(**options)
-        self.num_items = self.local.num_items
+        self.num_items = self.limit = self.local.num_items
+        self.offset = 0
+        policy = self.local.score_policy
+        self._init_exchange(exchange, deferred_policy=policy.keep is None and policy.needs_previous)
 
     # -- lengths and epochs ---------------------------------------------------------------
     def rank_length(self, length: int) -> int:
         return _rank_length(length, self.comm.world, self.drop_last)
 
     def length(self) -> int:
-        current = self.local.active_epoch
-        return self.rank_length(current.order.numel() if current is not None else len(self.local))
+        current = self.local.active_epoch  # never draws: the next epoch's length is known ahead
+        return self.rank_length(current.order.numel()) if current is not None else self.epoch_length(self.local.epoch)
 
     def epoch_length(self, epoch: int) -> int:
-        return self.rank_length(self.local.epoch_length(epoch))
+        length = self.local.epoch_length(epoch)
+        assert length is not None  # ImportanceSampler knows every epoch's length
+        return self.rank_length(length)
+
+    @property
+    def warmup_epochs(self) -> int:
+        return self.local.warmup_epochs
 
     def set_epoch(self, epoch: int) -> None:
         self.local.set_epoch(epoch)
@@ -277,8 +1108,14 @@ class _Replicated:
         return self.local.epoch
 
     def iter(self) -> Iterator[int]:
-        # EpochSampler.__iter__, with this rank's part of the order instead of all of it.
-        return self._yield_from(self.local.begin_epoch())
+        # EpochSampler.__iter__, with this rank's part of the order instead of all of it, drawn
+        # once every rank's updates of the epoch before it are in.
+        self.flush()
+        started = time.perf_counter()
+        current = self.local.begin_epoch()
+        self.timing["draw_seconds"] += time.perf_counter() - started
+        self.recorder.floor = self.rank_length(current.order.numel())
+        return self._yield_from(current)
 
     def _yield_from(self, current: Epoch) -> Iterator[int]:
         # The inner epoch's position counts global items, W per step of this rank (all ranks
@@ -296,32 +1133,60 @@ class _Replicated:
                 current.position = n if j == length else j * world
                 yield item
 
-    # -- scores ---------------------------------------------------------------------------
-    def update(self, indices: Any, losses: Any, extra: Dict[str, Any]) -> None:
-        inner, comm = self.local, self.comm
-        error: Optional[BaseException] = None
-        idx = torch.empty(0, dtype=torch.int64, device=inner.device)
-        values = torch.empty(0, dtype=torch.float64, device=inner.device)
-        skipped = 0
-        try:
-            idx, values, skipped = inner.prepare_update(indices, losses, **extra)
-        except Exception as caught:  # every rank must hear of it, or the others would wait
-            error = caught
-        code = 0 if error is None else _code_of(error)
-        header = comm.all_gather(torch.tensor([idx.numel() if error is None else 0, code, skipped], dtype=torch.int64))
-        rows = [row.tolist() for row in header]
-        comm.raise_if_failed([r[1] for r in rows], error, "update()")
-        sizes = [r[0] for r in rows]
-        if comm.active:
-            widest = max(sizes)
-            pairs = torch.zeros((2, widest), dtype=torch.int64, device=comm.device)
-            pairs[0, : idx.numel()] = idx
-            pairs[1, : idx.numel()] = values.contiguous().view(torch.int64)  # the float64 bits, exactly
-            gathered = comm.all_gather(pairs) if widest else [pairs] * comm.world
-            pairs = torch.cat([g[:, :k] for g, k in zip(gathered, sizes)], dim=1).to(inner.device)
-            idx, values = pairs[0].contiguous(), pairs[1].contiguous().view(torch.float64)
-        inner.apply_update(ScoreUpdate(idx, values, sum(r[2] for r in rows)))
+    # -- the exchange, as this layout sends and reads it -------------------------------------
+    def _route(self, w: _Window) -> Tuple[torch.Tensor, List[int]]:
+        """Rows as they travel to every rank: index, value bits, then the extra tensors' bytes."""
+        columns = [w.index.view(-1, 1), w.value.view(torch.int64).view(-1, 1)]
+        for name, _, _ in w.schema or ():
+            columns.append(_pack(w.extras[name].to(self.stage)))
+        return torch.cat(columns, dim=1), []
 
+    @staticmethod
+    def _sizes(headers: List[List[int]]) -> Tuple[int, int, int]:
+        """Steps, rows and words per row of the widest rank: every rank's part is padded to them."""
+        return (
+            max(h[_H_STEPS] for h in headers),
+            max(h[_H_ROWS] for h in headers),
+            max(max(h[_H_WORDS] for h in headers), 2),
+        )
+
+    def _start_payload(self, flight: _Flight) -> None:
+        """All-gather of every rank's step codes and rows (8 (S + w R) bytes per rank)."""
+        assert flight.headers is not None
+        steps, rows, words = self._sizes(flight.headers)
+        if not steps:
+            flight.payload = _Pending(None, None)
+            return
+        payload = torch.zeros(steps + rows * words, dtype=torch.int64, device=self.stage)
+        codes = flight.window.codes
+        if codes:
+            payload[: len(codes)] = torch.tensor(codes, dtype=torch.int64)
+        mine: torch.Tensor = flight.layout
+        if mine.shape[0]:
+            payload[steps : steps + mine.shape[0] * words].view(mine.shape[0], words)[:, : mine.shape[1]] = mine
+        flight.payload = self.comm.start_all_gather(payload)
+
+    def _read_payload(self, flight: _Flight) -> List[_Source]:
+        assert flight.headers is not None and flight.payload is not None
+        parts = flight.payload.wait()
+        if parts is None:
+            return []
+        steps, _, words = self._sizes(flight.headers)
+        device, sources = self.local.device, []
+        for rank, (header, part) in enumerate(zip(flight.headers, parts)):
+            codes = part[: header[_H_STEPS]].tolist()
+            block = part[steps : steps + header[_H_ROWS] * words].view(header[_H_ROWS], words).to(device)
+            extras: Dict[str, torch.Tensor] = {}
+            schema = flight.schemas[rank] if flight.schemas else None
+            column = 2
+            for (name, dtype, shape), width in zip(schema or (), _words(schema)):
+                extras[name] = _unpack(block[:, column : column + width], getattr(torch, dtype), shape)
+                column += width
+            index, value = block[:, 0].contiguous(), block[:, 1].contiguous().view(torch.float64)
+            sources.append(_Source(codes, [c >> 2 for c in codes], index, value, extras))
+        return sources
+
+    # -- scores ---------------------------------------------------------------------------
     def weights(self, indices: Any, dtype: Optional[torch.dtype], device: Optional[DeviceLike]) -> torch.Tensor:
         return self.local.weights(indices, dtype=dtype, device=device)
 
@@ -345,7 +1210,12 @@ class _Replicated:
             if consumed > length:
                 raise ValueError(f"consumed={consumed} exceeds this rank's {length} items of the epoch")
             position = n if consumed == length else consumed * world
-        return {"mode": "replicated", "world_size": world, "sampler": inner.state_dict(consumed=position)}
+        return {
+            "mode": "replicated",
+            "world_size": world,
+            "sampler": inner.state_dict(consumed=position),
+            "pending": self.pending_state(),
+        }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         saved = state["sampler"]
@@ -358,7 +1228,9 @@ class _Replicated:
                     f"{position} items in, which {self.comm.world} ranks cannot continue evenly: resume "
                     "on as many ranks, or from a checkpoint taken between epochs"
                 )
-        self.local.load_state_dict(saved)
+        pending = self.check_pending(state.get("pending"))
+        self.local.load_state_dict(saved)  # validates; raises before changing anything
+        self.restore_pending(pending)
 
     def digest(self, full: bool) -> int:
         inner = self.local
@@ -378,11 +1250,11 @@ class _Replicated:
         return self.local.counters
 
 
-class _Sharded:
+class _Sharded(_Exchanger):
     """Rank r holds items [start_r, end_r) in a local ImportanceSampler (used for its tree,
     score policy and state); epochs are drawn jointly, updates are routed to their owner."""
 
-    def __init__(self, comm: _Group, drop_last: bool, options: Dict[str, Any]) -> None:
+    def __init__(self, comm: _Group, drop_last: bool, options: Dict[str, Any], exchange: Union[str, int]) -> None:
         self.comm = comm
         self.drop_last = drop_last
         num_items = _backend.check_count(options["num_items"], "num_items")
@@ -404,6 +1276,7 @@ class _Sharded:
             uniform_mix=0.0,
             weight_exponent=1.0,
             normalize_weights=None,
+            _policy_items=num_items,  # a policy's per-item table covers every item, indexed globally
         )
         self.local = ImportanceSampler(**local_options)  # validates every option it shares
         if self.local.transform.epoch_level:
@@ -436,7 +1309,8 @@ class _Sharded:
         self._next_epoch = 0
         self._current: Optional[_ShardEpoch] = None
         self.history: List[Dict[str, Any]] = []
-        self._pending: Optional[BaseException] = None  # an owner-side failure, told at the next update
+        self.limit, self.offset = num_items, self.start
+        self._init_exchange(exchange, deferred_policy=False)  # _check_policy_sharded refused the others
 
     @property
     def counters(self) -> Dict[str, int]:
@@ -445,6 +1319,9 @@ class _Sharded:
     # -- lengths and epochs ---------------------------------------------------------------
     def epoch_length(self, epoch: int) -> int:
         length = self.num_items if epoch < self.warmup_epochs else self.samples_per_epoch
+        return self.rank_length(length)
+
+    def rank_length(self, length: int) -> int:
         return _rank_length(length, self.comm.world, self.drop_last)
 
     def _resumable(self) -> Optional[_ShardEpoch]:
@@ -472,12 +1349,16 @@ class _Sharded:
         return current.epoch if current is not None else self._next_epoch
 
     def iter(self) -> Iterator[int]:
+        self.flush()  # every update of the epoch before reaches its owner first
         current = self._resumable()
         if current is None:
+            started = time.perf_counter()
             current = self._draw(self._next_epoch)
+            self.timing["draw_seconds"] += time.perf_counter() - started
             self._current = current
             self.history.append(current.info)
         self._next_epoch = current.epoch + 1
+        self.recorder.floor = current.order.numel()
         return self._yield_from(current)
 
     @staticmethod
@@ -512,9 +1393,6 @@ class _Sharded:
         error: Optional[BaseException] = None
         log_mass = -math.inf
         try:
-            if self._pending is not None:
-                pending, self._pending = self._pending, None
-                raise RuntimeError(f"the last update() failed on this rank's shard after the exchange: {pending}")
             self.local._check_device()
             if isinstance(tree, SoftmaxTree):
                 log_mass = tree.log_total
@@ -619,45 +1497,67 @@ class _Sharded:
             epoch, order, weights, info=info, sorted_items=sorted_items, sorted_weights=weights[permutation]
         )
 
-    # -- scores ---------------------------------------------------------------------------
-    def update(self, indices: Any, losses: Any, extra: Dict[str, Any]) -> None:
-        comm, world, local = self.comm, self.comm.world, self.local
-        error: Optional[BaseException] = None
-        if self._pending is not None:
-            error = RuntimeError(f"the last update() failed on this rank's shard after the exchange: {self._pending}")
-            self._pending = None
-        idx = torch.empty(0, dtype=torch.int64, device=local.device)
-        values = torch.empty(0, dtype=torch.float64, device=local.device)
-        skipped = 0
-        if error is None:
-            try:
-                idx, values, skipped = local.prepare_update(indices, losses, num_items=self.num_items, **extra)
-            except Exception as caught:
-                error = caught
-        if error is not None:
-            idx, values, skipped = idx[:0], values[:0], 0
-        # Group the pairs by owner; a stable sort keeps each owner's pairs in batch order.
-        owner = torch.bucketize(idx, self._inner_bounds.to(idx.device), right=True)
+    # -- the exchange, as this layout sends and reads it -------------------------------------
+    def _route(self, w: _Window) -> Tuple[torch.Tensor, List[int]]:
+        """Rows (index, value bits, step) grouped by owner, and how many go to each rank; a
+        stable sort keeps each owner's rows in step and batch order."""
+        lengths = torch.tensor([c >> 2 for c in w.codes], dtype=torch.int64)
+        step = torch.repeat_interleave(torch.arange(len(w.codes)), lengths).to(self.stage)
+        owner = torch.bucketize(w.index, self._inner_bounds.to(self.stage), right=True)
         owner, by_owner = torch.sort(owner, stable=True)
-        idx, values = idx[by_owner], values[by_owner]
-        send = torch.bincount(owner, minlength=world).to(_CPU)
-        code = 0 if error is None else _code_of(error)
-        header = torch.stack([send, torch.full_like(send, code), torch.full_like(send, skipped)], dim=1)
-        heard = comm.all_to_all(header, [1] * world, [1] * world).to(_CPU)  # row s: from rank s
-        comm.raise_if_failed(heard[:, 1].tolist(), error, "update()")
-        pairs = torch.stack([idx, values.view(torch.int64)], dim=1)
-        pairs = comm.all_to_all(pairs, send.tolist(), heard[:, 0].tolist()).to(local.device)
-        mine = pairs[:, 0] - self.start  # in source-rank order, so the last write wins as in one process
-        try:
-            local.apply_update(
-                ScoreUpdate(mine.contiguous(), pairs[:, 1].contiguous().view(torch.float64), int(heard[:, 2].sum()))
-            )
-        except Exception as caught:
-            # Only this owner failed; the other ranks learn of it at the next update.
-            self._pending = caught
-            raise
+        rows = torch.stack([w.index[by_owner], w.value.view(torch.int64)[by_owner], step[by_owner]], dim=1)
+        return rows, torch.bincount(owner, minlength=self.comm.world).tolist()
 
+    def _start_payload(self, flight: _Flight) -> None:
+        """All-to-all: every rank gets each rank's step codes and the rows it owns (8 (S + 3 n)
+        bytes from each rank)."""
+        assert flight.headers is not None
+        headers, me, world = flight.headers, self.comm.rank, self.comm.world
+        if not any(h[_H_STEPS] for h in headers):
+            flight.payload = _Pending(None, None)
+            return
+        rows: torch.Tensor = flight.layout
+        codes = torch.tensor(flight.window.codes, dtype=torch.int64).to(self.stage)
+        counts = headers[me][_HEADER:]
+        pieces, start = [], 0
+        for d in range(world):
+            pieces += [codes, rows[start : start + counts[d]].reshape(-1)]
+            start += counts[d]
+        send = [codes.numel() + 3 * counts[d] for d in range(world)]
+        receive = [h[_H_STEPS] + 3 * h[_HEADER + me] for h in headers]
+        flight.payload = self.comm.start_all_to_all(torch.cat(pieces), send, receive)
+
+    def _read_payload(self, flight: _Flight) -> List[_Source]:
+        assert flight.headers is not None and flight.payload is not None
+        received = flight.payload.wait()
+        if received is None:
+            return []
+        sources, at, me = [], 0, self.comm.rank
+        for header in flight.headers:
+            steps, rows = header[_H_STEPS], header[_HEADER + me]
+            codes = received[at : at + steps].tolist()
+            block = received[at + steps : at + steps + 3 * rows].view(rows, 3).to(self.local.device)
+            at += steps + 3 * rows
+            counts = torch.bincount(block[:, 2], minlength=steps).tolist() if rows else [0] * steps
+            index, value = block[:, 0].contiguous(), block[:, 1].contiguous().view(torch.float64)
+            sources.append(_Source(codes, counts, index, value, {}))
+        return sources
+
+    def _apply_steps(self, sources: List[_Source], reports: _Reports, all_or_nothing: bool) -> None:
+        try:
+            super()._apply_steps(sources, reports, all_or_nothing)
+        except Exception as error:
+            # Only this owner failed: every rank hears of it at the next exchange.
+            self.recorder.refusals.append(
+                _Refusal(-1, _code_of(error), "applying the exchanged updates", f"{type(error).__name__}: {error}", error)
+            )
+
+    # -- scores ---------------------------------------------------------------------------
     def weights(self, indices: Any, dtype: Optional[torch.dtype], device: Optional[DeviceLike]) -> torch.Tensor:
+        if dtype is not None:
+            dtype = _backend.check_float_dtype(dtype)
+        if device is not None:
+            device = _backend.torch_device(device)
         current = self._current
         if current is None:
             raise RuntimeError("no epoch has been drawn yet: iterate the sampler first")
@@ -679,7 +1579,10 @@ class _Sharded:
                 )
             out = weights[where]
         if dtype is not None or device is not None:
-            out = out.to(dtype=dtype or out.dtype, device=device or out.device)
+            try:
+                out = out.to(dtype=dtype or out.dtype, device=device or out.device)
+            except (RuntimeError, AssertionError) as error:  # e.g. torch built without CUDA
+                raise ValueError(f"cannot move the weights to device={device}: {error}") from None
         return out
 
     def scores(self) -> torch.Tensor:
@@ -727,6 +1630,7 @@ class _Sharded:
             "current": saved,
             "history": [dict(entry) for entry in self.history],
             "local": self.local.state_dict(),
+            "pending": self.pending_state(),
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -751,19 +1655,22 @@ class _Sharded:
                 restored.sorted_items, permutation = torch.sort(order)
                 restored.sorted_weights = weights[permutation]
         next_epoch = _backend.check_count(state["next_epoch"], "next_epoch")
+        pending = self.check_pending(state.get("pending"))
         self.local.load_state_dict(state["local"])  # validates; raises before changing anything
+        self.restore_pending(pending)
         self._current = restored
         # An epoch saved part-way is the one the next iter() continues.
         self._next_epoch = (
             restored.epoch if restored is not None and restored.position < restored.order.numel() else next_epoch
         )
         self.history = [dict(entry) for entry in state.get("history", [])]
-        self._pending = None
 
     def digest(self, full: bool) -> int:
         current = self._current
         where = None if current is None else (current.epoch, current.position)
         return _fingerprint([self._next_epoch, where, self.counters])
+
+
 
 
 class DistributedImportanceSampler(Sampler[int]):
@@ -779,13 +1686,19 @@ class DistributedImportanceSampler(Sampler[int]):
         sharded: False (default): every rank holds all N scores. True: rank r holds items
             [start_r, end_r) only (``shard_range``), for N beyond one rank's memory; draws
             with replacement, softmax or proportional transforms.
+        exchange: when the recorded (index, value) pairs travel: ``"epoch"`` (default: at
+            the next ``iter()`` or ``flush()``; the training step makes no collective and
+            reads no tensor on the host), an int K (every K calls, asynchronously, overlapped
+            with the next K steps; every rank must then make the same number of calls) or
+            ``"step"`` (a collective in every ``update``). All three give the same draws,
+            weights, scores and state after each exchange; see the module docstring.
         drop_last: cut the sample to a multiple of the world size instead of padding it.
         num_replicas, rank, group: the process group (default: the default group); like
             DistributedSampler's, but they must agree with the group. Without an initialised
             process group the sampler is a single process and behaves as ImportanceSampler.
         score, transform, samples_per_epoch, replacement, warmup_epochs, weighting,
-        uniform_mix, weight_exponent, normalize_weights, initial_score, nonfinite, seed,
-        device: as for ImportanceSampler; ``samples_per_epoch`` is the size of the global
+        uniform_mix, weight_exponent, normalize_weights, initial_score, nonfinite,
+        clamp_value, seed, device: as for ImportanceSampler; ``samples_per_epoch`` is the size of the global
             sample.
 
     Costs per call are in the module docstring and ``docs/distributed.md``.
@@ -796,6 +1709,7 @@ class DistributedImportanceSampler(Sampler[int]):
         num_items: int,
         *,
         sharded: bool = False,
+        exchange: Union[str, int] = "epoch",
         drop_last: bool = False,
         num_replicas: Optional[int] = None,
         rank: Optional[int] = None,
@@ -811,6 +1725,7 @@ class DistributedImportanceSampler(Sampler[int]):
         normalize_weights: Optional[str] = None,
         initial_score: float = 0.0,
         nonfinite: str = "raise",
+        clamp_value: float = 1e4,
         seed: int = 0,
         device: DeviceLike = "cpu",
     ) -> None:
@@ -827,6 +1742,7 @@ class DistributedImportanceSampler(Sampler[int]):
             normalize_weights=normalize_weights,
             initial_score=initial_score,
             nonfinite=nonfinite,
+            clamp_value=clamp_value,
             seed=seed,
             device=device,
         )
@@ -836,8 +1752,9 @@ class DistributedImportanceSampler(Sampler[int]):
         error: Optional[BaseException] = None
         config: Any = None
         try:
+            exchange = _check_exchange(exchange)
             engine_type = _Sharded if self.sharded else _Replicated
-            self._engine: Union[_Replicated, _Sharded] = engine_type(comm, self.drop_last, options)
+            self._engine: Union[_Replicated, _Sharded] = engine_type(comm, self.drop_last, options, exchange)
             # the local sampler's config without the sizes of its shard, which differ by rank
             local_config = dict(self._engine.local._config(), num_items=self._engine.num_items, samples_per_epoch=None)
             config = [
@@ -853,10 +1770,11 @@ class DistributedImportanceSampler(Sampler[int]):
             ]
         except Exception as caught:  # tell the other ranks, which would otherwise wait for us
             error = caught
+        # Every rank must exchange alike; a checkpoint loads whatever the exchange setting.
         comm.agree(
             0 if error is None else _code_of(error),
             error,
-            _fingerprint(config),
+            _fingerprint([config, None if error else self._engine.exchange]),
             "DistributedImportanceSampler() arguments",
         )
         self._comm = comm
@@ -901,8 +1819,18 @@ class DistributedImportanceSampler(Sampler[int]):
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next ``iter()`` draw epoch `epoch` (call it on every rank, as for
-        DistributedSampler); without it the sampler counts epochs itself."""
+        DistributedSampler); without it the sampler counts epochs itself. Local. Epochs are
+        ints in [0, 2**63): TypeError or ValueError otherwise, and nothing changes."""
+        epoch = _backend.check_count(epoch, "epoch")
+        if epoch > _MAX_EPOCH:
+            raise ValueError(f"epoch must be below 2**63, got {epoch:,}")
         self._engine.set_epoch(epoch)
+
+    @property
+    def exchange(self) -> Union[str, int]:
+        """When updates travel: "epoch", "step" or every K calls (see the constructor).
+        Without a process group, "step" (there is nothing to exchange)."""
+        return self._engine.exchange
 
     @property
     def epoch(self) -> int:
@@ -927,31 +1855,73 @@ class DistributedImportanceSampler(Sampler[int]):
         return inner.epoch, yielded
 
     def __len__(self) -> int:
-        """Items this rank yields in the epoch being iterated, or else in the next one. Local
-        (replicated mode may draw the next epoch ahead, without communicating)."""
+        """Items this rank yields in the epoch being iterated, or else in the next one. Local,
+        and never draws: the next epoch is drawn by ``iter()``, after the exchange of every
+        update of the epoch before it, whenever ``len`` was asked."""
         return self._engine.length()
 
     def __iter__(self) -> Iterator[int]:
-        """This rank's part of the epoch. Replicated: local, O(m log N) to draw. Sharded: a
-        collective at the start of each importance epoch (see the module docstring)."""
+        """This rank's part of the epoch. First the exchange of every rank's recorded updates
+        (a collective, except with ``exchange="step"``, which has none left), then the draw:
+        replicated, local, O(m log N); sharded, a collective at the start of each importance
+        epoch (see the module docstring). Raises, on every rank, a call refused since the
+        last exchange, after applying every other one."""
         return self._engine.iter()
 
     # -- ImportanceSampler's API ------------------------------------------------------------
     def update(self, indices: Any, losses: Any, **extra: Any) -> None:
         """Hand back this rank's batch of per-example losses (shape (b,); b may differ between
-        ranks and be 0). A collective: every rank calls it once per step.
+        ranks and be 0; any device, any float dtype, with or without grad).
 
-        Replicated: the (index, value) pairs of all ranks are all-gathered and every replica
-        applies them in one call, in rank order (16 bytes per pair, so 16 W max(b) bytes
-        received per rank, plus a 24-byte header per rank). Sharded: each pair goes to the
-        rank that owns its item (all-to-all: 16 b bytes on average, plus 24 W).
+        ``exchange="epoch"`` (default): local. The pairs are copied into this rank's record,
+        on the losses' device, and travel at the next ``iter()`` or ``flush()``; no tensor
+        value is read, so a GPU is not synchronised. Every replica (or each item's owner)
+        then applies step k of every rank, in rank order, as one update, exactly as
+        ``"step"`` applies it at once. ``exchange=K``: the same, with an asynchronous
+        exchange every K calls. ``"step"``: a collective; every rank calls it once per step.
 
-        ``extra`` goes to the score policy on this rank (``logits=``, ``targets=``). A bad
-        batch on any rank (a non-finite loss with ``nonfinite="raise"``, an index outside
-        [0, N), a wrong type or shape) raises the same exception class on every rank, and no
-        rank applies anything.
+        ``extra`` goes to the score policy (``logits=``, ``targets=``): a policy that needs
+        no previous score (grad_norm) runs here and only its scores travel; one that needs
+        the previous score and is not an EMA (EarlyImportance) runs at the exchange, and the
+        extra tensors travel with the losses.
+
+        A bad batch (a non-finite loss with ``nonfinite="raise"``, an index outside [0, N),
+        a wrong type or shape, the policy's own error) is refused and changes nothing. With
+        ``"step"`` every rank raises now and nothing of the step is applied anywhere;
+        otherwise the call returns, and the next exchange raises the same exception class on
+        every rank after applying every accepted call.
         """
-        self._engine.update(indices, losses, extra)
+        self._engine.record_update(indices, losses, extra)
+
+    def set_scores(self, indices: Any, scores: Any) -> None:
+        """Write scores directly, without the score policy (``ImportanceSampler.set_scores``):
+        for scores computed elsewhere, such as a scoring worker's gradient norms. Checked as
+        ``update`` is, and exchanged like it: every replica (or the item's owner) applies
+        them in (step, rank) order with the updates. An index outside [0, N) or a negative
+        score is refused, and a non-finite one follows ``nonfinite``; a refused call changes
+        nothing (reported as for ``update``)."""
+        self._engine.record_set(indices, scores)
+
+    def flush(self) -> None:
+        """Exchange and apply every rank's recorded updates now: a collective, for a
+        checkpoint that rank 0 saves for every rank, or to read ``scores()`` mid-epoch.
+        ``iter()`` does it before each draw. Raises, on every rank, a call refused since
+        the last exchange (after applying every other one). Nothing to do with
+        ``exchange="step"``."""
+        self._engine.flush()
+
+    @property
+    def stats(self) -> Dict[str, Any]:
+        """Counters since construction: ``exchanges`` (windows applied), ``collectives`` and
+        the ``bytes_sent`` / ``bytes_received`` by this rank's collectives (drawing and
+        checks included), seconds spent exchanging and drawing on this rank, and the steps
+        recorded but not yet exchanged (``pending_steps``)."""
+        engine = self._engine
+        return {
+            **engine.timing,
+            **engine.comm.traffic,
+            "pending_steps": engine.recorder.steps + sum(len(f.window.codes) for f in engine.in_flight),
+        }
 
     def weights(
         self, indices: Any, *, dtype: Optional[torch.dtype] = None, device: Optional[DeviceLike] = None
@@ -961,7 +1931,8 @@ class DistributedImportanceSampler(Sampler[int]):
         return self._engine.weights(indices, dtype, device)
 
     def scores(self) -> torch.Tensor:
-        """Scores of the items in ``shard_range``, float64: all N when replicated. Local."""
+        """Scores of the items in ``shard_range``, float64: all N when replicated, as of the
+        last exchange (``flush()`` first for this epoch's). Local."""
         return self._engine.scores()
 
     def probabilities(self) -> torch.Tensor:
@@ -988,23 +1959,30 @@ class DistributedImportanceSampler(Sampler[int]):
         return length // batch_size if drop_last else -(-length // batch_size)
 
     def total_steps(self, num_epochs: int, batch_size: int, *, drop_last: bool = False) -> int:
-        """Optimizer steps of each rank over epochs 0 .. num_epochs - 1 (for an LR schedule)."""
+        """Optimizer steps of each rank over epochs 0 .. num_epochs - 1 (for an LR schedule).
+        Local; never draws. Warm-up epochs and importance epochs each have one length, so
+        this is a formula, not a loop over the epochs."""
         num_epochs = _backend.check_count(num_epochs, "num_epochs")
         batch_size = _backend.check_count(batch_size, "batch_size")
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
-        steps = 0
-        for epoch in range(num_epochs):
-            length = self._engine.epoch_length(epoch)
-            steps += length // batch_size if drop_last else -(-length // batch_size)
+        engine = self._engine
+        warmup = min(num_epochs, engine.warmup_epochs)
+        steps = warmup * _steps(engine.epoch_length(0), batch_size, drop_last) if warmup else 0
+        if num_epochs > warmup:
+            steps += (num_epochs - warmup) * _steps(engine.epoch_length(warmup), batch_size, drop_last)
         return steps
 
     # -- state ----------------------------------------------------------------------------
     def state_dict(self, *, consumed: Optional[int] = None) -> Dict[str, Any]:
-        """Everything needed to resume exactly. Local, no communication. Replicated: the same on
-        every rank, so rank 0 saves it and every rank loads it. Sharded: this rank's shard,
-        so every rank saves and loads its own. Pass `consumed` (items of this epoch that this
-        rank's training loop has used) when saving mid-epoch behind a prefetching DataLoader.
+        """Everything needed to resume exactly, with this rank's recorded updates that no
+        exchange has applied yet (``"pending"``). Local, no communication. Replicated: after
+        ``flush()`` on every rank (or with ``exchange="step"``) the same on every rank, so
+        rank 0 saves it and every rank loads it; with updates pending it is this rank's, and
+        resumes only on this rank (each rank saves and loads its own). Sharded: this rank's
+        shard, so every rank saves and loads its own. Pass `consumed` (items of this epoch
+        that this rank's training loop has used) when saving mid-epoch behind a prefetching
+        DataLoader.
         """
         return {
             "format": _FORMAT,
@@ -1048,9 +2026,11 @@ class DistributedImportanceSampler(Sampler[int]):
         )
 
     def check_consistency(self) -> None:
-        """Raise RuntimeError unless every rank is at the same point (epoch, position, update
-        count) and, replicated, holds bit-identical scores. A collective; O(N) to hash the
-        scores (about 1 s per GB), so a debugging aid rather than something to call every step."""
+        """Exchange every recorded update (``flush()``), then raise RuntimeError unless every
+        rank is at the same point (epoch, position, update count) and, replicated, holds
+        bit-identical scores. A collective; O(N) to hash the scores (about 1 s per GB), so a
+        debugging aid rather than something to call every step."""
+        self._engine.flush()
         digest = self._engine.digest(full=True)
         rows = self._comm.all_gather(torch.tensor([digest], dtype=torch.int64))
         values = [int(row[0]) for row in rows]
@@ -1061,6 +2041,7 @@ class DistributedImportanceSampler(Sampler[int]):
     def __repr__(self) -> str:
         mode = "sharded" if self.sharded else "replicated"
         return (
-            f"DistributedImportanceSampler(num_items={self.num_items}, {mode}, rank={self.rank}, "
-            f"num_replicas={self.num_replicas}, drop_last={self.drop_last}, sampler={self._engine.local!r})"
+            f"DistributedImportanceSampler(num_items={self.num_items}, {mode}, exchange={self.exchange!r}, "
+            f"rank={self.rank}, num_replicas={self.num_replicas}, drop_last={self.drop_last}, "
+            f"sampler={self._engine.local!r})"
         )

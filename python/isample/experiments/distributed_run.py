@@ -12,9 +12,13 @@ differs from one process (with one process nothing here runs):
   seconds, default 600), so a rank that dies leaves the others waiting at most that long.
 - **Sampling.** ``isample.distributed.DistributedImportanceSampler`` (replicated): every rank
   holds the same scores, draws the same global sample from the shared seed and trains on its
-  shard of it; each step's (index, loss) pairs are all-gathered so every replica applies the
-  same updates. Uniform runs shuffle with a shared seed and shard as ``DistributedSampler``
-  does. InfoBatch (``SoftPruningSampler``) has no distributed version yet and is refused.
+  shard of it. The runner keeps ``exchange="step"``: each step's (index, loss) pairs are
+  all-gathered in ``update``, so that the loop in ``train.py`` (rank 0's mid-epoch
+  checkpoints, the scores each epoch's record snapshots, its divergence check at ``update``)
+  sees every rank's updates at once. Its step already makes one all-reduce (the agreed
+  stop/checkpoint flags), so the deferred exchange would save two of three collectives, not
+  all. Uniform runs shuffle with a shared seed and shard as ``DistributedSampler`` does.
+  InfoBatch (``SoftPruningSampler``) has no distributed version yet and is refused.
 - **Batches.** ``batch_size`` is the *global* batch: each rank takes ``batch_size / W`` items
   a step (it must divide), and DistributedDataParallel averages the gradients, so a step is
   the same size and an epoch has the same number of steps as in one process; learning rates
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 import atexit
 import datetime
+import functools
 import gc
 import os
 from typing import Any, Callable, Dict, List, Optional
@@ -136,7 +141,8 @@ class DistributedWorld(OneProcess):
             raise ValueError(
                 "method 'infobatch' (SoftPruningSampler) has no distributed version yet: run it in one process"
             )
-        return make_sampler(config, num_items, device, importance_sampler=DistributedImportanceSampler)
+        per_step = functools.partial(DistributedImportanceSampler, exchange="step")
+        return make_sampler(config, num_items, device, importance_sampler=per_step)
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return DistributedDataParallel(model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
