@@ -182,6 +182,21 @@ def test_bad_input_gets_one_clear_error(tmp_path):
         sgd_trainer(tiny_bert(), args, isample.IndexedDataset(Synthetic()), sampler=isample.ImportanceSampler(N + 1))
 
 
+def test_the_trainer_exposes_its_sampler(tmp_path):
+    args = arguments(tmp_path, max_steps=1)
+    sampler = skewed_sampler()
+    trainer = sgd_trainer(tiny_bert(), args, isample.IndexedDataset(Synthetic()), sampler=sampler)
+    assert trainer.sampler is sampler and trainer.get_train_dataloader().batch_sampler.sampler is sampler
+    with pytest.raises(AttributeError):
+        trainer.sampler = isample.ImportanceSampler(N)  # read-only: the loader and checkpoints use the first
+    default = sgd_trainer(tiny_bert(), args, isample.IndexedDataset(Synthetic()))
+    assert isinstance(default.sampler, isample.ImportanceSampler) and default.sampler.num_items == N
+    updates = sampler.counters["updates"]
+    trainer.train()
+    assert trainer.sampler.counters["updates"] == updates + 1
+    assert trainer.sampler.weights(trainer.last_step["indices"]).shape == (BATCH,)
+
+
 def test_per_example_loss_by_hand():
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
     assert torch.allclose(per_example_loss({"logits": logits}, torch.tensor([0, 0])), F.cross_entropy(logits, torch.tensor([0, 0]), reduction="none"))

@@ -216,6 +216,41 @@ def test_a_dataset_without_indices_or_another_sampler_is_refused_before_training
         ImportanceSamplingCallback(torch.utils.data.RandomSampler(range(4)))
 
 
+def test_lightnings_default_use_distributed_sampler_is_refused_on_one_device_too():
+    """The docs say the callback raises when use_distributed_sampler is left at True: it does,
+    before the first step, also where Lightning would (for now) keep the sampler."""
+    sampler = skewed_sampler()
+    before = sampler.scores()
+    model = Tiny()
+    fit = trainer([ImportanceSamplingCallback(sampler)], max_steps=2, use_distributed_sampler=True)
+    with pytest.raises(ValueError, match=r"use_distributed_sampler=True.*Trainer\(use_distributed_sampler=False\)"):
+        fit.fit(model, loader(sampler))
+    assert fit.global_step == 0 and model.seen == [] and torch.equal(sampler.scores(), before)
+    # check_dataset=False turns the start-of-training checks off, this one included
+    fit = trainer([ImportanceSamplingCallback(sampler, check_dataset=False)], max_steps=2, use_distributed_sampler=True)
+    fit.fit(Tiny(), loader(sampler))
+    assert fit.global_step == 2
+
+
+def test_the_two_weighted_loss_functions_say_which_one_a_mixed_up_call_wanted():
+    from isample.integrations import protocol
+
+    sampler = skewed_sampler()
+    index, losses = torch.tensor(list(iter(sampler))[:4]), torch.ones(4, requires_grad=True)
+    before = sampler.scores()
+    with pytest.raises(TypeError, match=r"lightning\.weighted_loss\(self, index, losses\)"):
+        protocol.weighted_loss(Tiny(), index, losses)  # the module where the sampler goes
+    with pytest.raises(TypeError, match=r"protocol\.weighted_loss\(sampler, index, losses\)"):
+        weighted_loss(sampler, index, losses)  # the sampler where the module goes
+    with pytest.raises(TypeError, match="got str"):
+        weighted_loss("self", index, losses)
+    with pytest.raises(TypeError, match="got int"):
+        protocol.weighted_loss(3, index, losses)
+    assert torch.equal(sampler.scores(), before)
+    protocol.weighted_loss(sampler, index, losses).backward()  # each with its own argument works
+    assert not torch.equal(sampler.scores(), before)
+
+
 # ---------------------------------------------------------------------------------------------
 # DDP: the distributed sampler with the callback (one process in-process, two under torchrun).
 # ---------------------------------------------------------------------------------------------

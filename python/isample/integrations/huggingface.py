@@ -156,8 +156,13 @@ class ImportanceTrainer(Trainer):
             classification and token classification, shifted for causal LMs, squared error for
             regression, BCE for multi-label).
 
-    ``trainer.last_step`` holds the last training batch's ``indices`` and ``losses``
-    (detached), for logging; ``trainer.sampler.weights(indices)`` gives their weights.
+    Attributes:
+        sampler: the ``EpochSampler`` the train DataLoader draws from (the one passed in, or
+            the default one), read-only: ``trainer.sampler.scores()``,
+            ``trainer.sampler.history``, ``trainer.sampler.weights(indices)``. Its state is
+            saved in every checkpoint folder and restored on resume.
+        last_step: the last training batch's ``indices`` and ``losses`` (detached), for
+            logging; ``trainer.sampler.weights(last_step["indices"])`` gives their weights.
     """
 
     def __init__(
@@ -182,7 +187,7 @@ class ImportanceTrainer(Trainer):
             raise ValueError(f"the sampler has {sampler.num_items} items but train_dataset has {n}: they must match")
         if self.args.world_size > 1:
             raise ValueError("ImportanceTrainer runs in one process: the sampler and its scores are not sharded")
-        self.sampler = sampler
+        self._sampler = sampler
         self.index_key = index_key
         self.per_example_loss = per_example_loss
         self.last_step: Dict[str, torch.Tensor] = {}
@@ -193,6 +198,12 @@ class ImportanceTrainer(Trainer):
         if hasattr(self, "loss_is_scaled_for_ga"):
             self.loss_is_scaled_for_ga = False
         self.add_callback(_SaveSampler(self))
+
+    @property
+    def sampler(self) -> EpochSampler:
+        """The sampler of the training set (read-only: the DataLoader, the checkpoints and
+        ``compute_loss`` all use this one)."""
+        return self._sampler
 
     # -- data -----------------------------------------------------------------------------
     def _set_signature_columns_if_needed(self) -> None:

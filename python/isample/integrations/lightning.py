@@ -12,8 +12,9 @@
     trainer = L.Trainer(callbacks=[ImportanceSamplingCallback(sampler)], use_distributed_sampler=False)
     trainer.fit(Model(), loader)
 
-The callback checks that the train DataLoader draws from the sampler and that its items carry
-their indices, keeps ``sampler.set_epoch`` equal to ``trainer.current_epoch``, saves the
+The callback checks, before the first step, that the Trainer keeps the sampler
+(``use_distributed_sampler=False``: it raises otherwise, on one device too), that the train
+DataLoader draws from the sampler and that its items carry their indices, keeps ``sampler.set_epoch`` equal to ``trainer.current_epoch``, saves the
 sampler's state in Lightning checkpoints (and restores it on ``fit(ckpt_path=...)``, continuing
 a part-done epoch where it stopped), and raises if a training step never handed its losses
 back.
@@ -95,8 +96,10 @@ class ImportanceSamplingCallback(Callback):
         sampler: the sampler the train DataLoader draws from (``ImportanceSampler``,
             ``SoftPruningSampler``, ...), or under DDP a replicated
             ``isample.distributed.DistributedImportanceSampler``.
-        check_dataset: check at the start of training that the DataLoader uses `sampler`
-            and that its dataset yields indices (reads one item; default True).
+        check_dataset: check at the start of training that the Trainer keeps the sampler
+            (``use_distributed_sampler=False``, on one device too), that the DataLoader uses
+            `sampler` and that its dataset yields indices (reads one item); each mistake raises
+            one ValueError that says what to change (default True).
         log_weights: log ``isample/weight_mean`` and ``isample/weight_max`` of each batch
             through the LightningModule (default False).
 
@@ -153,6 +156,16 @@ class ImportanceSamplingCallback(Callback):
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if not self.check_dataset:
             return
+        # Lightning's default, use_distributed_sampler=True, swaps the sampler for a
+        # DistributedSampler as soon as the run has several processes; on one device it leaves
+        # it. Refusing it on every setup makes a script fail here, on the first run, rather
+        # than only once it is moved to several GPUs.
+        connector = getattr(trainer, "_accelerator_connector", None)
+        if getattr(connector, "use_distributed_sampler", False) is True:
+            raise ValueError(
+                "Trainer(use_distributed_sampler=True) (Lightning's default) replaces the sampler with a "
+                "DistributedSampler whenever the run has several processes: " + _SETUP_HELP
+            )
         loader = trainer.train_dataloader
         loaders = loader if isinstance(loader, (list, tuple)) else list(loader.values()) if isinstance(loader, dict) else [loader]
         ours = [dl for dl in loaders if _sampler_of(dl) is self.sampler]
@@ -224,9 +237,20 @@ def weighted_loss(module: "pl.LightningModule", indices: Any, losses: torch.Tens
     `indices` (b,), hand them to the sampler of the trainer's ``ImportanceSamplingCallback``,
     and return the scalar weighted mean. ``extra`` goes to ``sampler.update``.
 
-    Raises ValueError for a scalar loss (use ``reduction="none"``) and RuntimeError when the
-    trainer has no ``ImportanceSamplingCallback``.
+    Raises ValueError for a scalar loss (use ``reduction="none"``), RuntimeError when the
+    trainer has no ``ImportanceSamplingCallback``, and TypeError when `module` is not a
+    LightningModule (a sampler goes to ``isample.integrations.protocol.weighted_loss``).
     """
+    if not isinstance(module, pl.LightningModule):
+        if callable(getattr(module, "weights", None)) and callable(getattr(module, "update", None)):
+            raise TypeError(
+                "lightning.weighted_loss takes the LightningModule first: return weighted_loss(self, index, losses) "
+                "from training_step. For a sampler outside Lightning, use "
+                "isample.integrations.protocol.weighted_loss(sampler, index, losses)"
+            )
+        raise TypeError(
+            f"lightning.weighted_loss takes the LightningModule (self in training_step) first, got {type(module).__name__}"
+        )
     try:
         trainer = module.trainer
     except RuntimeError:  # not attached to a Trainer

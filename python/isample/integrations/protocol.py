@@ -62,6 +62,23 @@ def _check_indices(indices: Any, length: Optional[int]) -> None:
         raise TypeError("indices is None: the batch carries no dataset indices; " + MISSING_INDEX_HELP)
 
 
+def _check_sampler(sampler: Any) -> None:
+    """TypeError for a first argument that is not a sampler, naming the call meant for it."""
+    if callable(getattr(sampler, "weights", None)) and callable(getattr(sampler, "update", None)):
+        return
+    kind = type(sampler)
+    if hasattr(kind, "training_step") and hasattr(kind, "trainer"):  # a LightningModule (its .trainer may raise)
+        raise TypeError(
+            "protocol.weighted_loss takes the sampler first, weighted_loss(sampler, index, losses); inside a "
+            "LightningModule's training_step use isample.integrations.lightning.weighted_loss(self, index, losses), "
+            "which finds the sampler through the trainer's ImportanceSamplingCallback"
+        )
+    raise TypeError(
+        f"weighted_loss needs the sampler the DataLoader draws from (an isample.EpochSampler, with weights() and "
+        f"update()) as its first argument, got {type(sampler).__name__}"
+    )
+
+
 def check_per_example_losses(losses: Any, batch_size: Optional[int] = None) -> torch.Tensor:
     """``losses`` as given, after checking it is a tensor of per-example losses, shape (b,).
 
@@ -119,11 +136,14 @@ def weighted_loss(
     The weights come from the probabilities the items were drawn with (``sampler.weights``),
     never from the current scores. The scores change at once; the probabilities at the next
     epoch. Raises ValueError for a scalar or wrongly shaped loss (use ``reduction="none"``),
-    TypeError for indices that are not integers, and the sampler's ValueError for an index
+    TypeError for a first argument that is not a sampler (a LightningModule's
+    ``training_step`` calls ``isample.integrations.lightning.weighted_loss(self, ...)``
+    instead), TypeError for indices that are not integers, and the sampler's ValueError for an index
     its current epoch did not draw. A rejected call leaves the sampler unchanged.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    _check_sampler(sampler)
     losses = check_per_example_losses(losses)
     _check_indices(indices, losses.shape[0])
     dtype = losses.dtype if losses.dtype in (torch.float32, torch.float64) else torch.float32
