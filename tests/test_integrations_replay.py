@@ -3,7 +3,9 @@ state, bad input, and cpprb's weights where cpprb is installed."""
 
 from __future__ import annotations
 
+import copy
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -185,3 +187,353 @@ def test_weights_match_cpprb_with_buffer_normalisation():
     batch = theirs.sample(256, beta=0.5)
     index = torch.as_tensor(batch["indexes"].astype(np.int64))
     np.testing.assert_allclose(ours.weights(index, beta=0.5).numpy(), batch["weights"], rtol=1e-5)
+
+
+# -- refused calls change nothing -----------------------------------------------------------------
+
+
+def snapshot(rb: PrioritizedReplayBuffer) -> dict:
+    """Everything a call could change, in comparable form."""
+    state = rb.state_dict()
+    return {
+        "size": state["size"], "position": state["position"], "max_priority": state["max_priority"],
+        "storage": {k: v.clone() for k, v in state["storage"].items()},
+        "weights": state["tree"]["weights"].clone(), "fields": rb.fields,
+    }
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if key == "storage":
+            assert a[key].keys() == b[key].keys() and all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+        elif isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key])
+        else:
+            assert a[key] == b[key], key
+
+
+def test_an_add_the_tree_refuses_leaves_the_fields_as_they_were():
+    rb = PrioritizedReplayBuffer(2, alpha=1.0, eps=0.0, seed=0)
+    rb.add(obs=10.0, priorities=1.0)
+    rb.add(obs=20.0, priorities=1e308)
+    before = snapshot(rb)
+    with pytest.raises(ValueError, match="overflow"):
+        rb.add(obs=30.0, priorities=1e308)  # slot 0: 1e308 + 1e308 overflows
+    assert_same(before, snapshot(rb))
+    assert rb.state_dict()["storage"]["obs"].tolist() == [10.0, 20.0]
+    # the one-item path (no priorities: max_priority 1e308) is refused the same way
+    with pytest.raises(ValueError, match="overflow"):
+        rb.add(obs=30.0)
+    assert_same(before, snapshot(rb))
+
+
+def test_an_update_whose_total_overflows_changes_nothing():
+    rb = PrioritizedReplayBuffer(3, alpha=1.0, eps=0.0, normalize="buffer", seed=0)
+    rb.add({"x": torch.arange(3.0)}, priorities=[1.0, 2.0, 3.0])
+    before = snapshot(rb)
+    weights = rb.weights([0, 1, 2])
+    with pytest.raises(ValueError, match="overflow"):
+        rb.update_priorities([0, 1], [1e308, 1e308])
+    assert_same(before, snapshot(rb))
+    assert torch.equal(rb.weights([0, 1, 2]), weights)
+
+
+@pytest.mark.parametrize(
+    "change, error, match",
+    [
+        (dict(max_priority=math.nan), ValueError, "max_priority"),
+        (dict(max_priority=math.inf), ValueError, "max_priority"),
+        (dict(max_priority=-5.0), ValueError, "max_priority"),
+        (dict(max_priority="1.0"), TypeError, "max_priority"),
+        (dict(max_priority=1e308), ValueError, "overflows"),  # alpha 2: its leaf is inf
+        (dict(size=2), ValueError, "beyond its 2 items"),  # slots 2.. keep their weight
+        (dict(size=9), ValueError, "do not fit"),
+        (dict(position=1), ValueError, "do not fit"),  # position must equal size until full
+        (dict(size="3"), TypeError, "size"),
+        (dict(beta=2.0), ValueError, "beta"),
+        (dict(storage={"obs": torch.zeros(2)}), ValueError, "3 items"),
+        (dict(storage={"indices": torch.zeros(3)}), ValueError, "named 'indices'"),
+        (dict(storage={}), ValueError, "no fields"),
+        (dict(storage=[torch.zeros(3)]), ValueError, "dict of tensors"),
+        (dict(config={"capacity": 8}), ValueError, "configured differently"),
+        (dict(tree={"format": "isample.SumTree"}), (ValueError, TypeError), "version"),
+    ],
+)
+def test_a_state_that_does_not_fit_is_refused_and_changes_nothing(change, error, match):
+    source = PrioritizedReplayBuffer(8, alpha=2.0, seed=0)
+    source.add({"obs": torch.arange(3.0)}, priorities=[1.0, 2.0, 3.0])
+    state = {**source.state_dict(), **change}
+    if "size" in change and change["size"] == 2:
+        state["storage"] = {"obs": torch.arange(2.0)}
+        state["position"] = 2
+    rb = PrioritizedReplayBuffer(8, alpha=2.0, seed=1)
+    rb.add(obs=7.0)
+    before = snapshot(rb)
+    with pytest.raises(error, match=match):
+        rb.load_state_dict(state)
+    assert_same(before, snapshot(rb))
+
+
+def test_a_state_that_lacks_a_key_says_which():
+    rb = PrioritizedReplayBuffer(4)
+    state = rb.state_dict()
+    del state["position"]
+    with pytest.raises(ValueError, match=r"lacks \['position'\]"):
+        rb.load_state_dict(state)
+
+
+def test_a_loaded_state_never_draws_slots_beyond_its_size():
+    rb = PrioritizedReplayBuffer(6, seed=0)
+    rb.add({"obs": torch.arange(4.0)})
+    twin = PrioritizedReplayBuffer(6, seed=1)
+    twin.load_state_dict(rb.state_dict())
+    assert len(twin) == 4 and set(twin.sample(2000)["indices"].tolist()) == {0, 1, 2, 3}
+    assert twin.add(obs=9.0).tolist() == [4]
+
+
+# -- slots that hold no item -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["priorities", "weights", "probabilities", "update_priorities"])
+@pytest.mark.parametrize("indices", [[5], [5, 0], [-1], [0, 8]])
+def test_slots_that_hold_no_item_raise_index_error(method, indices):
+    rb = PrioritizedReplayBuffer(8, normalize="buffer", seed=0)
+    rb.add({"x": torch.zeros(3)}, priorities=[1.0, 2.0, 3.0])
+    before = snapshot(rb)
+    call = getattr(rb, method)
+    with pytest.raises(IndexError, match="hold no item"):
+        call(indices, [1.0] * len(indices)) if method == "update_priorities" else call(indices)
+    assert_same(before, snapshot(rb))
+
+
+def test_a_full_buffer_refuses_indices_beyond_it_with_the_same_error():
+    rb = PrioritizedReplayBuffer(4, seed=0)
+    rb.add({"x": torch.zeros(4)})
+    for bad in ([4], [-1], np.array([2**63 + 5], dtype=np.uint64)):
+        with pytest.raises(IndexError, match="hold no item"):
+            rb.update_priorities(bad, [1.0])
+        with pytest.raises(IndexError, match="hold no item"):
+            rb.weights(bad)
+    rb.update_priorities(np.array([3, 1], dtype=np.uint64), [2.0, 3.0])  # cpprb's "indexes" dtype
+    np.testing.assert_allclose(rb.priorities([1, 3]).numpy(), [3.0, 2.0])
+
+
+def test_an_item_that_cannot_be_drawn_has_no_weight():
+    rb = PrioritizedReplayBuffer(4, alpha=1.0, eps=0.0, seed=0)
+    rb.add({"x": torch.zeros(3)}, priorities=[1.0, 0.0, 2.0])
+    with pytest.raises(ValueError, match="probability 0"):
+        rb.weights([0, 1])
+
+
+# -- input that is not numbers ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda rb: rb.update_priorities([0], "1.0"), TypeError, "priorities must be numbers"),
+        (lambda rb: rb.update_priorities([0], ["1.0"]), TypeError, "priorities must be real numbers"),
+        (lambda rb: rb.update_priorities([0], [1 + 1j]), TypeError, "priorities must be real numbers"),
+        (lambda rb: rb.update_priorities([0], torch.tensor([True])), TypeError, "priorities must be real numbers"),
+        (lambda rb: rb.update_priorities("0", [1.0]), TypeError, "indices must be integers"),
+        (lambda rb: rb.update_priorities(["0"], [1.0]), TypeError, "indices must be integers"),
+        (lambda rb: rb.update_priorities(torch.tensor([0.0]), [1.0]), TypeError, "indices must be integers"),
+        (lambda rb: rb.add(obs="1.0", act=0), TypeError, "field 'obs' must be numeric"),
+        (lambda rb: rb.add(obs=np.array(["1.0"]), act=0), TypeError, "field 'obs' must be numeric"),
+        (lambda rb: rb.add(obs=1.5, act=0.5), TypeError, "'act' is stored as torch.int64"),
+        (lambda rb: rb.add(obs=1.5, act=2**63), ValueError, "'act': 9223372036854775808 does not fit"),
+        (lambda rb: rb.add(obs=1.5, act=np.array(2**64 - 1, dtype=np.uint64)), ValueError, "'act' is stored as torch.int64"),
+        (lambda rb: rb.sample(2, beta="0.5"), TypeError, "beta must be a real number"),
+        (lambda rb: rb.sample(2, beta=True), TypeError, "beta must be a real number"),
+        (lambda rb: rb.add([1.0]), TypeError, "dict"),
+    ],
+)
+def test_input_that_is_not_numbers_gets_a_type_error_naming_it(call, error, match):
+    rb = PrioritizedReplayBuffer(4, seed=0)
+    rb.add(obs=1.0, act=1)
+    before = snapshot(rb)
+    with pytest.raises(error, match=match):
+        call(rb)
+    assert_same(before, snapshot(rb))
+
+
+def test_integers_that_do_not_fit_a_narrower_field_are_refused():
+    rb = PrioritizedReplayBuffer(4, seed=0)
+    rb.add(pixel=np.array([1, 2], dtype=np.uint8))
+    before = snapshot(rb)
+    for value in (np.array([300, 1]), torch.tensor([-1, 0]), np.array([1, 2**40], dtype=np.int64)):
+        with pytest.raises(ValueError, match=r"holds 0\.\.255"):
+            rb.add(pixel=value)
+    assert_same(before, snapshot(rb))
+    rb.add(pixel=np.array([255, 0]))  # int64 values that fit are stored
+    assert rb.state_dict()["storage"]["pixel"][1].tolist() == [255, 0]
+
+
+def test_numpy_values_of_every_kind_are_stored_as_torch_would_cast_them():
+    """The one-item fast path (numpy views) and the general path (torch) store the same bits."""
+    values = [
+        dict(obs=np.array([0.1, 2.5], dtype=np.float32), act=3, rew=0.3, done=True),
+        dict(obs=np.array([1e-3, -7.0]), act=np.int32(2), rew=np.float16(1.5), done=np.bool_(False)),
+        dict(obs=torch.tensor([0.7, 0.2], dtype=torch.float64), act=torch.tensor(5), rew=1, done=False),
+        dict(obs=np.array([3.0, 4.0], dtype=">f8"), act=np.array(-4, dtype=">i8"), rew=True, done=torch.tensor(True)),
+        dict(obs=torch.tensor([1 + 2j]).conj().imag.expand(2), act=np.int64(1), rew=np.float64(2.25), done=0 == 1),
+    ]
+    fast, slow = PrioritizedReplayBuffer(8, seed=0), PrioritizedReplayBuffer(8, seed=0)
+    for item in values:
+        fast.add(**item)
+        slow.add({k: as_tensor_batch(v) for k, v in item.items()})  # the batch path: torch casts
+    assert fast.fields == slow.fields == {
+        "obs": ((2,), torch.float32), "act": ((), torch.int64), "rew": ((), torch.float32), "done": ((), torch.bool)
+    }
+    for name, stored in fast.state_dict()["storage"].items():
+        assert torch.equal(stored, slow.state_dict()["storage"][name]), name
+    assert fast.state_dict()["storage"]["obs"][4].tolist() == [-2.0, -2.0]  # the negated view, resolved
+
+
+def as_tensor_batch(value) -> torch.Tensor:
+    """A batch of one of `value`, converted by torch (Python numbers: torch's default dtypes)."""
+    if isinstance(value, torch.Tensor):
+        return value.resolve_neg().unsqueeze(0)
+    if isinstance(value, (bool, int, float)):
+        return torch.as_tensor(value).unsqueeze(0)
+    array = np.asarray(value)
+    return torch.from_numpy(array.astype(array.dtype.newbyteorder("="))).unsqueeze(0)
+
+
+# -- the first add: keyword batches and memory --------------------------------------------------------
+
+
+def test_keyword_fields_with_priorities_of_their_length_are_a_batch_on_the_first_add():
+    rb = PrioritizedReplayBuffer(100, seed=0)
+    slots = rb.add(obs=torch.arange(64.0).view(32, 2), act=torch.arange(32), priorities=torch.ones(32))
+    assert slots.tolist() == list(range(32)) and len(rb) == 32
+    assert rb.fields == {"obs": ((2,), torch.float32), "act": ((), torch.int64)}
+    # once the fields are defined, keywords are one item again
+    rb.add(obs=torch.zeros(2), act=1)
+    assert len(rb) == 33
+
+
+def test_ambiguous_keyword_batches_on_the_first_add_are_refused_with_the_dict_form():
+    rb = PrioritizedReplayBuffer(100, seed=0)
+    with pytest.raises(ValueError, match=r"rb\.add\(\{'obs': obs, 'act': act\}\)"):
+        rb.add(obs=torch.zeros(32, 4), act=torch.zeros(32, dtype=torch.int64))
+    assert rb.fields == {} and len(rb) == 0
+    # a batch of one is the way to store a single item whose fields all have k entries
+    rb.add({"obs": torch.zeros(1, 4), "next_obs": torch.ones(1, 4)})
+    assert rb.fields == {"obs": ((4,), torch.float32), "next_obs": ((4,), torch.float32)}
+    # one field of k entries is one item (cpprb's add(obs=o) with env_dict {"obs": {"shape": k}})
+    single = PrioritizedReplayBuffer(10, seed=0)
+    single.add(obs=np.zeros(4, dtype=np.float32))
+    assert single.fields == {"obs": ((4,), torch.float32)} and len(single) == 1
+
+
+def test_field_storage_that_cannot_fit_is_refused_before_allocating():
+    rb = PrioritizedReplayBuffer(100_000, seed=0)
+    huge = torch.zeros(1, 400_000).expand(100_000, 400_000)  # a view: nothing allocated here
+    with pytest.raises(MemoryError, match="160,000,000,000 bytes"):
+        rb.add({"obs": huge})
+    with pytest.raises(MemoryError, match="bytes"):
+        rb.add(obs=torch.zeros(1).expand(10**9))  # one item of 4 GB per slot
+    assert rb.fields == {} and len(rb) == 0
+
+
+# -- copies, the cpprb names, bools --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("copy_of", [copy.deepcopy, lambda rb: pickle.loads(pickle.dumps(rb)), copy.copy])
+def test_copies_go_through_state_dict_and_are_independent(copy_of):
+    rb = PrioritizedReplayBuffer(8, alpha=0.7, beta=0.3, normalize="buffer", bool_as_float=True, seed=4)
+    rb.add({"obs": torch.arange(5.0), "done": torch.tensor([True, False, True, False, True])}, priorities=[1, 2, 3, 4, 5])
+    rb.sample(3)
+    twin = copy_of(rb)
+    assert repr(twin) == repr(rb) and twin.bool_as_float and twin.fields == rb.fields
+    a, b = rb.sample(50), twin.sample(50)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    twin.update_priorities([0], [100.0])
+    twin.add(obs=9.0, done=True)
+    assert len(rb) == 5 and rb.priorities([0]).item() == pytest.approx(1.0)
+    empty = copy_of(PrioritizedReplayBuffer(3, seed=0))
+    assert empty.fields == {} and len(empty) == 0
+
+
+def test_sampled_batches_answer_to_cpprbs_indexes():
+    rb, _ = filled(10)
+    batch = rb.sample(16)
+    assert batch["indexes"] is batch["indices"]
+    assert "indexes" not in batch and list(batch) == ["obs", "act", "indices", "weights"]
+    with pytest.raises(KeyError):
+        batch["nosuch"]
+
+
+def test_bool_fields_are_kept_or_stored_as_float_when_asked():
+    kept = PrioritizedReplayBuffer(4, seed=0)
+    kept.add(obs=np.zeros(2, dtype=np.float32), done=True)
+    assert kept.sample(2)["done"].dtype == torch.bool
+    floats = PrioritizedReplayBuffer(4, bool_as_float=True, seed=0)
+    floats.add(obs=np.zeros(2, dtype=np.float32), done=True)
+    floats.add(obs=np.zeros(2, dtype=np.float32), done=False)
+    floats.add({"obs": torch.zeros(2, 2), "done": torch.tensor([False, True])})
+    batch = floats.sample(64)
+    assert batch["done"].dtype == torch.float32
+    assert torch.equal(1 - batch["done"], torch.tensor([0.0, 1.0, 1.0, 0.0])[batch["indices"]])  # slots 0, 3 done
+    with pytest.raises(TypeError, match="bool_as_float"):
+        PrioritizedReplayBuffer(4, bool_as_float=1)
+
+
+# -- normalize="buffer": the smallest priority kept beside the tree --------------------------------
+
+
+@pytest.mark.parametrize("eps", [1e-6, 0.0])
+def test_buffer_normalisation_follows_the_smallest_priority_exactly(eps):
+    """Random adds (wrapping around) and updates (repeated slots with different priorities,
+    zeros), each followed by the weights against their definition over every stored item."""
+    rng = np.random.default_rng(0)
+    rb = PrioritizedReplayBuffer(20, alpha=0.8, beta=0.6, eps=eps, normalize="buffer", seed=0)
+    for step in range(300):
+        if step % 3 == 0 or len(rb) < 5:
+            if rng.random() < 0.5:
+                rb.add(x=float(step))
+            else:
+                rb.add({"x": torch.full((3,), float(step))}, priorities=rng.exponential(1.0, 3))
+        else:
+            slots = rng.integers(0, len(rb), 6)
+            slots[1] = slots[0]  # a repeated slot: the last priority counts
+            p = rng.exponential(1.0, 6) * (rng.random(6) < 0.9)
+            rb.update_priorities(slots, p)
+        p_all = rb.probabilities().numpy()
+        drawable = np.flatnonzero(p_all > 0)
+        check = drawable[: min(5, drawable.size)]
+        expected = (len(rb) * p_all[check]) ** -0.6 / (len(rb) * p_all[drawable].min()) ** -0.6
+        np.testing.assert_allclose(rb.weights(check).numpy(), expected, rtol=2e-6, err_msg=f"step {step}")
+    rb.clear()
+    rb.add(x=1.0)
+    assert rb.weights([0]).tolist() == [1.0]
+
+
+def test_the_drop_in_loop_runs_on_both_buffers_in_a_real_gymnasium_episode(one_torch_thread):
+    """examples/dqn_cartpole.py, 200 steps, with cpprb's buffer and with ours."""
+    pytest.importorskip("gymnasium", reason="gymnasium is not installed (pip install 'isample[rl]')")
+    pytest.importorskip("cpprb", reason="cpprb is not installed (pip install 'isample[rl]')")
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "dqn_cartpole.py"
+    spec = importlib.util.spec_from_file_location("dqn_cartpole", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    results = {}
+    for kind in ("cpprb", "isample"):
+        made = []
+
+        def make(kind=kind):
+            made.append(example.make_buffer(kind, 1000, alpha=0.6, eps=1e-6, normalize="buffer", seed=0))
+            return made[-1]
+
+        results[kind] = example.train(make, steps=200, seed=0, learning_starts=50, log_every=None)
+        assert results[kind]["calls"] == {"add": 200, "sample": 150, "update_priorities": 150}
+        assert results[kind]["episodes"] > 0 and all(v > 0 for v in results[kind]["median_us"].values())
+    ours = made[-1]
+    assert len(ours) == 200 and ours.fields["done"] == ((), torch.float32) and ours.fields["act"] == ((), torch.int64)
+    p = ours.priorities()
+    assert bool(torch.isfinite(p).all()) and int((p != 1.0).sum()) > 50  # the loop's |TD| reached the tree

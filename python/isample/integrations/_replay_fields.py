@@ -69,7 +69,11 @@ def as_field(value: Any, name: str, device: torch.device) -> torch.Tensor:
             raise TypeError(f"field {name!r}: torch has no {array.dtype} (long double): convert it with .astype(np.float64)")
         if not array.dtype.isnative:
             array = array.astype(array.dtype.newbyteorder("="))
-        return torch.from_numpy(np.ascontiguousarray(array)).to(device)
+        if not array.flags.c_contiguous:  # (np.ascontiguousarray would make a 0-d array 1-d)
+            array = array.copy(order="C")
+        return torch.from_numpy(array).to(device)
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+        raise ValueError(f"field {name!r}: {value} does not fit in a 64-bit integer")
     try:
         return torch.as_tensor(value, device=device)
     except (TypeError, ValueError, RuntimeError, OverflowError) as error:
