@@ -286,6 +286,7 @@ def test_the_callback_takes_the_distributed_sampler_and_lightning_keeps_it(one_p
     fit = trainer([callback], max_epochs=2, strategy="ddp")  # DDP on one process: Lightning would wrap samplers
     fit.fit(model, loader(sampler))
     assert fit.train_dataloader.sampler is sampler  # use_distributed_sampler=False kept it
+    sampler.flush()  # the last epoch's updates wait for the next draw (exchange="epoch")
     assert fit.global_step == N // BATCH + N // 2 // BATCH == sampler.counters["updates"]
     assert [h["kind"] for h in sampler.history][:2] == ["warmup", "importance"]
     assert torch.unique(torch.cat(model.seen[: N // BATCH])).numel() == N

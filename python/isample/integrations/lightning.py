@@ -183,7 +183,7 @@ class ImportanceSamplingCallback(Callback):
             self.sampler.set_epoch(trainer.current_epoch)
         # Lightning counts an epoch's batches once, when it loads the DataLoader, and stops the
         # epoch there: an epoch longer than the first (warm-up over N, then samples_per_epoch > N)
-        # would be cut short without a word. len() draws the epoch now, as iterating would.
+        # would be cut short without a word. len() gives the length of the epoch about to run.
         limit = trainer.limit_train_batches
         limited = not (limit is None or (isinstance(limit, float) and limit == 1.0))  # an int 1 means one batch
         for dl in self._loaders:
