@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 import isample
 
@@ -962,9 +963,11 @@ def test_world_size_one_is_importance_sampler(config, sharded_mode):
     assert _single_process_log(sampler) == reference
 
 
-def test_world_size_one_process_group_is_importance_sampler(tmp_path):
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A gloo process group of one rank in this process: the samplers then exchange through
+    real collectives, as on many ranks."""
     import torch.distributed as dist
-    from isample.distributed import DistributedImportanceSampler
 
     if dist.is_initialized():
         pytest.skip("another test left a process group initialised in this process")
@@ -976,15 +979,108 @@ def test_world_size_one_process_group_is_importance_sampler(tmp_path):
         timeout=datetime.timedelta(seconds=PG_TIMEOUT_S),
     )
     try:
-        config = EQUIVALENCE_CONFIGS[0]
-        reference = _single_process_log(isample.ImportanceSampler(97, seed=4, **config))
-        for sharded_mode in (False, True):
-            sampler = DistributedImportanceSampler(97, sharded=sharded_mode, seed=4, **config)
-            assert sampler.num_replicas == 1
-            assert _single_process_log(sampler) == reference
-            sampler.check_consistency()
+        yield
     finally:
         dist.destroy_process_group()
+
+
+def test_world_size_one_process_group_is_importance_sampler(one_process_group):
+    from isample.distributed import DistributedImportanceSampler
+
+    config = EQUIVALENCE_CONFIGS[0]
+    reference = _single_process_log(isample.ImportanceSampler(97, seed=4, **config))
+    for sharded_mode in (False, True):
+        for exchange in ("epoch", "step", 3):
+            sampler = DistributedImportanceSampler(97, sharded=sharded_mode, seed=4, exchange=exchange, **config)
+            assert sampler.num_replicas == 1 and sampler.exchange == exchange
+            assert _single_process_log(sampler) == reference
+            sampler.check_consistency()
+
+
+class _NoHostReads(TorchFunctionMode):
+    """Fails on every read of a tensor's value by the host: what would synchronise a GPU."""
+
+    BANNED = {
+        torch.Tensor.item,
+        torch.Tensor.tolist,
+        torch.Tensor.numpy,
+        torch.Tensor.__bool__,
+        torch.Tensor.__int__,
+        torch.Tensor.__float__,
+        torch.Tensor.__index__,
+    }
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.BANNED:
+            raise AssertionError(f"a tensor was read on the host ({getattr(func, '__name__', func)})")
+        return func(*args, **(kwargs or {}))
+
+
+class _SquaredLoss(isample.ScorePolicy):
+    """A policy that needs no previous score and reads nothing on the host (GradNormBound
+    checks its targets on the host on the CPU; on a GPU it flags them on the device)."""
+
+    name = "squared_loss"
+
+    def __call__(self, losses, previous, indices, *, logits=None, **extra):
+        return losses * losses + logits.sum(dim=1).to(losses)
+
+
+@pytest.mark.parametrize("sharded_mode", [False, True])
+def test_the_default_update_and_set_scores_read_no_tensor_on_the_host(one_process_group, sharded_mode):
+    """The training step's calls only copy (the record's sizes come from shapes): checked for
+    an EMA policy, a policy computed on the step from extra tensors (as grad_norm is) and,
+    replicated, EarlyImportance (its extra tensors recorded); the exchange then applies them."""
+    from isample.distributed import DistributedImportanceSampler as D
+
+    idx = torch.tensor([3, 7, 7, 12, 0, 29])
+    logits, targets = _logits(idx, 0)
+    cases = [({}, {}), (dict(score=_SquaredLoss()), dict(logits=logits.abs()))]
+    if not sharded_mode:
+        cases.append((dict(score=isample.EarlyImportance(30, 2), transform="proportional"), dict(logits=logits, targets=targets)))
+    for options, extra in cases:
+        s = D(30, sharded=sharded_mode, seed=5, **options)
+        list(s)
+        losses = torch.rand(6, dtype=torch.float32, requires_grad=True) * 2  # as a loss comes: float32, with grad
+        with _NoHostReads():
+            for _ in range(3):
+                s.update(idx, losses, **extra)
+                s.set_scores(idx[:2], losses.detach()[:2])
+        assert s.stats["pending_steps"] == 6
+        s.flush()
+        assert s.counters["updates"] == 6 and s.stats["pending_steps"] == 0
+    # the negative control: the per-step exchange reads sizes on the host
+    s = D(30, sharded=sharded_mode, exchange="step")
+    with pytest.raises(AssertionError, match="read on the host"):
+        with _NoHostReads():
+            s.update(idx, torch.ones(6))
+
+
+@pytest.mark.parametrize("sharded_mode", [False, True])
+def test_len_and_step_counts_never_draw_and_absurd_epochs_are_refused(sharded_mode):
+    """len(), steps_per_epoch and total_steps before an epoch's last update leave its next
+    draw as it would be; set_epoch refuses what is no epoch, and changes nothing then."""
+    from isample.distributed import DistributedImportanceSampler as D
+
+    def run(ask: bool) -> List[int]:
+        s = D(50, sharded=sharded_mode, score="running_loss", samples_per_epoch=30, seed=8)
+        for epoch in range(2):
+            items = list(s)
+            if ask:
+                assert (len(s), s.steps_per_epoch(7), s.total_steps(10**12, 7)) == (30, 5, 5 * 10**12)
+            idx = torch.tensor(items)
+            s.update(idx, _loss(idx, epoch))
+        return list(s)
+
+    assert run(True) == run(False)
+    s = D(50, sharded=sharded_mode, seed=8)
+    before = s.state_dict()
+    for bad, kind in ((2**70, ValueError), (2**63, ValueError), (-1, ValueError), (1.5, TypeError), ("3", TypeError)):
+        with pytest.raises(kind, match="epoch"):
+            s.set_epoch(bad)
+        assert _same(s.state_dict(), before)
+    s.set_epoch(2**63 - 1)
+    assert s.epoch == 2**63 - 1 and len(list(s)) == 50
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 8])

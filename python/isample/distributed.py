@@ -181,6 +181,13 @@ def _shard_bounds(num_items: int, world: int) -> List[int]:
     return [r * base + min(r, extra) for r in range(world + 1)]
 
 
+def _continues(epoch: int, position: int, length: int, next_epoch: int) -> bool:
+    """Whether an epoch saved at `position` of `length` items is the one the next iter()
+    continues (as ImportanceSampler decides): it was not finished, and it is the epoch being
+    iterated or the one saved to be continued."""
+    return position < length and next_epoch in (epoch, epoch + 1)
+
+
 def _check_exchange(value: Any) -> Union[str, int]:
     """``exchange=``: "epoch", "step" or a number of steps K >= 1."""
     if isinstance(value, str):
@@ -195,8 +202,8 @@ def _check_exchange(value: Any) -> Union[str, int]:
 
 
 def _device_of(x: Any) -> torch.device:
-    """Where a recorded tensor stays: its own device (a CPU one for anything else)."""
-    return x.device if isinstance(x, torch.Tensor) and x.device.type in ("cpu", "cuda") else _CPU
+    """Where a recorded tensor stays: its GPU, or else the CPU (the checks refuse other devices)."""
+    return x.device if isinstance(x, torch.Tensor) and x.is_cuda else _CPU
 
 
 def _steps(length: int, batch_size: int, drop_last: bool) -> int:
@@ -418,6 +425,7 @@ class _Recorder:
     def _clear(self) -> None:
         self.codes: List[int] = []
         self.rows = 0
+        self.capacity = 0
         self.index: Optional[torch.Tensor] = None
         self.value: Optional[torch.Tensor] = None
         self.extras: Dict[str, torch.Tensor] = {}  # buffers, once a call of the window brought extras
@@ -463,7 +471,7 @@ class _Recorder:
         if self.rows:
             index[: self.rows].copy_(self.index[: self.rows])
             value[: self.rows].copy_(self.value[: self.rows])
-        self.index, self.value = index, value
+        self.index, self.value, self.capacity = index, value, capacity
         for name, buffer in list(self.extras.items()):
             grown = buffer.new_zeros((capacity, *buffer.shape[1:]))
             grown[: self.rows].copy_(buffer[: self.rows])
@@ -473,11 +481,14 @@ class _Recorder:
         self, kind: int, idx: torch.Tensor, values: torch.Tensor, extras: Optional[Dict[str, torch.Tensor]] = None
     ) -> None:
         b, r = idx.numel(), self.rows
-        if self.index is None or r + b > self.index.numel():
+        if self.index is None or r + b > self.capacity:
             self._grow(r + b, idx, values, extras)
-        assert self.index is not None and self.value is not None
-        self.index[r : r + b].copy_(idx)
-        self.value[r : r + b].copy_(values)
+        self.index[r : r + b].copy_(idx)  # type: ignore[index]
+        self.value[r : r + b].copy_(values)  # type: ignore[index]
+        if extras is None and not self.extras:  # the usual call: done
+            self.rows = r + b
+            self.codes.append(b << 2 | kind)
+            return
         if extras is not None and not self.extras:  # the window's first call with extras
             self.schema = tuple((n, str(t.dtype).replace("torch.", ""), tuple(t.shape[1:])) for n, t in extras.items())
             capacity = self.index.numel()
@@ -643,19 +654,18 @@ class _Exchanger:
             self.local.update(indices, losses, **extra)
             return
         recorder, policy = self.recorder, self.local.score_policy
-        with torch.no_grad():
-            try:
-                idx = _backend.as_indices(indices, _device_of(indices))
-                values = _as_losses(losses, idx.numel(), _device_of(losses))
-                extras = None
-                if self.deferred_policy:
-                    extras = recorder.check_extras(extra, idx.numel(), policy)
-                elif policy.keep is None:
-                    values = self._policy_scores(idx, values, extra)
-            except Exception as error:  # kept and reported on every rank at the exchange
-                recorder.refuse(_UPDATE, error)
-            else:
-                recorder.record(_UPDATE, idx, values, extras)
+        try:  # (both conversions detach: nothing recorded keeps an autograd graph)
+            idx = _backend.as_indices(indices, _device_of(indices))
+            values = _as_losses(losses, idx.numel(), _device_of(losses))
+            extras = None
+            if self.deferred_policy:
+                extras = recorder.check_extras(extra, idx.numel(), policy)
+            elif policy.keep is None:
+                values = self._policy_scores(idx, values, extra)
+        except Exception as error:  # kept and reported on every rank at the exchange
+            recorder.refuse(_UPDATE, error)
+        else:
+            recorder.record(_UPDATE, idx, values, extras)
         self._recorded()
 
     def record_set(self, indices: Any, scores: Any) -> None:
@@ -663,14 +673,13 @@ class _Exchanger:
             self.local.set_scores(indices, scores)
             return
         recorder = self.recorder
-        with torch.no_grad():
-            try:
-                idx = _backend.as_indices(indices, _device_of(indices))
-                values = _as_losses(scores, idx.numel(), _device_of(scores), name="scores")
-            except Exception as error:
-                recorder.refuse(_SET, error)
-            else:
-                recorder.record(_SET, idx, values)
+        try:
+            idx = _backend.as_indices(indices, _device_of(indices))
+            values = _as_losses(scores, idx.numel(), _device_of(scores), name="scores")
+        except Exception as error:
+            recorder.refuse(_SET, error)
+        else:
+            recorder.record(_SET, idx, values)
         self._recorded()
 
     def _policy_scores(self, idx: torch.Tensor, losses: torch.Tensor, extra: Dict[str, Any]) -> torch.Tensor:
@@ -679,7 +688,8 @@ class _Exchanger:
         policy = self.local.score_policy
         # a policy that looks items up must not read outside its table; the exchange refuses such a step
         safe = torch.where((idx >= 0) & (idx < self.limit), idx, torch.zeros_like(idx))
-        new = policy(losses, None, safe, **extra)
+        with torch.no_grad():
+            new = policy(losses, None, safe, **extra)
         if not isinstance(new, torch.Tensor) or new.shape != losses.shape:
             raise TypeError(f"{policy!r} must return a tensor of shape {tuple(losses.shape)}")
         return new.detach().to(torch.float64)
@@ -1621,12 +1631,15 @@ class _Sharded(_Exchanger):
             }
         elif consumed is not None:
             raise ValueError("consumed was given but no epoch has been drawn yet")
+        next_epoch = self._next_epoch
+        if saved is not None and _continues(current.epoch, saved["position"], current.order.numel(), next_epoch):
+            next_epoch = current.epoch  # saved part-way: the next iter() continues it (as after loading)
         return {
             "mode": "sharded",
             "world_size": self.comm.world,
             "rank": self.comm.rank,
             "shard": (self.start, self.end),
-            "next_epoch": self._next_epoch,
+            "next_epoch": next_epoch,
             "current": saved,
             "history": [dict(entry) for entry in self.history],
             "local": self.local.state_dict(),
@@ -1660,9 +1673,10 @@ class _Sharded(_Exchanger):
         self.restore_pending(pending)
         self._current = restored
         # An epoch saved part-way is the one the next iter() continues.
-        self._next_epoch = (
-            restored.epoch if restored is not None and restored.position < restored.order.numel() else next_epoch
+        continues = restored is not None and _continues(
+            restored.epoch, restored.position, restored.order.numel(), next_epoch
         )
+        self._next_epoch = restored.epoch if continues else next_epoch
         self.history = [dict(entry) for entry in state.get("history", [])]
 
     def digest(self, full: bool) -> int:
