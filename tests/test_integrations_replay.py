@@ -466,6 +466,21 @@ def test_sampled_batches_answer_to_cpprbs_indexes():
         batch["nosuch"]
 
 
+def test_cpprbs_other_names_answer_as_cpprbs_do():
+    cpprb = pytest.importorskip("cpprb", reason="cpprb is not installed (pip install cpprb)")
+    ours = PrioritizedReplayBuffer(4, seed=0)
+    theirs = cpprb.PrioritizedReplayBuffer(4, {"obs": {"shape": 2}})
+    for t in range(6):
+        for rb in (ours, theirs):
+            rb.add(obs=np.full(2, t, dtype=np.float32))
+            rb.on_episode_end()
+        assert ours.get_next_index() == theirs.get_next_index()
+    assert ours.get_buffer_size() == theirs.get_buffer_size() == 4 and ours.is_Nstep() is theirs.is_Nstep() is False
+    np.testing.assert_array_equal(ours.get_all_transitions()["obs"].numpy(), theirs.get_all_transitions()["obs"])
+    ours.clear()
+    assert ours.get_all_transitions()["obs"].shape == (0, 2) and ours.get_next_index() == 0
+
+
 def test_bool_fields_are_kept_or_stored_as_float_when_asked():
     kept = PrioritizedReplayBuffer(4, seed=0)
     kept.add(obs=np.zeros(2, dtype=np.float32), done=True)

@@ -145,6 +145,27 @@ class PrioritizedReplayBuffer:
         """``len(self)``, under cpprb's name."""
         return self._size
 
+    def get_buffer_size(self) -> int:
+        """``capacity``, under cpprb's name."""
+        return self.capacity
+
+    def get_next_index(self) -> int:
+        """The slot the next item goes to, under cpprb's name."""
+        return self._position
+
+    def is_Nstep(self) -> bool:  # noqa: N802  (cpprb's name)
+        """False: cpprb's N-step returns are not provided."""
+        return False
+
+    def on_episode_end(self) -> None:
+        """cpprb's end-of-episode call; here it does nothing: the buffer keeps no episode
+        structure (cpprb needs it only for N-step returns and ``next_of`` compression, which
+        are not provided), so a loop that calls it runs unchanged."""
+
+    def get_all_transitions(self) -> Dict[str, torch.Tensor]:
+        """Every stored item, in slot order: each field's first ``len(self)`` rows (copies)."""
+        return {} if self._fields is None else self._fields.head(self._size)
+
     @property
     def max_priority(self) -> float:
         """The largest priority given so far (1.0 before any): what new items get."""
