@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 import scipy.stats
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 
 from isample import _core
 
@@ -20,6 +20,17 @@ settings.register_profile(
 )
 settings.register_profile(
     "thorough", max_examples=1000, stateful_step_count=60, deadline=None, suppress_health_check=list(HealthCheck)
+)
+# Debugging a failure: the same examples as "ci", reported at once instead of shrunk.
+settings.register_profile(
+    "no-shrink",
+    parent=settings.get_profile("ci"),
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target],
+)
+settings.register_profile(
+    "thorough-no-shrink",
+    parent=settings.get_profile("thorough"),
+    phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target],
 )
 settings.load_profile("ci")
 

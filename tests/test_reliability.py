@@ -345,3 +345,27 @@ def test_a_sampler_used_from_several_threads_loses_no_update(kind, eager_thread_
     if kind != "soft_pruning":
         # the tree agrees with the scores (proportional keeps both)
         torch.testing.assert_close(sampler.probabilities(), reference.probabilities(), rtol=1e-12, atol=0)
+
+
+def test_a_sampler_built_from_numpy_numbers_saves_a_checkpoint_that_loads(tmp_path):
+    """Issue 19 item 2: numbers are normalised on the way in, so weights-only loading reads
+    the saved configuration back."""
+    sampler = isample.ImportanceSampler(20, weight_exponent=np.float64(0.5), uniform_mix=np.float32(0.25), seed=0)
+    list(iter(sampler))
+    save_checkpoint(tmp_path / "ck.pt", sampler.state_dict())
+    loaded = load_checkpoint(tmp_path / "ck.pt")
+    assert loaded["config"]["weight_exponent"] == 0.5 and type(loaded["config"]["uniform_mix"]) is float
+    isample.ImportanceSampler(20, weight_exponent=0.5, uniform_mix=float(np.float32(0.25)), seed=0).load_state_dict(loaded)
+
+
+def test_what_could_not_be_read_back_is_refused_at_save_time(tmp_path):
+    good = _state()
+    save_checkpoint(tmp_path / "ck.pt", good)
+    before = (tmp_path / "ck.pt").read_bytes()
+    for value, name in [(np.float64(0.5), "numpy.float64"), (np.int64(3), "numpy.int64"), (threading.Lock(), "lock")]:
+        with pytest.raises(TypeError, match="cannot save"):
+            save_checkpoint(tmp_path / "ck.pt", {**good, "extra": {"deep": [value]}})
+    assert (tmp_path / "ck.pt").read_bytes() == before  # the last good checkpoint is untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt"]  # no temporary file left
+    with pytest.raises(TypeError, match=r"state\['extra'\]\['deep'\]\[0\] is a numpy.float64"):
+        save_checkpoint(tmp_path / "other.pt", {"extra": {"deep": [np.float64(0.5)]}})

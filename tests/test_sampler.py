@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import gc
 import math
 import os
+import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.utils.data import BatchSampler, DataLoader, TensorDataset
 
 import isample
@@ -839,3 +843,329 @@ def test_allocation_failures_become_memory_errors_and_change_nothing(monkeypatch
     assert torch.equal(s.scores(), state["scores"])
     assert drain(s) == drain(twin)
     assert torch.equal(s.weights(s.current_epoch.order), twin.weights(twin.current_epoch.order))
+
+
+# -- issue 19: hardening from the outside -------------------------------------------------------
+
+
+def _same_state(a, b):
+    from test_api_properties import same
+
+    same(a, b)
+
+
+def test_len_in_the_loop_never_draws_the_next_epoch_early():
+    """len(loader) / steps_per_epoch inside the loop, after the last batch but before its
+    update, must not draw the next epoch: it would miss the last batch's losses."""
+    n = 20
+
+    def run(ask_lengths: bool):
+        s = isample.ImportanceSampler(n, warmup_epochs=1, seed=0)
+        loader = DataLoader(isample.IndexedDataset(TensorDataset(torch.arange(n))), batch_size=5, sampler=s)
+        for step, (index, _) in enumerate(loader):
+            if ask_lengths:  # as progress bars, Lightning and the HF Trainer do
+                assert len(loader) == 4 and s.steps_per_epoch(5) == 4 and s.total_steps(3, 5) == 12
+            # the last batch's items become by far the most likely (p of the others ~ 1e-17)
+            s.update(index, torch.full((5,), 40.0 if step == 3 else 0.0, dtype=torch.float64))
+            last = set(index.tolist())
+        if ask_lengths:
+            assert len(loader) == 4  # between epochs too
+        return drain(s), last
+
+    (without, _), (with_len, last) = run(False), run(True)
+    assert with_len == without
+    assert set(with_len) <= last, "the next epoch missed the last batch's update"
+
+
+def test_len_does_not_draw_and_soft_pruning_predicts_its_length_exactly():
+    s = isample.SoftPruningSampler(200, num_epochs=10, prune_ratio=0.5, seed=3)
+    s.update(range(200), torch.linspace(0.0, 1.0, 200))
+    before = s.state_dict()
+    predicted = len(s)
+    assert s.steps_per_epoch(7) == -(-predicted // 7)
+    _same_state(s.state_dict(), before)  # nothing drawn, no random number used
+    assert 200 - 80 < predicted < 200 - 20  # about half of the 100 below-mean items dropped
+    assert len(drain(s)) == predicted
+    # an update after len() and before iter() changes the length: the draw follows the update
+    s.update(range(200), torch.linspace(1.0, 0.0, 200) ** 8)
+    predicted = len(s)
+    assert len(drain(s)) == predicted
+    assert s.epoch_length(9) == 200 and s.epoch_length(2) is None  # full-data epochs are known
+
+
+def test_total_steps_is_closed_form():
+    s = isample.ImportanceSampler(100, samples_per_epoch=30, warmup_epochs=2, seed=0)
+    assert s.total_steps(5, 8) == 2 * 13 + 3 * 4
+    assert s.total_steps(10**15, 8, drop_last=True) == 2 * 12 + (10**15 - 2) * 3  # no loop over epochs
+    assert s.history == []
+
+
+@pytest.mark.parametrize("epoch", [2**63, 2**70, -1])
+def test_epochs_beyond_int64_are_refused(epoch):
+    s = isample.ImportanceSampler(10, seed=0)
+    with pytest.raises(ValueError, match="epoch"):
+        s.set_epoch(epoch)
+    s.set_epoch(2**63 - 1)  # the last epoch is drawn, then nothing later aliases epoch 0
+    first = drain(s)
+    with pytest.raises(ValueError, match="beyond the last epoch"):
+        iter(s)
+    s.set_epoch(0)
+    assert drain(s) != first or len(first) == 1
+
+
+def test_numpy_numbers_are_accepted_and_saved_as_python_numbers(tmp_path):
+    from isample.checkpoint import load_checkpoint, save_checkpoint
+
+    s = isample.ImportanceSampler(
+        np.int64(30), score=isample.RunningLoss(np.float32(0.5)), transform=isample.Proportional(np.float64(0.5)),
+        samples_per_epoch=np.int32(10), replacement=np.bool_(False), warmup_epochs=np.int64(1),
+        uniform_mix=np.float32(0.1), weight_exponent=np.float64(0.5), initial_score=np.float16(1.0),
+        clamp_value=np.float64(5.0), seed=np.uint64(3), weighting=np.str_("auto"),
+    )
+    p = isample.SoftPruningSampler(np.int64(30), num_epochs=np.int64(4), prune_ratio=np.float32(0.5),
+                                   anneal_fraction=torch.tensor(0.25), initial_score=np.float64(1.0))
+    for sampler in (s, p):
+        sampler.update(range(30), np.linspace(0.0, 1.0, 30))
+        drain(sampler)
+        save_checkpoint(tmp_path / "ck.pt", sampler.state_dict())
+        state = load_checkpoint(tmp_path / "ck.pt")  # weights-only: a numpy scalar would be refused here
+        assert all(type(v) in (int, float, bool, str, type(None), dict) for v in state["config"].values())
+        fresh = type(sampler).__new__(type(sampler))
+        fresh.__setstate__(copy.deepcopy(sampler.__getstate__()))
+        fresh.load_state_dict(state)
+        _same_state(fresh.state_dict(), sampler.state_dict())
+
+
+@pytest.mark.parametrize("mangle", [
+    lambda st: st.update(counters=[1]),
+    lambda st: st.update(counters={"updates": "x"}),
+    lambda st: st.update(counters={"nosuch": 1}),
+    lambda st: st.update(history="x"),
+    lambda st: st.update(history=[{"epoch": 0, "nonfinite_skipped": "x"}]),
+    lambda st: st["current"].pop("order"),
+    lambda st: st["current"].update(position=10**6),
+    lambda st: st["current"].update(info=[1]),
+    lambda st: st.pop("next_epoch"),
+    lambda st: st.update(next_epoch=-1),
+    lambda st: st["tree"]["weights"].fill_(float("nan")),
+    lambda st: st["tree"].update(capacity=torch.ones(3)),
+    lambda st: st.update(format=torch.ones(2)),
+    lambda st: st.update(scores=torch.ones(3)),
+])
+def test_a_refused_state_changes_nothing(mangle):
+    """Every part of a state is checked before any of it is loaded."""
+    s = isample.ImportanceSampler(10, transform="proportional", samples_per_epoch=4, seed=0)
+    s.update(range(10), torch.rand(10, generator=torch.Generator().manual_seed(0)))
+    drain(s)
+    other = isample.ImportanceSampler(10, transform="proportional", samples_per_epoch=4, seed=0)
+    other.update([1, 2], [5.0, 6.0])
+    drain(other)
+    state = other.state_dict()
+    mangle(state)
+    before = s.state_dict()
+    with pytest.raises((ValueError, TypeError, IndexError)):
+        s.load_state_dict(state)
+    _same_state(s.state_dict(), before)
+    s.update([0], [1.0])  # still whole: the next update works and counts
+    assert s.counters["updates"] == 2
+
+
+def test_a_state_saved_mid_epoch_loads_back_identical():
+    s = isample.ImportanceSampler(20, samples_per_epoch=8, seed=1)
+    s.update(range(20), torch.linspace(0.0, 1.0, 20))
+    it = iter(s)
+    head = [next(it) for _ in range(3)]
+    state = s.state_dict()
+    fresh = isample.ImportanceSampler(20, samples_per_epoch=8, seed=1)
+    fresh.load_state_dict(state)
+    _same_state(fresh.state_dict(), state)  # a fixed point: saving again gives the same state
+    assert head + drain(fresh) == s.current_epoch.order.tolist()
+
+
+@pytest.mark.parametrize("policy", ["reducible", "early"])
+def test_policies_sized_for_other_items_are_refused_at_construction(policy):
+    make = (lambda k: isample.ReducibleLoss(torch.zeros(k))) if policy == "reducible" else isample.EarlyImportance
+    with pytest.raises(ValueError, match="10"):
+        isample.ImportanceSampler(10, score=make(5))
+    with pytest.raises(ValueError, match="10"):
+        isample.SoftPruningSampler(10, num_epochs=2, score=make(12))
+    isample.ImportanceSampler(10, score=make(10))
+
+
+@pytest.mark.parametrize("score", ["grad_norm", "early"])
+def test_targets_are_checked_in_every_policy_that_takes_them(score):
+    policy = isample.EarlyImportance(4) if score == "early" else score
+    s = isample.ImportanceSampler(4, score=policy, seed=0)
+    logits = torch.zeros(2, 3)
+    before = s.state_dict()
+    for targets, error in [
+        (torch.tensor([0, -1]), IndexError),  # would wrap around to the last class
+        (torch.tensor([0, 3]), IndexError),
+        (torch.tensor([0.0, 1.0]), TypeError),
+        (torch.tensor([True, False]), TypeError),
+        (torch.tensor([[0, 1]]), ValueError),
+        ("01", TypeError),
+    ]:
+        with pytest.raises(error):
+            s.update([0, 1], [1.0, 1.0], logits=logits, targets=targets)
+        _same_state(s.state_dict(), before)
+    with pytest.raises(TypeError, match="logits"):
+        s.update([0, 1], [1.0, 1.0], logits=torch.zeros(2, 3, dtype=torch.complex64), targets=torch.tensor([0, 1]))
+    s.update([0, 1], [1.0, 1.0], logits=np.zeros((2, 3)), targets=np.array([2, 0]))  # numpy arrays work
+    assert s.scores()[0] > 0
+
+
+def test_weights_dtype_and_device_are_checked():
+    s = isample.ImportanceSampler(10, seed=0)
+    drain(s)
+    assert s.weights([0, 1], dtype=torch.float32).dtype is torch.float32
+    with pytest.raises(TypeError, match="torch.dtype"):
+        s.weights([0], dtype="float32")
+    with pytest.raises(ValueError, match="floating"):
+        s.weights([0], dtype=torch.int64)  # would truncate the weights
+    with pytest.raises(ValueError, match="device"):
+        s.weights([0], device="gpu")
+
+
+@pytest.mark.parametrize("kind", SAMPLER_KINDS)
+@pytest.mark.parametrize("how", ["pickle", "deepcopy"])
+def test_samplers_pickle_and_deep_copy(kind, how):
+    import pickle
+
+    s = make_sampler(kind, 30, seed=2, samples_per_epoch=10) if kind != "soft_pruning" else make_sampler(kind, 30, seed=2)
+    s.update(range(30), torch.linspace(0.0, 3.0, 30))
+    it = iter(s)
+    next(it)
+    twin = pickle.loads(pickle.dumps(s)) if how == "pickle" else copy.deepcopy(s)
+    _same_state(twin.state_dict(), s.state_dict())
+    s.set_epoch(4)
+    twin.set_epoch(4)
+    assert drain(twin) == drain(s)
+    before = s.state_dict()
+    twin.update([0], [100.0])
+    _same_state(s.state_dict(), before)  # nothing shared
+
+
+# -- set_scores ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", SAMPLER_KINDS)
+def test_set_scores_writes_scores_without_the_policy(kind):
+    s = make_sampler(kind, 6, score="running_loss", initial_score=1.0, seed=0)
+    s.set_scores([1, 3, 1], torch.tensor([5.0, 2.0, 7.0], requires_grad=True))  # repeated index: last wins
+    assert s.scores().tolist() == [1.0, 7.0, 1.0, 2.0, 1.0, 1.0]  # no running-loss blend
+    assert s.counters["updates"] == 1
+    if kind != "soft_pruning":  # sampling uses the sampler's transform of the new scores
+        expected = s.transform.probabilities(s.scores())
+        np.testing.assert_allclose(s.probabilities().numpy(), expected.numpy(), rtol=1e-12)
+    s.update([1], [0.0])  # the policy goes on from the scores set
+    assert s.scores()[1].item() == pytest.approx(0.2 * 7.0)
+
+
+@pytest.mark.parametrize("kind", SAMPLER_KINDS)
+@pytest.mark.parametrize("nonfinite", ["raise", "skip", "clamp"])
+def test_set_scores_checks_like_update_and_refuses_negative_scores(kind, nonfinite):
+    s = make_sampler(kind, 5, score="last_loss", nonfinite=nonfinite, clamp_value=9.0, seed=0)
+    s.set_scores(range(5), [1.0] * 5)
+    drain(s)
+    before = s.state_dict()
+    for indices, scores, error in [
+        ([5], [1.0], IndexError), ([-1], [1.0], IndexError), ([0.5], [1.0], TypeError), ([0, 1], [1.0], ValueError),
+        ([0, 1], [2.0, -1.0], ValueError), ([0], [-float("inf")], ValueError), ([0], [-5e-324], ValueError),
+        ([0], ["1"], TypeError), ([0], torch.tensor([1j]), TypeError),
+    ]:
+        with pytest.raises(error):
+            s.set_scores(indices, scores)
+        _same_state(s.state_dict(), before)
+    nan, inf = float("nan"), float("inf")
+    if nonfinite == "raise":
+        with pytest.raises(ValueError, match="non-finite"):
+            s.set_scores([0, 1], [3.0, nan])
+        _same_state(s.state_dict(), before)
+        return
+    s.set_scores([0, 1, 2], [3.0, nan, inf])
+    assert s.scores().tolist() == ([3.0, 1.0, 1.0, 1.0, 1.0] if nonfinite == "skip" else [3.0, 1.0, 9.0, 1.0, 1.0])
+    assert s.counters["nonfinite_skipped"] == (2 if nonfinite == "skip" else 1)
+    assert s.counters["nonfinite_clamped"] == (0 if nonfinite == "skip" else 1)
+
+
+@pytest.mark.parametrize("kind", SAMPLER_KINDS)
+def test_set_scores_device_path_on_cpu_tensors(kind):
+    """The CUDA path of set_scores runs unchanged on CPU tensors: a negative score leaves the
+    batch out on the device and is raised when the next epoch is drawn."""
+    s = make_sampler(kind, 5, score="last_loss", seed=0)
+    s._set_scores_on_device(torch.tensor([0, 2, 0]), torch.tensor([4.0, 3.0, 6.0], dtype=torch.float64))
+    assert s.scores().tolist() == [6.0, 0.0 if kind != "soft_pruning" else 1.0, 3.0] + s.scores()[3:].tolist()
+    before = s.scores().clone()
+    s._set_scores_on_device(torch.tensor([1, 3]), torch.tensor([2.0, -1.0], dtype=torch.float64))
+    assert torch.equal(s.scores(), before)  # nothing written
+    with pytest.raises(ValueError, match="negative"):
+        iter(s)
+    drain(s)  # reported once
+
+
+# -- issue 21 item 2: repeated indices in the score store, decided on the device ----------------
+
+
+@settings(max_examples=60)
+@given(
+    n=st.integers(1, 12),
+    indices=st.lists(st.integers(0, 11), max_size=40),
+    data=st.data(),
+)
+def test_the_device_store_gives_every_repeated_index_its_last_value(n, indices, data):
+    """store_all_or_nothing (the CUDA store path, run on CPU tensors): duplicate-heavy batches
+    against a last-wins reference; a rejected batch (bad index, non-finite score, or the tree's
+    refusal) changes nothing."""
+    from isample.sampler import last_wins, store_all_or_nothing
+
+    indices = [i % n for i in indices]
+    values = data.draw(st.lists(st.floats(-1e3, 1e3), min_size=len(indices), max_size=len(indices)))
+    store = torch.arange(n, dtype=torch.float64)
+    expected = store.clone()
+    for i, v in zip(indices, values):
+        expected[i] = v
+    idx, val = torch.tensor(indices, dtype=torch.int64), torch.tensor(values, dtype=torch.float64)
+    sorted_idx, winners = last_wins(idx, val)
+    shuffled = torch.randperm(len(indices))  # any scatter order gives the same result
+    scattered = torch.arange(n, dtype=torch.float64)
+    scattered[sorted_idx[shuffled]] = winners[shuffled]
+    assert torch.equal(scattered, expected)
+    rejected, outside = store_all_or_nothing(store, idx, val)
+    assert not rejected and not outside and torch.equal(store, expected)
+    # rejections: the tree refused, an index outside, a NaN
+    for bad_idx, bad_val, accept in [
+        (idx, val, torch.tensor(False)),
+        (torch.cat([idx, torch.tensor([n])]), torch.cat([val, torch.tensor([1.0], dtype=torch.float64)]), None),
+        (torch.cat([idx, torch.tensor([0])]), torch.cat([val, torch.tensor([math.nan], dtype=torch.float64)]), None),
+    ]:
+        before = store.clone()
+        rejected, _ = store_all_or_nothing(store, bad_idx, bad_val, accept)
+        assert rejected and torch.equal(store, before)
+
+
+def test_large_cpu_batches_with_repeats_keep_the_last_value(one_torch_thread):
+    """Above torch's parallel grain a CPU scatter may run on several threads: the store
+    resolves repeats first."""
+    n, k = 50, 100_000
+    s = isample.ImportanceSampler(n, transform="rank", seed=0)
+    idx = torch.arange(k) % n
+    values = torch.arange(k, dtype=torch.float64)
+    torch.set_num_threads(2)
+    s.set_scores(idx, values)
+    assert torch.equal(s.scores(), torch.arange(k - n, k, dtype=torch.float64))
+
+
+def test_the_proportional_store_follows_the_trees_decision():
+    """On CUDA the tree refuses leaves above DBL_MAX / 2n on the device; the score store must
+    take the same decision (run here on CPU tensors through the store's device path)."""
+    from isample.sampler import store_all_or_nothing
+
+    s = isample.ImportanceSampler(4, transform=isample.Proportional(alpha=2.0), seed=0)
+    scores = torch.tensor([1e200, 1.0], dtype=torch.float64)  # finite, but its leaf 1e400 is not
+    leaves = s.transform.leaf_values(scores)
+    accept = ((leaves >= 0.0) & (leaves <= s._max_leaf)).all()
+    store = torch.zeros(4, dtype=torch.float64)
+    rejected, _ = store_all_or_nothing(store, torch.tensor([0, 1]), scores, accept)
+    assert rejected and torch.equal(store, torch.zeros(4, dtype=torch.float64))
+    assert s._max_leaf == sys.float_info.max / (2.0 * 16)  # n = 4 rounds up to one block of 16

@@ -413,7 +413,8 @@ def test_all_zero_tree_refuses_to_sample():
 
 @pytest.mark.parametrize(
     "capacity, error",
-    [(0, ValueError), (-5, ValueError), (2.5, TypeError), (True, TypeError), ("10", TypeError), (2**41, ValueError)],
+    [(0, ValueError), (-5, ValueError), (2.5, TypeError), (True, TypeError), ("10", TypeError), (2**41, ValueError),
+     (2**63, ValueError), (np.float64(3), TypeError), (None, TypeError)],
 )
 def test_bad_capacity(capacity, error):
     with pytest.raises(error):
@@ -620,3 +621,76 @@ def test_core_stub_matches_the_compiled_module():
                 assert _runtime_params(getattr(cls, member)) == params, f"{name}.{member}"
             elif member != "__init__":
                 assert isinstance(getattr(cls, member), property), f"{name}.{member} is a method in _core"
+
+
+# -- issue 19: inputs that used to reach torch, numpy or pybind11 raw ---------------------------
+
+
+def test_lazily_negated_views_are_read_as_their_values():
+    """x.conj().imag is a view whose sign lives in a flag, not in memory: it must be resolved."""
+    minus_two = torch.tensor([1 + 2j], dtype=torch.complex128).conj().imag  # -2.0, raw memory +2.0
+    assert minus_two.is_neg() and minus_two.is_contiguous()
+    tree = isample.SumTree(2, seed=0)
+    with pytest.raises(ValueError, match="-2"):
+        tree.update([0], minus_two)
+    assert tree.get().tolist() == [0.0, 0.0]
+    tree.update([0], -minus_two)  # +2 as a negated view of -2
+    assert tree.get().tolist() == [2.0, 0.0]
+    soft = isample.SoftmaxTree(2, seed=0)
+    soft.update([1], minus_two)
+    assert soft.get().tolist() == [0.0, -2.0]
+    index = torch.tensor([-1])._neg_view()  # item 1, negated lazily
+    soft.update(index, [3.0])
+    assert soft.get().tolist() == [0.0, 3.0]
+
+
+def test_numpy_arrays_of_every_byte_order_and_width_are_read():
+    tree = isample.SumTree(4, seed=0)
+    tree.update(np.array([0, 3], dtype=">i8"), np.array([1.5, 2.5], dtype=">f8"))
+    tree.update(np.array([1], dtype=np.uint64), np.array([0.25], dtype=np.longdouble))
+    assert tree.get().tolist() == [1.5, 0.25, 0.0, 2.5]
+    with pytest.raises(IndexError, match="above"):
+        tree.update(np.array([2**64 - 1], dtype=np.uint64), [1.0])  # would wrap to -1 in int64
+
+
+@pytest.mark.parametrize("values", [torch.tensor([1.0]).to_sparse(), torch.empty(1, device="meta")])
+def test_sparse_and_meta_tensors_are_refused_with_a_type_error(values):
+    tree = isample.SumTree(2, seed=0)
+    with pytest.raises(TypeError, match="values"):
+        tree.update([0], values)
+
+
+def test_sample_arguments_are_checked_before_anything_is_allocated(monkeypatch):
+    from isample import _backend
+
+    tree = isample.SumTree.from_weights([1.0, 1.0, 1.0, 1.0], seed=0)
+
+    def no_allocation(k, device):
+        raise AssertionError(f"{k} indices allocated before the arguments were checked")
+
+    monkeypatch.setattr(_backend, "empty_indices", no_allocation)
+    with pytest.raises(ValueError, match="distinct"):
+        tree.sample(10**12, replace=False)
+    with pytest.raises(ValueError, match="distinct"):
+        tree.sample_with_inclusion(5)
+    with pytest.raises(MemoryError, match="bytes"):
+        tree.sample(10**12)
+    for kwargs, error in [({"method": None}, ValueError), ({"method": "fast"}, ValueError),
+                          ({"replace": "no"}, TypeError), ({"replace": None}, TypeError)]:
+        with pytest.raises(error):
+            tree.sample(2, **kwargs)
+
+
+@pytest.mark.parametrize("kind", ["sum", "softmax"])
+def test_trees_pickle_and_deep_copy_through_state_dict(kind):
+    import copy
+    import pickle
+
+    tree = isample.SumTree.from_weights([1.0, 2.0, 3.0], seed=4) if kind == "sum" else (
+        isample.SoftmaxTree.from_scores([1.0, 2.0, 3.0], temperature=2.0, seed=4))
+    tree.sample(5)
+    for twin in (pickle.loads(pickle.dumps(tree)), copy.deepcopy(tree)):
+        assert type(twin) is type(tree) and torch.equal(twin.get(), tree.get())
+        assert twin.state_dict()["stream_calls"] == tree.state_dict()["stream_calls"]
+        assert torch.equal(twin.sample(50), copy.deepcopy(tree).sample(50))
+    pickle.dumps(isample.SumTree(3))  # an empty tree too

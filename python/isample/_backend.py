@@ -103,6 +103,15 @@ def check_real(
     return number
 
 
+def same_value(a: Any, b: Any) -> bool:
+    """a == b as a plain truth value; False (not an error) when the comparison gives none (a
+    tensor or array in a mangled state)."""
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - any failure to compare means "not the same"
+        return False
+
+
 def check_bool(value: Any, name: str) -> bool:
     """A Python bool from a bool or numpy bool; TypeError for anything else (a string such as
     "false" would otherwise count as True)."""

@@ -9,6 +9,10 @@ checksum before unpickling anything else, and raises ValueError naming the probl
 truncated, corrupted or foreign file, or for one saved for another number of items than
 ``expected_capacity``. Loading never changes anything: a caller that loads a state into a
 sampler after these checks passes it to ``load_state_dict``, which checks it again.
+
+What ``load_checkpoint`` cannot read back is refused at save time: payloads are read with
+``weights_only=True``, which refuses (for example) numpy scalars, so ``save_checkpoint``
+raises TypeError naming the first such value and writes nothing.
 """
 
 from __future__ import annotations
@@ -17,9 +21,11 @@ import hashlib
 import io
 import numbers
 import os
+import pickle
 import tempfile
 from pathlib import Path
-from typing import Any, Optional, Union
+from collections import OrderedDict
+from typing import Any, Optional, Tuple, Union
 
 import torch
 
@@ -61,6 +67,53 @@ def _check_capacity(capacity: Any, name: str) -> Optional[int]:
     return int(capacity)
 
 
+# Types that weights-only loading reads back; anything else is checked by loading for real.
+_PLAIN = (str, bytes, int, float, bool, complex, type(None), torch.dtype, torch.device, torch.Size, torch.layout,
+          torch.memory_format)
+
+
+def _first_unusual(value: Any, path: str, depth: int = 0) -> Optional[Tuple[str, Any]]:
+    """The first value (path, value) of a type outside the plain ones weights-only loading
+    is known to read, or None. Exact types: numpy's float64 is a float subclass, but
+    weights-only loading refuses it."""
+    if depth > 64:
+        return path, value  # too deep to walk: let the real load decide
+    kind = type(value)
+    if kind in _PLAIN or isinstance(value, torch.Tensor):
+        return None
+    if kind in (dict, OrderedDict):
+        for key, item in value.items():
+            found = _first_unusual(key, f"{path} key {key!r:.40}", depth + 1) or _first_unusual(
+                item, f"{path}[{key!r:.40}]", depth + 1
+            )
+            if found:
+                return found
+        return None
+    if kind in (list, tuple, set, frozenset):
+        for j, item in enumerate(value):
+            found = _first_unusual(item, f"{path}[{j}]", depth + 1)
+            if found:
+                return found
+        return None
+    return path, value
+
+
+def _check_readable(state: Any, payload: bytes) -> None:
+    """TypeError, before anything is written, for a state that load_checkpoint could not read."""
+    unusual = _first_unusual(state, "state")
+    if unusual is None:
+        return
+    try:
+        torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - any failure means the file could not be read back
+        path, value = unusual
+        raise TypeError(
+            f"cannot save this checkpoint: {path} is a {type(value).__module__}.{type(value).__name__} "
+            f"({value!r:.60}), which load_checkpoint (weights-only loading) cannot read back; store a "
+            "plain Python value instead (float(x), int(x), x.tolist()) or a tensor"
+        ) from None
+
+
 def _digest(payload: bytes, capacity: Optional[int], version: int) -> str:
     digest = hashlib.sha256(payload)
     if version >= 2:  # the capacity is covered too: a damaged one is a corrupted file
@@ -71,6 +124,8 @@ def _digest(payload: bytes, capacity: Optional[int], version: int) -> str:
 def save_checkpoint(path: PathLike, state: Any, *, capacity: Optional[int] = None) -> None:
     """Write `state` to `path` atomically (temporary file, fsync, rename).
 
+    Raises TypeError, writing nothing, for a state that ``load_checkpoint`` could not read
+    back (weights-only loading: tensors, plain Python values, dicts, lists and tuples).
     ``capacity``: the number of items the state is for (a sampler's N), recorded in the file
     for ``load_checkpoint(expected_capacity=...)``; by default ``capacity_of(state)``.
     """
@@ -79,8 +134,12 @@ def save_checkpoint(path: PathLike, state: Any, *, capacity: Optional[int] = Non
     if capacity is None:
         capacity = capacity_of(state)
     buffer = io.BytesIO()
-    torch.save(state, buffer)
+    try:
+        torch.save(state, buffer)
+    except (TypeError, AttributeError, pickle.PicklingError) as error:  # a lambda, a lock, an open file...
+        raise TypeError(f"cannot save this checkpoint: the state cannot be pickled ({error})") from None
     payload = buffer.getvalue()
+    _check_readable(state, payload)
     wrapper = {
         "format": CHECKPOINT_FORMAT,
         "version": CHECKPOINT_VERSION,

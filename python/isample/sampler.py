@@ -90,13 +90,7 @@ def store_all_or_nothing(
     return ~accepted, ~all_inside
 
 
-def _same(a: Any, b: Any) -> bool:
-    """a == b for saved configurations, False (not an error) when the comparison is not a
-    plain truth value (a tensor smuggled into a state)."""
-    try:
-        return bool(a == b)
-    except Exception:  # noqa: BLE001 - any failure to compare means "not the same"
-        return False
+_same = _backend.same_value
 
 
 def derive_seed(*parts: Union[int, str]) -> int:
@@ -405,6 +399,11 @@ class EpochSampler(Sampler[int]):
                 self._read_device_counts()  # they belong to the epoch that ends here
             current = self._resumable()
             if current is None:
+                if self._next_epoch > _backend.MAX_INT64:
+                    raise ValueError(
+                        f"epoch {self._next_epoch} is beyond the last epoch ({_backend.MAX_INT64}): "
+                        "call set_epoch() with a smaller epoch"
+                    )
                 current = self._draw_epoch(self._next_epoch)
                 self._current = current
                 self._history.append(current.info)
@@ -739,11 +738,14 @@ class EpochSampler(Sampler[int]):
                 "position": position,
                 "info": dict(current.info),
             }
+        next_epoch = self._next_epoch
+        if saved_current is not None and _continues(current.epoch, saved_current["position"], current.order.numel(), next_epoch):
+            next_epoch = current.epoch  # saved part-way: the next iter() continues it (as after loading)
         return {
             "format": self._format,
             "version": _STATE_VERSION,
             "config": self._config(),
-            "next_epoch": self._next_epoch,
+            "next_epoch": next_epoch,
             "current": saved_current,
             "history": [dict(entry) for entry in self.history],
             "counters": dict(self.counters),
@@ -763,7 +765,7 @@ class EpochSampler(Sampler[int]):
         # not fit (a mangled checkpoint, a key missing or of the wrong type) changes nothing.
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict, got {type(state).__name__}")
-        if state.get("format") != self._format or state.get("version") != _STATE_VERSION:
+        if not (_same(state.get("format"), self._format) and _same(state.get("version"), _STATE_VERSION)):
             raise ValueError(
                 f"not a {self._format} state of version {_STATE_VERSION} "
                 f"(format={state.get('format')!r:.60}, version={state.get('version')!r:.60})"
@@ -782,7 +784,8 @@ class EpochSampler(Sampler[int]):
                 + ", ".join(f"{k}: saved {saved.get(k)!r:.60}, here {config.get(k)!r:.60}" for k in differences)
             )
         restored = self._checked_epoch(state["current"])
-        next_epoch = _backend.check_count(state["next_epoch"], "state['next_epoch']")
+        # after epoch 2**63 - 1 has been drawn, the next is 2**63 (which iter() refuses)
+        next_epoch = _backend.check_count(state["next_epoch"], "state['next_epoch']", limit=_backend.MAX_INT64 + 1)
         history = state["history"]
         if not isinstance(history, list):
             raise ValueError(f"state['history'] must be a list of dicts, got {type(history).__name__}")
@@ -809,8 +812,11 @@ class EpochSampler(Sampler[int]):
             policy.load_state_dict(previous_policy)
             raise
         self._current = restored
-        # An epoch saved part-way is the one the next iter() must continue.
-        self._next_epoch = restored.epoch if restored and restored.position < len(restored.order) else next_epoch
+        # An epoch saved part-way is the one the next iter() must continue (unless set_epoch
+        # had moved on to another epoch before the save).
+        if restored is not None and _continues(restored.epoch, restored.position, len(restored.order), next_epoch):
+            next_epoch = restored.epoch
+        self._next_epoch = next_epoch
         self.counters = {**self.counters, **counters}
         self._history = history
         self._rejected_on_device = self._bad_index_on_device = self._negative_on_device = None
@@ -842,11 +848,22 @@ class EpochSampler(Sampler[int]):
         return _Epoch(epoch, order, weight_of, position, info)
 
 
+def _continues(epoch: int, position: int, length: int, next_epoch: int) -> bool:
+    """Whether an epoch saved at `position` of `length` items is the one the next iter()
+    continues: it was not finished, and it is the epoch being iterated (next_epoch is the one
+    after it) or the one saved to be continued (next_epoch is itself)."""
+    return position < length and next_epoch in (epoch, epoch + 1)
+
+
 def _checked_info(entry: Any, name: str) -> Dict[str, Any]:
-    """A copy of a saved history entry; the counts that updates add to must be ints."""
+    """A copy of a saved history entry: string keys and plain values (what a checkpoint can
+    hold), and ints for the counts that updates add to."""
     if not isinstance(entry, dict):
         raise ValueError(f"{name} must be a dict, got {type(entry).__name__}")
     entry = dict(entry)
+    for key, value in entry.items():
+        if not isinstance(key, str) or type(value) not in (str, int, float, bool, type(None)):
+            raise ValueError(f"{name} must map names to plain values, got {key!r:.40}: {type(value).__name__}")
     for key in ("epoch", "samples", "nonfinite_skipped", "nonfinite_clamped"):
         if key in entry:
             entry[key] = _backend.check_count(entry[key], f"{name}[{key!r}]")

@@ -249,12 +249,12 @@ class _Tree:
     def _check_state(self, state: Dict[str, Any], array_key: str) -> torch.Tensor:
         if not isinstance(state, dict):
             raise TypeError(f"state must be a dict, got {type(state).__name__}")
-        if state.get("format") != self._format:
-            raise ValueError(f"not a {self._format} state (format={state.get('format')!r})")
-        if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"unsupported state version {state.get('version')!r}, expected {_STATE_VERSION}")
-        if state.get("capacity") != self._capacity:
-            raise ValueError(f"state is for capacity {state.get('capacity')}, this tree has {self._capacity}")
+        if not _backend.same_value(state.get("format"), self._format):
+            raise ValueError(f"not a {self._format} state (format={state.get('format')!r:.60})")
+        if not _backend.same_value(state.get("version"), _STATE_VERSION):
+            raise ValueError(f"unsupported state version {state.get('version')!r:.60}, expected {_STATE_VERSION}")
+        if not _backend.same_value(state.get("capacity"), self._capacity):
+            raise ValueError(f"state is for capacity {state.get('capacity')!r:.60}, this tree has {self._capacity}")
         for key in ("stream_seed", "stream_calls"):
             if key not in state:
                 raise ValueError(f"the state lacks {key!r}: pass a state from {type(self).__name__}.state_dict()")

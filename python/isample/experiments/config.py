@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 METHODS = ("uniform", "last_loss", "running_loss", "grad_norm", "early_importance", "infobatch")
@@ -70,6 +71,12 @@ class RunConfig:
                 raise ValueError(f"{name} must be at least 1")
         if self.imbalance_ratio < 1.0:
             raise ValueError("imbalance_ratio must be >= 1 (1: balanced)")
+        for f in dataclasses.fields(self):  # NaN or inf would train until the run "diverged"
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {value}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
         object.__setattr__(self, "lr_milestones", tuple(int(m) for m in self.lr_milestones))
 
     @property
