@@ -1,13 +1,17 @@
 """DDP training with one global importance distribution across ranks.
 
-    torchrun --nproc_per_node 2 examples/ddp_train.py               # CPU: gloo
-    torchrun --nproc_per_node 8 examples/ddp_train.py --sharded     # GPUs: NCCL, scores sharded
-    torchrun --nproc_per_node 2 examples/ddp_train.py --uniform     # DistributedSampler, to compare
+    torchrun --nproc_per_node 2 examples/ddp_train.py                    # CPU: gloo
+    torchrun --nproc_per_node 8 examples/ddp_train.py --sharded          # GPUs: NCCL, scores sharded
+    torchrun --nproc_per_node 2 examples/ddp_train.py --exchange step    # the per-step exchange
+    torchrun --nproc_per_node 2 examples/ddp_train.py --uniform          # DistributedSampler, to compare
 
 A small MLP on synthetic 10-class data (built from the seed on every rank, so nothing is
 downloaded): most points sit near their class centre, 20% are hard ones near the origin,
 where the classes overlap. Each rank draws its part of a global importance sample, weights
-its losses by 1 / (N p), and hands the losses back with ``sampler.update`` (a collective).
+its losses by 1 / (N p), and hands the losses back with ``sampler.update``: recorded locally,
+and exchanged once per epoch, when the next epoch begins (``--exchange`` picks another
+setting). Each epoch's line gives the sampler's share of the training time: its calls on the
+steps (``weights``, ``update``) plus its exchange and draw at the epoch's start.
 """
 
 from __future__ import annotations
@@ -50,6 +54,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="per rank")
     parser.add_argument("--samples-per-epoch", type=int, default=None, help="global; default N")
     parser.add_argument("--sharded", action="store_true", help="each rank holds 1/W of the scores")
+    parser.add_argument(
+        "--exchange", default="epoch", help="when updates travel: epoch (default), step, or a number of steps K"
+    )
     parser.add_argument("--uniform", action="store_true", help="torch's DistributedSampler instead")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint", default=None, help="save model and sampler state here at the end")
@@ -77,6 +84,7 @@ def main() -> None:
             samples_per_epoch=args.samples_per_epoch,
             uniform_mix=0.1,
             seed=args.seed,
+            exchange=int(args.exchange) if args.exchange.isdigit() else args.exchange,
         )
     loader = DataLoader(isample.IndexedDataset(train), batch_size=args.batch_size, sampler=sampler)
     torch.manual_seed(args.seed)
@@ -84,7 +92,7 @@ def main() -> None:
     model = DistributedDataParallel(model, device_ids=[local_rank] if cuda else None)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     if rank == 0:
-        mode = "uniform" if args.uniform else ("sharded" if args.sharded else "replicated")
+        mode = "uniform" if args.uniform else ("sharded" if args.sharded else "replicated") + f", exchange={args.exchange}"
         print(
             f"{world} ranks ({dist.get_backend()}), N={len(train)}, {mode}, {len(sampler)} items per rank per epoch",
             flush=True,
@@ -92,24 +100,30 @@ def main() -> None:
 
     for epoch in range(args.epochs):
         sampler.set_epoch(epoch)
-        started, sampler_seconds, loss_sum, steps = time.perf_counter(), 0.0, 0.0, 0
+        started, on_steps, loss_sum, steps = time.perf_counter(), 0.0, 0.0, 0
+        before, first = (None if args.uniform else sampler.stats), None
         model.train()
         for index, x, y in loader:
+            if first is None and not args.uniform:
+                first = sampler.stats  # the loader's first batch started the epoch: exchange, then draw
             x, y = x.to(device), y.to(device)
             losses = F.cross_entropy(model(x), y, reduction="none")
+            tick = time.perf_counter()
             weights = torch.ones_like(losses) if args.uniform else sampler.weights(index).to(losses)
+            on_steps += time.perf_counter() - tick
             optimizer.zero_grad()
             (losses * weights).mean().backward()
             optimizer.step()
             if not args.uniform:
                 tick = time.perf_counter()
-                sampler.update(index, losses.detach())  # every rank, every step
-                sampler_seconds += time.perf_counter() - tick
+                sampler.update(index, losses.detach())  # local: the next epoch's iter() exchanges it
+                on_steps += time.perf_counter() - tick
             loss_sum += float((losses.detach() * weights).mean())  # unbiased for the mean train loss
             steps += 1
         seconds = time.perf_counter() - started
         if not args.uniform:
-            sampler.check_consistency()  # replicas identical (a debugging aid: hashes the scores)
+            at_start = sum(first[k] - before[k] for k in ("exchange_seconds", "draw_seconds"))
+            sampler.check_consistency()  # exchanges this epoch's updates, then compares the replicas' scores
         model.eval()
         with torch.no_grad():
             x, y = test.tensors
@@ -121,14 +135,15 @@ def main() -> None:
             )
             if not args.uniform:
                 info = sampler.history[-1]
-                per_step = 1e6 * sampler_seconds / max(steps, 1)
                 line += (
-                    f", {info['kind']}, max weight {info.get('max_weight', 1.0):.2f}, update() {per_step:.0f} us/step "
-                    f"({100 * sampler_seconds / seconds:.1f}% of {seconds:.1f} s)"
+                    f", {info['kind']}, max weight {info.get('max_weight', 1.0):.2f}; sampler "
+                    f"{1e6 * on_steps / max(steps, 1):.0f} us/step + {1e3 * at_start:.1f} ms at the epoch's start "
+                    f"= {100 * (on_steps + at_start) / seconds:.1f}% of {1e3 * seconds / max(steps, 1):.2f} ms/step"
                 )
             print(line, flush=True)
 
     if args.checkpoint and not args.uniform:
+        sampler.flush()  # every rank: the last updates are exchanged, so rank 0's state serves all
         state = {"model": model.module.state_dict(), "sampler": sampler.state_dict()}
         if args.sharded:  # each rank saves its own shard
             torch.save(state, f"{args.checkpoint}.rank{rank}")

@@ -132,7 +132,8 @@ _UPDATE, _SET = 0, 1
 _REFUSED = 2
 _CALLS = ("update()", "set_scores()")
 
-# The header every rank all-gathers for a window (int64 fields), then, sharded, W row counts.
+# The header of a window every rank receives from every rank (int64 fields); sharded, then
+# the rows that rank sends to this one.
 _H_ROWS, _H_STEPS, _H_WORDS, _H_CODE, _H_FIRST, _H_REFUSALS, _H_SKIPPED, _H_CLAMPED, _H_SCHEMA = range(9)
 _HEADER = 9
 #: refusal messages that travel per rank and window (the count travels in the header)
@@ -555,7 +556,8 @@ class _Flight:
     payload: Optional[_Pending] = None
     messages: Optional[List[List[Tuple[int, int, str, str]]]] = None  # per rank, when any refused
     schemas: Optional[List[Optional[Schema]]] = None
-    layout: Any = None  # what the layout needs to read the payload
+    layout: Any = None  # the rows this rank sends, as the layout packs them
+    counts: List[int] = field(default_factory=list)  # sharded: rows for each owner
 
 
 @dataclass
@@ -744,9 +746,9 @@ class _Exchanger:
     def _launch(self, window: _Window, all_or_nothing: bool) -> _Flight:
         started = time.perf_counter()
         self._validate(window)
-        layout, extension = self._route(window)
+        layout, counts = self._route(window)
         first = window.refusals[0] if window.refusals else None
-        header = [
+        common = [
             window.rows,
             len(window.codes),
             int(layout.shape[1]) if layout.dim() == 2 else 0,
@@ -756,10 +758,9 @@ class _Exchanger:
             window.skipped,
             window.clamped,
             _fingerprint([list(map(list, window.schema))]) if window.schema else 0,
-            *extension,
         ]
-        flight = _Flight(window, self.comm.start_all_gather(torch.tensor(header, dtype=torch.int64)), all_or_nothing)
-        flight.layout = layout
+        flight = _Flight(window, self._start_header(common, counts), all_or_nothing)
+        flight.layout, flight.counts = layout, counts
         self.timing["exchange_seconds"] += time.perf_counter() - started
         return flight
 
@@ -767,7 +768,7 @@ class _Exchanger:
         """Read every rank's header; their refusal messages (and extra tensors' layouts) travel
         now, only where some rank has any."""
         started = time.perf_counter()
-        flight.headers = [row.tolist() for row in flight.header.wait()]
+        flight.headers = self._read_header(flight.header.wait())
         if any(h[_H_REFUSALS] for h in flight.headers):
             mine = [(r.step, r.code, r.call, r.message) for r in flight.window.refusals[:_MESSAGES]]
             flight.messages = self.comm.all_gather_object(mine)
@@ -1151,6 +1152,14 @@ class _Replicated(_Exchanger):
             columns.append(_pack(w.extras[name].to(self.stage)))
         return torch.cat(columns, dim=1), []
 
+    def _start_header(self, common: List[int], counts: List[int]) -> _Pending:
+        """All-gather of the header (72 bytes per rank)."""
+        return self.comm.start_all_gather(torch.tensor(common, dtype=torch.int64))
+
+    @staticmethod
+    def _read_header(gathered: List[torch.Tensor]) -> List[List[int]]:
+        return [row.tolist() for row in gathered]
+
     @staticmethod
     def _sizes(headers: List[List[int]]) -> Tuple[int, int, int]:
         """Steps, rows and words per row of the widest rank: every rank's part is padded to them."""
@@ -1518,23 +1527,35 @@ class _Sharded(_Exchanger):
         rows = torch.stack([w.index[by_owner], w.value.view(torch.int64)[by_owner], step[by_owner]], dim=1)
         return rows, torch.bincount(owner, minlength=self.comm.world).tolist()
 
+    def _start_header(self, common: List[int], counts: List[int]) -> _Pending:
+        """All-to-all: each rank gets the header and how many rows will come to it (80 bytes
+        per peer, so O(W) per rank, not the O(W^2) of an all-gather of every count)."""
+        rows = torch.tensor([[count, *common] for count in counts], dtype=torch.int64)
+        world = self.comm.world
+        return self.comm.start_all_to_all(rows, [1] * world, [1] * world)
+
+    @staticmethod
+    def _read_header(received: torch.Tensor) -> List[List[int]]:
+        """Row s: rank s's header, then the rows it sends here (at _HEADER)."""
+        return [row[1:] + row[:1] for row in received.tolist()]
+
     def _start_payload(self, flight: _Flight) -> None:
         """All-to-all: every rank gets each rank's step codes and the rows it owns (8 (S + 3 n)
         bytes from each rank)."""
         assert flight.headers is not None
-        headers, me, world = flight.headers, self.comm.rank, self.comm.world
+        headers, world = flight.headers, self.comm.world
         if not any(h[_H_STEPS] for h in headers):
             flight.payload = _Pending(None, None)
             return
         rows: torch.Tensor = flight.layout
         codes = torch.tensor(flight.window.codes, dtype=torch.int64).to(self.stage)
-        counts = headers[me][_HEADER:]
+        counts = flight.counts
         pieces, start = [], 0
         for d in range(world):
             pieces += [codes, rows[start : start + counts[d]].reshape(-1)]
             start += counts[d]
         send = [codes.numel() + 3 * counts[d] for d in range(world)]
-        receive = [h[_H_STEPS] + 3 * h[_HEADER + me] for h in headers]
+        receive = [h[_H_STEPS] + 3 * h[_HEADER] for h in headers]
         flight.payload = self.comm.start_all_to_all(torch.cat(pieces), send, receive)
 
     def _read_payload(self, flight: _Flight) -> List[_Source]:
@@ -1542,9 +1563,9 @@ class _Sharded(_Exchanger):
         received = flight.payload.wait()
         if received is None:
             return []
-        sources, at, me = [], 0, self.comm.rank
+        sources, at = [], 0
         for header in flight.headers:
-            steps, rows = header[_H_STEPS], header[_HEADER + me]
+            steps, rows = header[_H_STEPS], header[_HEADER]
             codes = received[at : at + steps].tolist()
             block = received[at + steps : at + steps + 3 * rows].view(rows, 3).to(self.local.device)
             at += steps + 3 * rows
