@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
@@ -144,3 +145,31 @@ def run_threads(worker, count: int) -> None:
         thread.start()
     for thread in threads:
         thread.join()
+
+
+def assert_identical(a, b, where: str = "state") -> None:
+    """Two states are identical: same types all the way down, equal values, float64 tensors
+    bit for bit (NaN included), numpy arrays equal."""
+    import torch
+
+    assert type(a) is type(b), f"{where}: {type(a).__name__} != {type(b).__name__}"
+    if isinstance(a, dict):
+        assert list(a) == list(b), f"{where}: keys {list(a)} != {list(b)}"
+        for key in a:
+            assert_identical(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{where}: lengths {len(a)} != {len(b)}"
+        for j, (x, y) in enumerate(zip(a, b)):
+            assert_identical(x, y, f"{where}[{j}]")
+    elif isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and a.device == b.device, where
+        if a.dtype is torch.float64:
+            assert torch.equal(a.view(torch.int64), b.view(torch.int64)), where
+        else:
+            assert torch.equal(a, b), where
+    elif isinstance(a, float):
+        assert a == b or (math.isnan(a) and math.isnan(b)), f"{where}: {a} != {b}"
+    elif isinstance(a, np.ndarray):
+        assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"), where
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"

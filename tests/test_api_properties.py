@@ -47,6 +47,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 
 import isample
 from isample.checkpoint import load_checkpoint, save_checkpoint
+from conftest import assert_identical as same
 
 ISAMPLE_DIR = os.path.dirname(isample.__file__)
 DOCUMENTED = (ValueError, TypeError, IndexError, MemoryError, RuntimeError)
@@ -75,31 +76,6 @@ def assert_clean(error: BaseException) -> None:
     innermost = traceback.extract_tb(error.__traceback__)[-1].filename
     assert innermost.startswith(ISAMPLE_DIR), f"raised inside {innermost}, not by isample:\n{where}"
     assert not RAW_MESSAGE.search(str(error)), f"a raw library message escaped:\n{where}"
-
-
-def same(a: Any, b: Any, where: str = "state") -> None:
-    """Equal, tensors bit for bit (NaN included), same types all the way down."""
-    assert type(a) is type(b), f"{where}: {type(a).__name__} != {type(b).__name__}"
-    if isinstance(a, dict):
-        assert list(a) == list(b), f"{where}: keys {list(a)} != {list(b)}"
-        for key in a:
-            same(a[key], b[key], f"{where}[{key!r}]")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), f"{where}: lengths {len(a)} != {len(b)}"
-        for j, (x, y) in enumerate(zip(a, b)):
-            same(x, y, f"{where}[{j}]")
-    elif isinstance(a, torch.Tensor):
-        assert a.dtype == b.dtype and a.shape == b.shape and a.device == b.device, where
-        if a.dtype is torch.float64:
-            assert torch.equal(a.view(torch.int64), b.view(torch.int64)), where
-        else:
-            assert torch.equal(a, b), where
-    elif isinstance(a, float):
-        assert a == b or (math.isnan(a) and math.isnan(b)), f"{where}: {a} != {b}"
-    elif isinstance(a, np.ndarray):
-        assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"), where
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 PLAIN = (str, int, float, bool, type(None), torch.Tensor)

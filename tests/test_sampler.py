@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from torch.utils.data import BatchSampler, DataLoader, TensorDataset
 
 import isample
-from conftest import ALPHA, chi_square_pvalue
+from conftest import ALPHA, assert_identical, chi_square_pvalue
 
 
 def drain(sampler) -> list:
@@ -849,9 +849,7 @@ def test_allocation_failures_become_memory_errors_and_change_nothing(monkeypatch
 
 
 def _same_state(a, b):
-    from test_api_properties import same
-
-    same(a, b)
+    assert_identical(a, b)
 
 
 def test_len_in_the_loop_never_draws_the_next_epoch_early():
@@ -1169,3 +1167,33 @@ def test_the_proportional_store_follows_the_trees_decision():
     rejected, _ = store_all_or_nothing(store, torch.tensor([0, 1]), scores, accept)
     assert rejected and torch.equal(store, torch.zeros(4, dtype=torch.float64))
     assert s._max_leaf == sys.float_info.max / (2.0 * 16)  # n = 4 rounds up to one block of 16
+
+
+def test_a_custom_sampler_without_epoch_lengths_still_never_draws_in_len():
+    """EpochSampler's fallback: len() draws the epoch aside (seeded, so the same as iter()
+    will draw) and keeps nothing."""
+
+    class EveryOther(isample.EpochSampler):
+        def __init__(self, n):
+            super().__init__(n, score="last_loss", nonfinite="raise", seed=0, device="cpu")
+            self._scores = torch.zeros(n, dtype=torch.float64)
+
+        def _read_scores(self, indices):
+            return self._scores[indices]
+
+        def _write_scores(self, indices, scores):
+            self._store_scores(self._scores, indices, scores)
+
+        def scores(self):
+            return self._scores.clone()
+
+        def _draw(self, epoch, generator):
+            kept = torch.nonzero(self._scores <= self._scores.median()).squeeze(1)
+            return isample.sampler.Epoch(epoch, kept[torch.randperm(kept.numel(), generator=generator)], None)
+
+    s = EveryOther(9)
+    s.update(range(9), torch.arange(9.0))
+    before = s.state_dict()
+    predicted = len(s)
+    _same_state(s.state_dict(), before)
+    assert predicted == 5 and len(drain(s)) == predicted

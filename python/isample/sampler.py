@@ -416,10 +416,12 @@ class EpochSampler(Sampler[int]):
 
     def _predicted_length(self, epoch: int) -> int:
         """Items epoch `epoch` would yield if it were drawn now, for samplers whose epoch
-        length depends on the draw (``epoch_length`` None). Changes nothing. This fallback
-        draws the epoch and throws it away (deterministic: the draw is seeded by the epoch);
-        subclasses compute it more cheaply."""
-        return int(self._draw_epoch(epoch).order.numel())
+        length depends on the draw (``epoch_length`` None); must change nothing. This
+        fallback draws the epoch and throws it away (deterministic: the draw is seeded by the
+        epoch), which is right for a ``_draw`` without side effects; subclasses compute it
+        more cheaply (SoftPruningSampler) or say it with ``epoch_length``."""
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, epoch, "epoch"))
+        return int(self._draw(epoch, generator).order.numel())
 
     @property
     def epoch(self) -> int:
