@@ -34,6 +34,9 @@ struct CpuKernels {
   // overflow (or a total so tiny that 1 / total does): keys[i] = log(E_i) - log(w_i * scale),
   // scale a power of two (exact); +inf for w_i = 0.
   void (*race_log_keys)(const double* leaves, int64_t n, uint64_t key, double scale, double* keys);
+  // values[i] = exp_shared(values[i]) (fastmath.h: the exp the GPU kernels use too), the
+  // softmax tree's leaves; vectorised in the AVX2 build.
+  void (*exp_in_place)(double* values, int64_t n);
 };
 
 const CpuKernels& cpu_kernels();

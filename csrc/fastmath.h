@@ -97,9 +97,14 @@ ISAMPLE_FN double exp_shared(double x) {
   const double round_magic = 6755399441055744.0;          // 1.5 * 2^52: adding it rounds to an integer
 
   // Clamp first (NaN to 0), so every step below stays in range; the ends are chosen last.
-  double a = x == x ? x : 0.0;
-  a = a < -746.0 ? -746.0 : a;
-  a = a > 710.0 ? 710.0 : a;
+  // Every choice is a blend of values computed on both paths, as in log_positive: compilers
+  // then vectorise the loops over items (a ternary, or an operation done on one side only,
+  // keeps GCC from it under -ftrapping-math).
+  const double quiet = x + x;  // NaN in, NaN out
+  const uint64_t number = uint64_t(0) - uint64_t(x == x);
+  double a = blend(number, x, 0.0);
+  a = blend(uint64_t(0) - uint64_t(a < -746.0), -746.0, a);
+  a = blend(uint64_t(0) - uint64_t(a > 710.0), 710.0, a);
   const double k = (a * inv_ln2 + round_magic) - round_magic;  // nearest integer, |k| <= 1077
   const double hi = a - k * ln2_hi;                             // exact: k * ln2_hi has spare bits
   const double lo = k * ln2_lo;
@@ -111,9 +116,9 @@ ISAMPLE_FN double exp_shared(double x) {
   // exact, the second rounds once (into the subnormals or to inf where it must).
   const double k1 = (k * 0.5 + round_magic) - round_magic;
   const double scaled = (y * power_of_two(k1)) * power_of_two(k - k1);
-  double result = x > overflow ? positive_infinity() : scaled;
-  result = x < underflow ? 0.0 : result;
-  return x == x ? result : x + x;
+  double result = blend(uint64_t(0) - uint64_t(x > overflow), positive_infinity(), scaled);
+  result = blend(uint64_t(0) - uint64_t(x < underflow), 0.0, result);
+  return blend(number, result, quiet);
 }
 
 }  // namespace isample

@@ -7,6 +7,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "cpu_kernels.h"
 #include "descend.h"
 #include "fastmath.h"
 
@@ -63,7 +64,7 @@ void SoftmaxTree::rebase() {
   const double* s = scores_.data();
   ref_ = *std::max_element(s, s + capacity());
   const double ref = ref_, t = temperature_;
-  tree_.rebuild_from([s, ref, t](int64_t i) { return exp_shared(softmax_exponent(s[i], ref, t)); });
+  tree_.rebuild_from_exponents([s, ref, t](int64_t i) { return softmax_exponent(s[i], ref, t); });
 }
 
 void SoftmaxTree::update(const int64_t* indices, const double* scores, int64_t k, double keep) {
@@ -91,7 +92,7 @@ void SoftmaxTree::update(const int64_t* indices, const double* scores, int64_t k
     rebase();
     return;
   }
-  for (int64_t j = 0; j < k; ++j) leaf_scratch_[j] = exp_shared(leaf_scratch_[j]);
+  cpu_kernels().exp_in_place(leaf_scratch_.data(), k);
   tree_.write_unchecked(indices, leaf_scratch_.data(), k);
   if (tree_.total() < exp_shared(-kMaxExponent)) rebase();
 }
@@ -126,7 +127,7 @@ void SoftmaxTree::load(const double* scores, double reference) {
     return;
   }
   ref_ = reference;
-  tree_.rebuild_from([s, reference, t](int64_t i) { return exp_shared(softmax_exponent(s[i], reference, t)); });
+  tree_.rebuild_from_exponents([s, reference, t](int64_t i) { return softmax_exponent(s[i], reference, t); });
   if (tree_.total() < exp_shared(-kMaxExponent)) rebase();
 }
 

@@ -22,6 +22,7 @@
 
 #include "buffer.h"
 #include "common.h"
+#include "cpu_kernels.h"
 #include "select.h"
 
 namespace isample {
@@ -75,6 +76,15 @@ class SumTree {
   void rebuild_from(LeafValue leaf_value) {
     double* leaves = leaves_.data();
     for (int64_t i = 0; i < layout_.capacity; ++i) leaves[i] = leaf_value(i);
+    rebuild_internal();
+  }
+  // Leaves exp_shared(exponent(i)) and all sums, O(n): the exponents in one pass, then the
+  // exponentials in another, which the AVX2 kernels vectorise.
+  template <class Exponent>
+  void rebuild_from_exponents(Exponent exponent) {
+    double* leaves = leaves_.data();
+    for (int64_t i = 0; i < layout_.capacity; ++i) leaves[i] = exponent(i);
+    cpu_kernels().exp_in_place(leaves, layout_.capacity);
     rebuild_internal();
   }
 

@@ -244,10 +244,11 @@ def test_scratch_is_exact_and_large_scratch_is_given_back(rng):
     assert soft._core.scratch_nbytes == 8 * (2 * 128 + 128)  # old and new leaves, with room to grow
 
 
-def test_softmax_leaves_are_the_cpus_bit_for_bit(rng):
+def test_softmax_leaves_are_the_cpus_bit_for_bit(rng, kernels):
     """Issue 21 item 6: the CPU and GPU trees compute softmax leaves with one exp
-    (fastmath.h's exp_shared), so leaves, totals and probabilities agree in every bit
-    (the CUDA build runs the same code: tests/test_cuda.py checks it on a GPU)."""
+    (fastmath.h's exp_shared), so leaves, totals and probabilities agree in every bit, with
+    either build of the CPU kernels (the AVX2 one vectorises it) and on the host build of
+    the GPU code (the CUDA build runs the same code: tests/test_cuda.py checks it on a GPU)."""
     scores = rng.normal(size=20_011) * 30
     cpu = isample.SoftmaxTree.from_scores(scores, temperature=0.7, seed=0)
     gpu = isample.SoftmaxTree.from_scores(scores, temperature=0.7, seed=0, **HOST)

@@ -60,7 +60,10 @@ namespace ISAMPLE_GPU_NS {
 constexpr int64_t kScanBatch = 256;
 // The strided kernels (one pass over all n items: assign, load, rebase) give each worker at
 // least this many items, and launch at most as many workers as the device holds threads.
-constexpr int64_t kItemsPerWorker = 32;
+// Every softmax update launches the rebase kernels, which exit at once unless a rebase is
+// due: 256 items a worker keeps those launches small up to n ~ 1e7 (39,063 workers), while
+// a tree of 1e8 or more gets every thread of the device for its rare O(n) passes.
+constexpr int64_t kItemsPerWorker = 256;
 // The prediction of a softmax total sums k values in chunks of at least this many.
 constexpr int64_t kSumChunk = 256;
 // Scratch above this many bytes is given back after the call that needed it (as the CPU
@@ -709,7 +712,7 @@ class DeviceTree final : public DeviceTreeApi {
   }
 
   // Workers of the strided kernels: enough to fill the device, each with kItemsPerWorker
-  // items or more (so a small tree does not launch idle workers, nor as many atomics).
+  // items or more (so a small tree launches few idle workers, and few atomics).
   int64_t worker_count() const {
     const int64_t wanted = (layout_.capacity + kItemsPerWorker - 1) / kItemsPerWorker;
     return std::max<int64_t>(1, std::min<int64_t>(device_threads_, wanted));
@@ -780,7 +783,7 @@ class DeviceTree final : public DeviceTreeApi {
       if (batch.k >= nodes) {
         for_each(s, nodes, ResumAll{view(), level});
       } else {
-        const int64_t threads = rebase_possible ? std::max(batch.k, std::min(nodes, device_threads_)) : batch.k;
+        const int64_t threads = rebase_possible ? std::max(batch.k, std::min(nodes, worker_count())) : batch.k;
         for_each(s, threads, ResumLevel{view(), batch, level, threads});
       }
     }
