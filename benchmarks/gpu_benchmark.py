@@ -1,21 +1,32 @@
-"""GPU timings: isample's CUDA trees against torch.multinomial on the same device.
+"""GPU timings and memory: isample's CUDA trees against torch.multinomial on the same device.
 
-Run on a machine with a GPU and a CUDA build of isample:
+Run on a machine with a GPU and a CUDA build of isample (scripts/gpu_check.sh does):
 
-    python benchmarks/gpu_benchmark.py --json benchmarks/results/gpu.json
+    python benchmarks/gpu_benchmark.py --json gpu.json
 
-Each figure is the median over many repetitions, timed with CUDA events around the call
-(so it includes the launches and the GPU work, and nothing waits for the host), after
-warm-up calls that make the first-use allocations. torch.multinomial refuses more than
-2^24 categories, so its larger cells are skipped with that reason.
+For each n (5e4, 1e7, 1e8, 1e9 by default, smallest first, each written out as soon as it
+is done, so a run cut short keeps what it measured):
+
+- times, as medians over many repetitions with CUDA events around the call (launches and
+  GPU work; nothing waits for the host), after warm-up calls that load the kernels and make
+  the first-use allocations: update 128, sample 128, sample 128 + update, a draw of 8,192
+  without replacement, assigning all n weights (one pass over n: the strided kernels and
+  the level re-sums), and a softmax rebase (set_temperature: the same, on scores);
+- memory: the tree's arrays (nbytes), and the peak of the device's memory pool (where the
+  trees allocate) during a draw without replacement, above what it held before: the draw's
+  scratch, which is given back after the call above 64 MiB;
+- torch.multinomial (with replacement, and 8,192 without) while n <= 2^24, its limit.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import statistics
+import subprocess
 import sys
+import time
 from typing import Callable, Dict, List
 
 import torch
@@ -24,10 +35,12 @@ import isample
 
 SIZES = [50_000, 10_000_000, 100_000_000, 1_000_000_000]
 BATCH = 128
+DISTINCT = 8192
 MULTINOMIAL_LIMIT = 2**24
+RACE_BYTES_PER_ITEM = 32  # keys, items and their alternates for the radix sort
 
 
-def time_cuda(call: Callable[[], object], repeats: int, warmup: int = 5) -> float:
+def time_cuda(call: Callable[[], object], repeats: int, warmup: int = 3) -> float:
     """Median microseconds of `call`, measured with CUDA events on the current stream."""
     for _ in range(warmup):
         call()
@@ -43,82 +56,145 @@ def time_cuda(call: Callable[[], object], repeats: int, warmup: int = 5) -> floa
     return statistics.median(times)
 
 
-def fits(n: int, bytes_per_item: float) -> bool:
-    free, _ = torch.cuda.mem_get_info()
-    return n * bytes_per_item < 0.8 * free
+def free_bytes() -> int:
+    return torch.cuda.mem_get_info()[0]
 
 
-def run(sizes: List[int], repeats: int) -> List[Dict]:
-    rows = []
-    device = torch.device("cuda")
+def machine() -> Dict:
+    """The GPU, driver, versions and the host CPU (lscpu), for the result file."""
+    info = {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "isample": isample.__version__,
+        "build": isample.build_info(),
+        "cuda_status": isample._core.cuda_status(),
+        "python": platform.python_version(),
+    }
+    try:
+        smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
+                              "--format=csv,noheader"], capture_output=True, text=True, timeout=30)
+        info["nvidia_smi"] = smi.stdout.strip()
+    except (OSError, subprocess.SubprocessError) as error:
+        info["nvidia_smi"] = f"unavailable: {error}"
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=30).stdout
+        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
+        info["cpu"] = {k.strip(): fields[k].strip() for k in fields if k.strip() in
+                       ("Model name", "CPU(s)", "L1d cache", "L2 cache", "L3 cache")}
+    except (OSError, subprocess.SubprocessError) as error:
+        info["cpu"] = f"unavailable: {error}"
+    return info
+
+
+def sum_tree_cells(n: int, repeats: int, device: int) -> Dict:
+    cells: Dict = {}
+    weights = torch.rand(n, dtype=torch.float64, device="cuda") + 1e-3
+    tree = isample.SumTree.from_weights(weights, device="cuda", seed=0)
+    cells["tree bytes per item"] = tree.nbytes / n
+    cells["assign n weights"] = time_cuda(lambda: tree.assign(weights), max(3, repeats // 100))
+    idx = torch.randint(0, n, (BATCH,), device="cuda")
+    values = torch.rand(BATCH, dtype=torch.float64, device="cuda")
+
+    def step() -> None:
+        tree.update(tree.sample(BATCH), values)
+
+    cells["update 128"] = time_cuda(lambda: tree.update(idx, values), repeats)
+    cells["sample 128"] = time_cuda(lambda: tree.sample(BATCH), repeats)
+    cells["sample 128 + update"] = time_cuda(step, repeats)
+    k = min(DISTINCT, n)
+    if free_bytes() > RACE_BYTES_PER_ITEM * n * 1.05 + (256 << 20):
+        torch.cuda.synchronize()
+        before = isample._core.cuda_memory_pool(device, reset_peaks=True)
+        tree.sample(k, replace=False)
+        torch.cuda.synchronize()
+        after = isample._core.cuda_memory_pool(device)
+        cells["draw without replacement: pool peak above the tree, bytes"] = after["used_peak"] - before["used"]
+        cells["draw without replacement: peak bytes per item"] = (after["used_peak"] - before["used"]) / n
+        cells["scratch bytes held after the draw"] = tree._core.scratch_nbytes
+        cells["pool bytes in use after the draw, above before"] = after["used"] - before["used"]
+        cells[f"sample {k} without replacement"] = time_cuda(lambda: tree.sample(k, replace=False),
+                                                            max(3, min(50, repeats // 20)), warmup=1)
+    else:
+        cells[f"sample {k} without replacement"] = "skipped: not enough GPU memory for the race's scratch"
+    tree.check()
+    if n <= MULTINOMIAL_LIMIT:
+        w = weights.clone()
+
+        def multinomial_step() -> None:
+            w[torch.multinomial(w, BATCH, replacement=True)] = values
+
+        cells["torch.multinomial sample 128"] = time_cuda(lambda: torch.multinomial(w, BATCH, replacement=True), repeats)
+        cells["torch.multinomial sample 128 + update"] = time_cuda(multinomial_step, repeats)
+        cells[f"torch.multinomial {k} without replacement"] = time_cuda(
+            lambda: torch.multinomial(weights, k, replacement=False), max(3, min(50, repeats // 20)))
+    else:
+        cells["torch.multinomial"] = "skipped: more than 2^24 categories"
+    del tree, weights
+    return cells
+
+
+def softmax_cells(n: int, repeats: int) -> Dict:
+    cells: Dict = {}
+    scores = torch.randn(n, dtype=torch.float64, device="cuda")
+    tree = isample.SoftmaxTree.from_scores(scores, device="cuda", seed=0)
+    del scores
+    cells["softmax tree bytes per item"] = tree.nbytes / n
+    idx = torch.randint(0, n, (BATCH,), device="cuda")
+    losses = torch.rand(BATCH, dtype=torch.float64, device="cuda")
+    cells["softmax update 128"] = time_cuda(lambda: tree.update(idx, losses), repeats)
+    temperatures = iter([1.0, 2.0] * 1000)
+    cells["softmax rebase (set_temperature)"] = time_cuda(lambda: setattr(tree, "temperature", next(temperatures)),
+                                                          max(3, repeats // 100))
+    tree.check()
+    del tree
+    return cells
+
+
+def run(sizes: List[int], repeats: int, json_path: str | None, info: Dict) -> List[Dict]:
+    rows: List[Dict] = []
+    device = torch.cuda.current_device()
     for n in sizes:
-        if not fits(n, 8.6 + 8.0 * 2):  # the tree, plus the float64 weights it is built from and a copy
-            rows.append({"n": n, "skipped": "not enough GPU memory"})
-            continue
-        weights = torch.rand(n, dtype=torch.float64, device=device) + 1e-3
-        tree = isample.SumTree.from_weights(weights, device="cuda", seed=0)
-        idx = torch.randint(0, n, (BATCH,), device=device)
-        values = torch.rand(BATCH, dtype=torch.float64, device=device)
-
-        def step() -> None:
-            tree.update(tree.sample(BATCH), values)
-
-        cells = {
-            "isample update 128": time_cuda(lambda: tree.update(idx, values), repeats),
-            "isample sample 128": time_cuda(lambda: tree.sample(BATCH), repeats),
-            "isample sample 128 + update": time_cuda(step, repeats),
-        }
-        if n <= MULTINOMIAL_LIMIT:
-            w = weights.clone()
-
-            def multinomial_step() -> None:
-                w[torch.multinomial(w, BATCH, replacement=True)] = values
-
-            cells["torch.multinomial sample 128"] = time_cuda(
-                lambda: torch.multinomial(w, BATCH, replacement=True), repeats
-            )
-            cells["torch.multinomial sample 128 + update"] = time_cuda(multinomial_step, repeats)
-        else:
-            cells["torch.multinomial"] = "skipped: more than 2^24 categories"
-        if n == 50_000:
-            cells["isample 8192 of 50k without replacement"] = time_cuda(
-                lambda: tree.sample(8192, replace=False), max(20, repeats // 20)
-            )
-            cells["torch.multinomial 8192 of 50k without replacement"] = time_cuda(
-                lambda: torch.multinomial(weights, 8192, replacement=False), max(20, repeats // 20)
-            )
-        tree.check()
-        rows.append({"n": n, "bytes_per_item": tree.nbytes / n, **cells})
-        del tree, weights
+        started = time.time()
         torch.cuda.empty_cache()
+        row: Dict = {"n": n}
+        # The tree (8.53 B/item) and the float64 weights it is built from, with room to spare.
+        if free_bytes() < n * (8.6 + 8.0) * 1.2:
+            row["skipped"] = "not enough GPU memory"
+        else:
+            row.update(sum_tree_cells(n, repeats, device))
+            torch.cuda.empty_cache()
+            if free_bytes() > n * (16.6 + 8.0) * 1.2:
+                row.update(softmax_cells(n, repeats))
+            else:
+                row["softmax"] = "skipped: not enough GPU memory"
+        row["seconds"] = round(time.time() - started, 1)
+        rows.append(row)
+        print(f"n = {n:,}", flush=True)
+        for key, value in row.items():
+            if key != "n":
+                print(f"  {key:60s} {value if isinstance(value, str) else f'{value:14.1f}'}", flush=True)
+        if json_path:
+            with open(json_path, "w") as f:
+                json.dump({"machine": info, "unit": "microseconds (median, CUDA events) unless the name says bytes",
+                           "rows": rows}, f, indent=2)
     return rows
 
 
 def main(argv: List[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", type=int, nargs="*", default=SIZES)
-    parser.add_argument("--repeats", type=int, default=1000)
-    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--repeats", type=int, default=500)
+    parser.add_argument("--json", help="write the results here (rewritten after each size)")
     args = parser.parse_args(argv)
     if not isample.cuda_available():
-        print("no CUDA device, or isample was built without CUDA:", isample.build_info())
+        from isample import _device
+
+        print("the CUDA back end cannot run here:", _device.cuda_problem(), isample.build_info())
         return 1
-    info = {
-        "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "isample": isample.__version__,
-        "build": isample.build_info(),
-    }
-    print(info, flush=True)
-    rows = run(args.sizes, args.repeats)
-    for row in rows:
-        print(f"n = {row['n']:,}", flush=True)
-        for key, value in row.items():
-            if key != "n":
-                print(f"  {key:48s} {value if isinstance(value, str) else f'{value:10.1f}'}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": info, "unit": "microseconds (median, CUDA events)", "rows": rows}, f, indent=2)
+    info = machine()
+    print(json.dumps(info), flush=True)
+    run(sorted(args.sizes), args.repeats, args.json, info)
     return 0
 
 

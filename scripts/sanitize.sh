@@ -32,7 +32,8 @@ import isample
 assert isample._core.__file__.startswith(site), isample._core.__file__
 print("testing the sanitizer build:", isample._core.__file__, flush=True)
 import pytest
-tests = [f"{root}/tests/{name}" for name in ("test_sum_tree.py", "test_softmax_tree.py", "test_gpu_on_host.py", "test_properties.py", "test_sampler.py")]
+tests = [f"{root}/tests/{name}" for name in ("test_sum_tree.py", "test_softmax_tree.py", "test_gpu_on_host.py", "test_properties.py",
+                                            "test_sampler.py", "test_core_tiny_totals.py", "test_core_fastmath.py")]
 sys.exit(pytest.main(["-q", "-s", "-p", "no:cacheprovider", "-o", "addopts=--strict-markers", "-m", "not slow", *tests, *extra]))
 PY
 echo "sanitizers: no report"

@@ -364,7 +364,9 @@ def test_cuda_problem_says_what_is_wrong(monkeypatch):
     assert "driver supports CUDA up to 12.8" in problem and "CUDA 13.0 runtime" in problem and "580" in problem
     assert not _device.cuda_available()
     monkeypatch.setattr(_device._core, "cuda_status", lambda: _status(driver=0, error=error))
-    assert error in _device.cuda_problem()
+    assert "no NVIDIA driver was found" in _device.cuda_problem() and error in _device.cuda_problem()
+    monkeypatch.setattr(_device._core, "cuda_status", lambda: _status(error="cudaErrorUnknown: unknown error"))
+    assert "cannot start: cudaErrorUnknown" in _device.cuda_problem()
     monkeypatch.setattr(_device._core, "cuda_status", lambda: _status((7, 0), (9, 0)))
     assert _device.cuda_problem() is None  # device 1 can run it
     problem = _device.cuda_problem(0)

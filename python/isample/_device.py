@@ -79,6 +79,8 @@ def cuda_problem(device: Optional[int] = None) -> Optional[str]:
                 "driver 580 or newer). Update the driver, or build isample from source with a CUDA toolkit "
                 f"no newer than {_version_text(driver)}"
             )
+        if not driver:
+            return f"no NVIDIA driver was found by the CUDA runtime linked into isample ({status['error']})"
         return f"the CUDA runtime linked into isample cannot start: {status['error']}"
     devices = status["devices"]
     if not devices:
