@@ -217,7 +217,9 @@ PYBIND11_MODULE(_core, m) {
   py::register_exception<OutOfMemory>(m, "OutOfMemory", PyExc_MemoryError);
 
   m.def("fanout", [] { return kFanout; });
-  m.def("cuda_device_count", &cuda_devices, "CUDA devices visible to this build (0 without CUDA).");
+  m.def("cuda_device_count", &cuda_devices,
+        "CUDA devices visible to this build (0 without CUDA, or when its CUDA runtime cannot start: "
+        "cuda_status() says why, e.g. a driver older than the runtime).");
   m.def(
       "build_info",
       [] {
@@ -273,7 +275,7 @@ PYBIND11_MODULE(_core, m) {
       },
       "The CUDA runtime's and driver's versions (1000 * major + 10 * minor; 0: none), the error "
       "that kept the runtime from listing devices ('' if none), and each visible device's name, "
-      "compute capability, multiprocessors and memory. Creates no CUDA context.");
+      "compute capability, multiprocessors and memory. Launches and allocates nothing.");
   m.def(
       "cuda_memory_pool",
       [](int device, bool reset_peaks) {

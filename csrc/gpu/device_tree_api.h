@@ -74,7 +74,7 @@ struct CudaDevice {
   int multiprocessors = 0;
   uint64_t total_memory = 0;
 };
-// What the statically linked CUDA runtime sees, without creating a context: its version,
+// What the statically linked CUDA runtime sees, launching and allocating nothing: its version,
 // the driver's (both as 1000 * major + 10 * minor, 0 when there is no driver), the error
 // that kept it from listing devices ("" when none: cudaErrorInsufficientDriver when the
 // driver is older than the runtime), and the visible devices.
