@@ -56,7 +56,7 @@ rank that raised, since all of them raise at the same exchange.
 
 Costs, with W ranks, N items, m = samples_per_epoch, B the batch of one rank, S the steps
 of an epoch and L = ceil(m / W) the per-rank epoch length (bytes are what one rank receives;
-w = 2 words per pair replicated, 3 sharded, plus a policy's extra tensors, see below):
+a pair is 16 bytes, 24 sharded, plus a policy's extra tensors, see below):
 
 =====================  ==========================================  =========================================
 call                   replicated                                  sharded
@@ -64,10 +64,11 @@ call                   replicated                                  sharded
 memory per rank        16.5 N + 8 N + 8 m; about 48 m more         16.5 N / W + 32 L; about 24 c_r more
                        while drawing; 16 L recorded pairs          while drawing; 16 L recorded pairs
 ``update``, per step   local: copies B pairs into the record       local
-``iter``, per epoch    exchange: all-gather of 80 B per rank,      exchange: all-gather of (80 + 8 W) B,
-                       all-gather of 8 (S + 2 L) B per rank;       all-to-all of 8 (S + 3 L) B;
-                       applies S W B updates; draws m items        applies about S B; draw: all-gather 16 W,
-                       locally                                     all-to-all 16 L, all-reduce 16 B
+``iter``, per epoch    exchange: all-gather of 72 B per rank,      exchange: all-to-all of 80 B per peer,
+                       all-gather of 8 (S + 2 L) B per rank;       all-to-all of 8 S B per peer plus 24 B
+                       applies W L updates in S calls; draws m     per pair it owns; applies about L; draw:
+                       items locally                               all-gather 16 W, all-to-all 16 L,
+                                                                   all-reduce 16 B
 ``weights``, ``len``,  local                                       local
 ``state_dict``
 ``load_state_dict``    an all-gather of 16 bytes (checks)          an all-gather of 16 bytes (checks)
@@ -75,7 +76,8 @@ memory per rank        16.5 N + 8 N + 8 m; about 48 m more         16.5 N / W + 
 
 A policy that needs the previous score and is not an EMA (``EarlyImportance``) runs at the
 exchange, where the previous score is known, so its extra tensors (``logits=``,
-``targets=``) travel too: 8 C + 8 more bytes per pair for float32 logits of C classes.
+``targets=``) travel too: 4 C (rounded up to a multiple of 8) + 8 more bytes per pair for
+float32 logits of C classes and int64 targets.
 
 ``iter()`` (except with ``"step"``), ``flush``, ``load_state_dict``, ``check_consistency``,
 sharded ``probabilities``, and ``update``/``set_scores`` with ``"step"`` are collectives:
@@ -90,9 +92,11 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import json
 import math
 import numbers
+import operator
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -649,6 +653,30 @@ class _Exchanger:
         self.in_flight: Deque[_Flight] = collections.deque()
         self.stage = self.comm.device if self.comm.active else self.local.device
         self.timing = {"exchanges": 0, "exchange_seconds": 0.0, "draw_seconds": 0.0}
+        self._cursor: Optional[Tuple[Any, int, int, Iterator[int]]] = None
+
+    # -- where this rank's iteration of an epoch stands ---------------------------------------
+    def _iterate(self, current: Any, chunks: Iterator[Tuple[int, List[int]]]) -> Iterator[int]:
+        """Yield the items of `chunks` ((first, items): this rank's items first, first + 1, ...
+        of `current`) at the speed of a list iterator, with no Python work per item, as
+        DistributedSampler does; how far it got is read from the iterator when asked (_sync)."""
+
+        def lists() -> Iterator[Iterator[int]]:
+            for first, items in chunks:
+                it = iter(items)
+                self._cursor = (current, first, len(items), it)
+                yield it
+
+        return itertools.chain.from_iterable(lists())
+
+    def _sync(self) -> None:
+        """Write how many items this rank's iterator has yielded into its epoch's position."""
+        if self._cursor is not None:
+            current, first, total, it = self._cursor
+            self._set_position(current, first + total - operator.length_hint(it))
+
+    def _set_position(self, current: Any, yielded: int) -> None:
+        raise NotImplementedError
 
     # -- recording ------------------------------------------------------------------------
     def record_update(self, indices: Any, losses: Any, extra: Dict[str, Any]) -> None:
@@ -656,14 +684,22 @@ class _Exchanger:
             self.local.update(indices, losses, **extra)
             return
         recorder, policy = self.recorder, self.local.score_policy
-        try:  # (both conversions detach: nothing recorded keeps an autograd graph)
+        try:  # (nothing recorded keeps an autograd graph: the conversions detach)
             idx = _backend.as_indices(indices, _device_of(indices))
-            values = _as_losses(losses, idx.numel(), _device_of(losses))
-            extras = None
-            if self.deferred_policy:
-                extras = recorder.check_extras(extra, idx.numel(), policy)
-            elif policy.keep is None:
-                values = self._policy_scores(idx, values, extra)
+            if policy.keep is None and not self.deferred_policy:
+                values = self._policy_scores(idx, _as_losses(losses, idx.numel(), _device_of(losses)), extra)
+            elif (
+                type(losses) is torch.Tensor
+                and losses.dim() == 1
+                and losses.shape[0] == idx.numel()
+                and losses.is_floating_point()
+                and losses.layout is torch.strided
+                and not losses.is_neg()
+            ):
+                values = losses.detach()  # a loss as it comes: the record's float64 buffer converts it
+            else:
+                values = _as_losses(losses, idx.numel(), _device_of(losses))
+            extras = recorder.check_extras(extra, idx.numel(), policy) if self.deferred_policy else None
         except Exception as error:  # kept and reported on every rank at the exchange
             recorder.refuse(_UPDATE, error)
         else:
@@ -1008,9 +1044,10 @@ class _Exchanger:
                 "flush() on every rank before rank 0 saves one state for all"
             )
         if self.exchange == "step":
+            where = "with exchange='step'" if self.comm.active else "without a process group (one process)"
             raise ValueError(
-                "the state holds updates not yet exchanged, which a sampler with exchange='step' never keeps: "
-                "load it into one with exchange='epoch' or a number of steps, then flush()"
+                f"the state holds updates not yet exchanged, which a sampler {where} never keeps: load it, on "
+                "the rank that saved it, into one with exchange='epoch' or a number of steps, then flush()"
             )
         codes_t = saved.get("codes")
         if not isinstance(codes_t, torch.Tensor) or codes_t.dtype != torch.int64 or codes_t.dim() != 1:
@@ -1099,6 +1136,7 @@ class _Replicated(_Exchanger):
         return _rank_length(length, self.comm.world, self.drop_last)
 
     def length(self) -> int:
+        self._sync()
         current = self.local.active_epoch  # never draws: the next epoch's length is known ahead
         return self.rank_length(current.order.numel()) if current is not None else self.epoch_length(self.local.epoch)
 
@@ -1116,11 +1154,13 @@ class _Replicated(_Exchanger):
 
     @property
     def epoch(self) -> int:
+        self._sync()
         return self.local.epoch
 
     def iter(self) -> Iterator[int]:
         # EpochSampler.__iter__, with this rank's part of the order instead of all of it, drawn
         # once every rank's updates of the epoch before it are in.
+        self._sync()
         self.flush()
         started = time.perf_counter()
         current = self.local.begin_epoch()
@@ -1129,20 +1169,25 @@ class _Replicated(_Exchanger):
         return self._yield_from(current)
 
     def _yield_from(self, current: Epoch) -> Iterator[int]:
-        # The inner epoch's position counts global items, W per step of this rank (all ranks
-        # step together), so that its state_dict and an exact resume keep working.
         world, n = self.comm.world, current.order.numel()
         length = self.rank_length(n)
         start = current.position // world
         if start >= length:
             current.position = n
-            return
-        for first in range(start, length, _CHUNK):
-            positions = _rank_positions(n, world, self.comm.rank, self.drop_last, first, first + _CHUNK)
-            items = current.order[positions.to(current.order.device)].tolist()
-            for j, item in enumerate(items, first + 1):
-                current.position = n if j == length else j * world
-                yield item
+            return iter(())
+
+        def chunks() -> Iterator[Tuple[int, List[int]]]:
+            for first in range(start, length, _CHUNK):
+                positions = _rank_positions(n, world, self.comm.rank, self.drop_last, first, first + _CHUNK)
+                yield first, current.order[positions.to(current.order.device)].tolist()
+
+        return self._iterate(current, chunks())
+
+    def _set_position(self, current: Epoch, yielded: int) -> None:
+        # The inner epoch's position counts global items, W per item of this rank (all ranks
+        # step together), or n at its end, so that its state_dict and an exact resume work.
+        n = current.order.numel()
+        current.position = n if yielded >= self.rank_length(n) else yielded * self.comm.world
 
     # -- the exchange, as this layout sends and reads it -------------------------------------
     def _route(self, w: _Window) -> Tuple[torch.Tensor, List[int]]:
@@ -1217,6 +1262,7 @@ class _Replicated(_Exchanger):
 
     # -- state ----------------------------------------------------------------------------
     def state_dict(self, consumed: Optional[int]) -> Dict[str, Any]:
+        self._sync()
         inner, world = self.local, self.comm.world
         position = None
         if consumed is not None:
@@ -1249,9 +1295,11 @@ class _Replicated(_Exchanger):
                 )
         pending = self.check_pending(state.get("pending"))
         self.local.load_state_dict(saved)  # validates; raises before changing anything
+        self._cursor = None
         self.restore_pending(pending)
 
     def digest(self, full: bool) -> int:
+        self._sync()
         inner = self.local
         current = inner.current_epoch
         where = None if current is None else (current.epoch, current.position)
@@ -1356,6 +1404,7 @@ class _Sharded(_Exchanger):
         return None
 
     def length(self) -> int:
+        self._sync()
         current = self._in_progress() or self._resumable()
         return current.order.numel() if current is not None else self.epoch_length(self._next_epoch)
 
@@ -1364,10 +1413,12 @@ class _Sharded(_Exchanger):
 
     @property
     def epoch(self) -> int:
+        self._sync()
         current = self._in_progress() or self._resumable()
         return current.epoch if current is not None else self._next_epoch
 
     def iter(self) -> Iterator[int]:
+        self._sync()
         self.flush()  # every update of the epoch before reaches its owner first
         current = self._resumable()
         if current is None:
@@ -1380,12 +1431,15 @@ class _Sharded(_Exchanger):
         self.recorder.floor = current.order.numel()
         return self._yield_from(current)
 
-    @staticmethod
-    def _yield_from(current: _ShardEpoch) -> Iterator[int]:
-        for first in range(current.position, current.order.numel(), _CHUNK):
-            for item in current.order[first : first + _CHUNK].tolist():
-                current.position += 1
-                yield item
+    def _yield_from(self, current: _ShardEpoch) -> Iterator[int]:
+        chunks = (
+            (first, current.order[first : first + _CHUNK].tolist())
+            for first in range(current.position, current.order.numel(), _CHUNK)
+        )
+        return self._iterate(current, chunks)
+
+    def _set_position(self, current: _ShardEpoch, yielded: int) -> None:
+        current.position = yielded
 
     def _rank_generator(self, epoch: int, tag: str) -> torch.Generator:
         # Rank 0 uses ImportanceSampler's seed, so that one rank reproduces it exactly.
@@ -1637,6 +1691,7 @@ class _Sharded(_Exchanger):
 
     # -- state ----------------------------------------------------------------------------
     def state_dict(self, consumed: Optional[int]) -> Dict[str, Any]:
+        self._sync()
         current = self._current
         saved = None
         if current is not None:
@@ -1691,6 +1746,7 @@ class _Sharded(_Exchanger):
         next_epoch = _backend.check_count(state["next_epoch"], "next_epoch")
         pending = self.check_pending(state.get("pending"))
         self.local.load_state_dict(state["local"])  # validates; raises before changing anything
+        self._cursor = None
         self.restore_pending(pending)
         self._current = restored
         # An epoch saved part-way is the one the next iter() continues.
@@ -1701,6 +1757,7 @@ class _Sharded(_Exchanger):
         self.history = [dict(entry) for entry in state.get("history", [])]
 
     def digest(self, full: bool) -> int:
+        self._sync()
         current = self._current
         where = None if current is None else (current.epoch, current.position)
         return _fingerprint([self._next_epoch, where, self.counters])
@@ -1878,6 +1935,7 @@ class DistributedImportanceSampler(Sampler[int]):
         None before the first. Local. What ``state_dict(consumed=k)`` counts in: a training
         loop behind a prefetching DataLoader passes its own k when k is smaller."""
         engine = self._engine
+        engine._sync()
         if isinstance(engine, _Sharded):
             current = engine._current
             return None if current is None else (current.epoch, current.position)
