@@ -72,14 +72,17 @@ class ScoreLedger:
     def accept(self, message: Scores) -> None:
         """Record an applied message (checked with ``check`` first)."""
         self.item_publish[message.indices] = self._publish_index(message.version)
-        n = int(message.indices.size)
         self.counters["batches"] += 1
-        self.counters["items"] += n
+        self.counters["items"] += int(message.indices.size)
+
+    def arrived(self, items: int) -> None:
+        """Time a good batch's arrival (scores may be applied later: across ranks, every
+        ``publish_every`` steps), for ``items_per_second``."""
         now = time.perf_counter()
         if self._first_arrival is None:
             self._first_arrival = now
         else:
-            self._items_timed += n
+            self._items_timed += int(items)
         self._last_arrival = now
 
     def reject(self, reason: str, worker: int, items: int) -> None:
@@ -109,7 +112,7 @@ class ScoreLedger:
         return (lower + upper) / 2.0, oldest
 
     def items_per_second(self) -> float:
-        """Items applied per second since the first batch arrived (start-up excluded)."""
+        """Items that arrived per second, from the first good batch to the last (start-up excluded)."""
         if self._first_arrival is None or self._last_arrival is None or self._last_arrival <= self._first_arrival:
             return 0.0
         return self._items_timed / (self._last_arrival - self._first_arrival)

@@ -265,6 +265,7 @@ class ScorerPool:
             reason = self._ledger.check(message)
             if reason is None:
                 self._pending.append(message)
+                self._ledger.arrived(message.indices.size)
             else:
                 self._ledger.reject(reason, message.worker, message.indices.size)
         elif isinstance(message, messages.Bad):
@@ -310,7 +311,8 @@ class ScorerPool:
         - ``coverage``: fraction of the items scored at least once;
         - ``staleness``: ``{"median", "max"}`` over the scored items of (current step - the
           step whose parameters scored the item), in trainer steps (None before any score);
-        - ``items_per_second``: items applied per second since the first batch arrived;
+        - ``items_per_second``: items scored per second, from the arrival of the first good
+          batch to the last (start-up excluded);
         - ``workers``, ``workers_alive``;
         - ``rejected`` (messages refused), ``rejected_items``, ``last_rejections``;
         - ``steps``, ``published`` (publishes made), ``publishes_skipped`` (a broadcast was
