@@ -120,6 +120,43 @@ def test_score_checks_shape_and_type():
     assert Score(lambda m, a, b: torch.ones(len(b), dtype=torch.int32))(model, x, y).dtype is torch.float64
 
 
+class _Uint8Images(torch.utils.data.Dataset):
+    """uint8 images normalised a chunk at a time (the chunk protocol)."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.images[i].float() / 255.0, self.labels[i]
+
+    def chunk(self, start: int, stop: int):
+        return self.images[start:stop].float() / 255.0, self.labels[start:stop]
+
+
+def test_chunks_are_read_by_chunk_by_slicing_or_by_collating_items(fashion):
+    from isample.scoring.worker import ChunkPlan, load_chunk
+
+    x, y = fashion.tensors
+    images = (x * 255).round().to(torch.uint8)
+    expected_x = images[64:128].float() / 255.0
+    for dataset in (_Uint8Images(images, y), list(zip(images.float() / 255.0, y))):
+        cx, cy = load_chunk(dataset, 64, 128)
+        assert torch.equal(cx, expected_x) and torch.equal(cy, y[64:128])
+    cx, cy = load_chunk(fashion, 64, 128)
+    assert cx.data_ptr() == x[64:].data_ptr() and torch.equal(cy, y[64:128])  # a view: no copy
+    with pytest.raises(TypeError, match=r"\(x, y\) pairs"):
+        load_chunk([torch.zeros(3)] * 10, 0, 4)
+    # two scorers own alternate chunks and together sweep every item once per sweep
+    plans = [ChunkPlan(1000, 64, w, 2, seed=0) for w in range(2)]
+    sweeps = [[next(g) for _ in range(len(p.chunks))] for p, g in ((p, p.sweeps()) for p in plans)]
+    covered = sorted(i for sweep in sweeps for start, stop in sweep for i in range(start, stop))
+    assert covered == list(range(1000))
+    assert [s for s, _ in sweeps[0]] != sorted(s for s, _ in sweeps[0])  # shuffled
+
+
 # -- the board, the messages and the ledger, in this process ---------------------------------
 
 

@@ -7,9 +7,11 @@ order each sweep (seeded, so a run is reproducible up to timing). Before each ch
 the newest parameters, if any arrived; it scores the chunk in eval mode and sends back
 ``(indices, scores, version)``.
 
-A ``TensorDataset`` (or any data set with a ``tensors`` tuple of two) is sliced, so a chunk
-costs no per-item Python; other map-style data sets go through ``__getitems__`` when they have
-it, else item by item, and torch's ``default_collate``.
+A data set may define ``chunk(start, stop) -> (x, y)``, the batch of items [start, stop): the
+way to keep images as uint8 in shared memory and normalise a chunk at a time. A
+``TensorDataset`` (or any data set with a ``tensors`` tuple of two) is sliced, so a chunk
+costs no per-item Python; other map-style data sets go through ``__getitems__`` when they
+have it, else item by item, and torch's ``default_collate``.
 """
 
 from __future__ import annotations
@@ -49,7 +51,12 @@ class ChunkPlan:
 
 
 def load_chunk(dataset: Dataset, start: int, stop: int) -> Tuple[Any, torch.Tensor]:
-    """Items [start, stop) of a map-style data set of (x, y), batched."""
+    """Items [start, stop) of a map-style data set of (x, y), batched: ``dataset.chunk(start,
+    stop)`` when the data set defines it, slices of a TensorDataset's two tensors, else its
+    ``__getitems__`` (or item by item) and ``default_collate``."""
+    chunk = getattr(dataset, "chunk", None)
+    if callable(chunk):
+        return chunk(start, stop)
     tensors = getattr(dataset, "tensors", None)
     if isinstance(tensors, tuple) and len(tensors) == 2 and all(isinstance(t, torch.Tensor) for t in tensors):
         return tensors[0][start:stop], tensors[1][start:stop]
