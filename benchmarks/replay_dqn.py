@@ -66,20 +66,30 @@ def _lscpu() -> Dict[str, str]:
     return {k: fields[k] for k in keep if k in fields}
 
 
-def _versions() -> Dict[str, str]:
-    import cpprb
-    import gymnasium
-
-    import isample
-
+def _git(*args: str) -> str:
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, check=True, capture_output=True, text=True).stdout.strip()
+        return subprocess.run(["git", *args], cwd=ROOT, check=True, capture_output=True, text=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+        return "unknown"
+
+
+def _versions() -> Dict[str, str]:
+    """Versions of everything measured, and the commit the run started from (with the files
+    of the package that differed from it, if any)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    def of(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    changed = _git("status", "--porcelain", "--", "python/isample", "csrc")
     return {
         "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-        "gymnasium": gymnasium.__version__, "cpprb": getattr(cpprb, "__version__", "unknown"),
-        "isample": getattr(isample, "__version__", "unknown"), "isample_commit": commit,
+        "gymnasium": of("gymnasium"), "cpprb": of("cpprb"), "isample": of("isample"),
+        "isample_commit": _git("rev-parse", "--short", "HEAD"),
+        "uncommitted_package_files": [line[3:] for line in changed.splitlines()] if changed != "unknown" else "unknown",
     }
 
 
@@ -137,6 +147,7 @@ def summarise(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
             entry[call] = {
                 "median_us": [round(r["median_us"][call], 1) for r in mine],
                 "ratio_to_cpprb": [round(r["median_us"][call] / cpprb[r["seed"]]["median_us"][call], 2) for r in mine if r["seed"] in cpprb],
+                "total_s": [round(r["total_s"][call], 2) for r in mine],
             }
         out[name] = entry
     return out
@@ -179,6 +190,7 @@ def main() -> None:
         return
     torch.set_num_threads(1)
     example = _load_example()
+    versions = _versions()  # at the start: the code that runs
     load_before = os.getloadavg()
     runs = []
     for i, seed in enumerate(args.seeds):
@@ -199,11 +211,14 @@ def main() -> None:
             "load_average_after": [round(x, 2) for x in os.getloadavg()],
             "note": "development VM, 2 cores shared with other jobs running at the same time; torch on one thread",
         },
-        "versions": _versions(),
+        "versions": versions,
         "setting": {
             "env": "CartPole-v1", "steps": args.steps, "capacity": args.capacity, "batch": 64, "alpha": 0.6,
             "eps": 1e-6, "beta": "0.4 -> 1 linearly", "learning_starts": 1000, "seeds": args.seeds,
-            "timing": "median of perf_counter_ns around each buffer call inside the loop",
+            "timing": "median of perf_counter_ns around each buffer call inside the loop (total_s: their sum; "
+                      "a loaded machine's preemptions land in it, not in the medians)",
+            "before": "the earlier isample runs behind a thin adapter (done as float, batch['indexes']): "
+                      "about a microsecond per call of its own" if args.before else None,
         },
         "runs": runs,
         "summary": summarise(runs),

@@ -77,6 +77,9 @@ class TimedBuffer:
     def medians_us(self) -> Dict[str, float]:
         return {name: statistics.median(ns) / 1e3 for name, ns in self.ns.items() if ns}
 
+    def totals_s(self) -> Dict[str, float]:
+        return {name: sum(ns) / 1e9 for name, ns in self.ns.items()}
+
 
 def q_network(hidden: int = 128) -> torch.nn.Module:
     return torch.nn.Sequential(
@@ -163,6 +166,7 @@ def train(
         "last20_mean_return": statistics.fmean(returns[-20:]) if returns else None,
         "median_us": rb.medians_us(),
         "calls": {name: len(ns) for name, ns in rb.ns.items()},
+        "total_s": rb.totals_s(),
         "wall_s": wall,
     }
 
