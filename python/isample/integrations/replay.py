@@ -215,8 +215,9 @@ class PrioritizedReplayBuffer:
     def _slots(self, indices: Any) -> torch.Tensor:
         """`indices` as int64 (k,) on the device, each a slot that holds an item.
 
-        An int64 tensor on the buffer's device is taken as it is; once the buffer is full,
-        the tree's own range check is the check (its IndexError is reworded by the caller)."""
+        An int64 tensor on the buffer's device is taken as it is. Once a CPU buffer is full,
+        the tree's own range check is the check (its IndexError is reworded by the caller);
+        a CUDA tree finds bad indices only later, so there they are always checked here."""
         if (
             type(indices) is torch.Tensor
             and indices.dtype is torch.int64
@@ -227,7 +228,7 @@ class PrioritizedReplayBuffer:
             slots = indices
         else:
             slots = self._as_slots(indices)
-        if self._size < self.capacity and slots.shape[0]:
+        if slots.shape[0] and (self._size < self.capacity or not self._cpu):
             if self._cpu:
                 index = slots.numpy()
                 out_of_range = index.min() < 0 or index.max() >= self._size
