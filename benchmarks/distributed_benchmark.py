@@ -14,12 +14,13 @@ are interleaved, one epoch each per round, their order rotated from one round to
 so that the machine's drift (other jobs share its 2 cores) spreads over all of them; the
 summary gives per contender the median time per step, the median over rounds of its epoch
 time divided by DistributedSampler's in the same round (and the ratio of the two fastest
-epochs, the least disturbed by other jobs), the sampler's share of the step
-(its calls on the steps, plus its exchange and draw at the epoch's start), and the bytes and
-collectives of its exchanges, per epoch and on the steps themselves (what the traffic
-counters of ``sampler.stats`` saw; bytes are what rank 0 received and sent). The result file
-also records the CPU (``lscpu``), the load average and the versions. Not a test: nothing here
-asserts a time.
+epochs, the least disturbed by other jobs, and the same ratio of CPU time, the work each
+process did, which other jobs disturb much less than the wall clock), the sampler's share of
+the step (its calls on the steps, plus its exchange and draw at the epoch's start), and the
+bytes and collectives of its exchanges, per epoch and on the steps themselves (what the
+traffic counters of ``sampler.stats`` saw; bytes are what rank 0 received and sent). The
+result file also records the CPU (``lscpu``), the load average and the versions. Not a test:
+nothing here asserts a time.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ class _Contender:
         at_start = self.traffic()
         after_first: Optional[Dict[str, float]] = None
         steps, on_step = 0, 0.0
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         for index, x, y in self.loader:  # the first batch starts the epoch: exchange, then draw
             if after_first is None:
                 after_first = self.traffic()
@@ -153,10 +154,12 @@ class _Contender:
                 on_step += time.perf_counter() - tick
             steps += 1
         seconds = time.perf_counter() - started
+        cpu_seconds = time.process_time() - cpu_started
         at_end = self.traffic()
         assert after_first is not None
         return {
             "seconds": seconds,
+            "cpu_seconds": cpu_seconds,  # this process's threads (gloo's included), not the time it waited
             "steps": steps,
             "sampler_seconds_on_steps": on_step,  # weights() and update(), a per-step exchange included
             # the epoch's start, in the loader's first batch: the exchange before the draw, and the draw
@@ -207,6 +210,7 @@ def summarise(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
     """Per contender: medians over rounds, and its epoch time over DistributedSampler's in the
     same round (rank 0's clock: DDP keeps the ranks in step)."""
     baseline = {run["round"]: run["seconds"] for run in runs if run["contender"] == BASELINE}
+    baseline_cpu = {run["round"]: run["cpu_seconds"] for run in runs if run["contender"] == BASELINE}
     summary: Dict[str, Any] = {}
     for name in CONTENDERS:
         mine = [run for run in runs if run["contender"] == name]
@@ -224,6 +228,15 @@ def summarise(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
             ),
             "ratio_to_DistributedSampler_quartiles_of_rounds": [
                 round(q, 4) for q in statistics.quantiles([run["seconds"] / baseline[run["round"]] for run in mine], n=4)
+            ],
+            # CPU time: the work of each approach, much less disturbed by other jobs than the wall clock
+            "cpu_ms_per_step_median": round(statistics.median(1e3 * run["cpu_seconds"] / run["steps"] for run in mine), 4),
+            "cpu_ratio_to_DistributedSampler_median_of_rounds": round(
+                statistics.median(run["cpu_seconds"] / baseline_cpu[run["round"]] for run in mine), 4
+            ),
+            "cpu_ratio_to_DistributedSampler_quartiles_of_rounds": [
+                round(q, 4)
+                for q in statistics.quantiles([run["cpu_seconds"] / baseline_cpu[run["round"]] for run in mine], n=4)
             ],
             # the fastest epoch of each: the least disturbed by the other jobs on the machine
             "ratio_to_DistributedSampler_of_fastest_epochs": round(
@@ -248,13 +261,14 @@ def summarise(runs: List[Dict[str, Any]]) -> Dict[str, Any]:
 
 def table(result: Dict[str, Any]) -> str:
     lines = [
-        f"{'contender':40s} {'ms/step':>8s} {'ratio':>6s} {'fastest':>7s} {'share':>6s} {'B/epoch':>9s} {'B/step':>8s} "
-        f"{'coll/epoch':>10s} {'on steps':>8s}"
+        f"{'contender':40s} {'ms/step':>8s} {'ratio':>6s} {'fastest':>7s} {'cpu':>6s} {'share':>6s} {'B/epoch':>9s} "
+        f"{'B/step':>8s} {'coll/epoch':>10s} {'on steps':>8s}"
     ]
     for name, s in result["summary"].items():
         lines.append(
             f"{name:40s} {s['ms_per_step_median']:8.3f} {s['ratio_to_DistributedSampler_median_of_rounds']:6.3f} "
             f"{s['ratio_to_DistributedSampler_of_fastest_epochs']:7.3f} "
+            f"{s['cpu_ratio_to_DistributedSampler_median_of_rounds']:6.3f} "
             f"{100 * s['sampler_share_of_step_median']:5.1f}% {s['bytes_received_per_epoch']:9.0f} "
             f"{s['bytes_received_per_step']:8.1f} {s['collectives_per_epoch']:10.0f} "
             f"{s['collectives_on_the_steps_per_epoch']:8.0f}"
@@ -265,7 +279,7 @@ def table(result: Dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--items", type=int, default=20_000)
-    parser.add_argument("--rounds", type=int, default=15, help="measured rounds (one epoch per contender each)")
+    parser.add_argument("--rounds", type=int, default=21, help="measured rounds (one epoch per contender each)")
     parser.add_argument("--warmup", type=int, default=1, help="rounds run first and not measured")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="write the result JSON here")
@@ -304,7 +318,8 @@ def main() -> None:
             "sampler": "score running_loss, softmax, uniform_mix 0.1 (DistributedSampler: a plain mean loss)",
             "rounds": args.rounds,
             "warmup_rounds": args.warmup,
-            "timing": "perf_counter around each whole epoch on rank 0, first batch (exchange and draw) included",
+            "timing": "perf_counter (and process_time) around each whole epoch on rank 0, first batch "
+            "(exchange and draw) included",
             "seconds": round(time.time() - started, 1),
         },
         "summary": summarise(per_rank[0]),
