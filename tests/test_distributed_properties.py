@@ -37,6 +37,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import isample
+from test_distributed import _same  # bit-for-bit equality of two states
 
 N = 24
 CALLS = 14
@@ -64,25 +65,6 @@ def one_rank_group(tmp_path_factory):
         yield
     finally:
         dist.destroy_process_group()
-
-
-def _same(a: Any, b: Any) -> bool:
-    """Bit-for-bit equality of states: tensors by dtype, shape and bytes (NaN included)."""
-    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
-        return (
-            isinstance(a, torch.Tensor)
-            and isinstance(b, torch.Tensor)
-            and a.dtype == b.dtype
-            and a.shape == b.shape
-            and a.cpu().contiguous().numpy().tobytes() == b.cpu().contiguous().numpy().tobytes()
-        )
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    if isinstance(a, float) and isinstance(b, float) and math.isnan(a):
-        return math.isnan(b)
-    return type(a) is type(b) and a == b
 
 
 def _outcome(call: Callable[[], Any]) -> Any:
