@@ -157,6 +157,7 @@ def run(sizes: List[int], repeats: int, json_path: str | None, info: Dict) -> Li
     for n in sizes:
         started = time.time()
         torch.cuda.empty_cache()
+        torch.cuda.synchronize()  # the trees' pool gives freed memory back to the driver at a sync
         row: Dict = {"n": n}
         # The tree (8.53 B/item) and the float64 weights it is built from, with room to spare.
         if free_bytes() < n * (8.6 + 8.0) * 1.2:
@@ -164,6 +165,7 @@ def run(sizes: List[int], repeats: int, json_path: str | None, info: Dict) -> Li
         else:
             row.update(sum_tree_cells(n, repeats, device))
             torch.cuda.empty_cache()
+            torch.cuda.synchronize()
             if free_bytes() > n * (16.6 + 8.0) * 1.2:
                 row.update(softmax_cells(n, repeats))
             else:
