@@ -130,8 +130,7 @@ def sum_tree_cells(n: int, repeats: int, device: int) -> Dict:
             lambda: torch.multinomial(weights, k, replacement=False), max(3, min(50, repeats // 20)))
     else:
         cells["torch.multinomial"] = "skipped: more than 2^24 categories"
-    del tree, weights
-    return cells
+    return cells  # the tree and the weights go with this frame
 
 
 def softmax_cells(n: int, repeats: int) -> Dict:
@@ -147,7 +146,6 @@ def softmax_cells(n: int, repeats: int) -> Dict:
     cells["softmax rebase (set_temperature)"] = time_cuda(lambda: setattr(tree, "temperature", next(temperatures)),
                                                           max(3, repeats // 100))
     tree.check()
-    del tree
     return cells
 
 
