@@ -736,3 +736,25 @@ def test_cuda_strided_passes_match_the_cpu(rng):
     other = isample.SoftmaxTree(n, device="cuda", seed=0)
     other.load_state_dict(state)
     assert torch.equal(other.probability(), gpu.probability())
+
+
+def test_device_resolution_and_cuda_available_follow_cuda_problem(monkeypatch):
+    """The public entry points (``device="cuda"`` anywhere, ``isample.cuda_available()``) refuse
+    with _device.cuda_problem's sentence: an old driver or a device without kernels is named
+    as such, not reported as "no device"."""
+    from isample import _backend, _device
+
+    monkeypatch.setattr(_device._core, "build_info", lambda: BUILD)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(_device._core, "cuda_status", lambda: _status((7, 0)))
+    with pytest.raises(ValueError, match="compute capability 7.0.*cannot run this build"):
+        _backend.resolve_device("cuda")
+    with pytest.raises(ValueError, match="compute capability 7.0"):
+        isample.SumTree(4, device="cuda:0")
+    assert not isample.cuda_available()
+    monkeypatch.setattr(_device._core, "cuda_status", lambda: _status((7, 0), (9, 0)))
+    assert isample.cuda_available()  # device 1 can run it
+    assert _backend.resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match="device 0"):
+        _backend.resolve_device("cuda")  # the current device, 0, cannot

@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, Optional, Union
 import numpy as np
 import torch
 
-from . import _core
+from . import _core, _device
 
 DeviceLike = Union[str, torch.device]
 
@@ -40,14 +40,13 @@ def resolve_device(device: DeviceLike) -> torch.device:
     if resolved.type == "cpu":
         return CPU
     if resolved.type == "cuda":
-        if not _core.build_info()["cuda"]:
-            raise ValueError(
-                "device='cuda' is not supported by this build of isample: it was compiled "
-                "without the CUDA back end (see isample.build_info(); rebuild with nvcc on PATH)"
-            )
-        if not torch.cuda.is_available() or _core.cuda_device_count() == 0:
-            raise ValueError("device='cuda' was asked for, but no CUDA device is visible")
-        return torch.device("cuda", resolved.index if resolved.index is not None else torch.cuda.current_device())
+        # the build, torch, the driver and the device's compute capability, in that order
+        available = _core.build_info()["cuda"] and torch.cuda.is_available()
+        index = resolved.index if resolved.index is not None else (torch.cuda.current_device() if available else 0)
+        problem = _device.cuda_problem(index)
+        if problem is not None:
+            raise ValueError(problem)
+        return torch.device("cuda", index)
     raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
 
 
@@ -333,5 +332,6 @@ def build_info() -> dict:
 
 
 def cuda_available() -> bool:
-    """True when the core was built with CUDA, and both torch and the core see a GPU."""
-    return bool(_core.build_info()["cuda"]) and torch.cuda.is_available() and _core.cuda_device_count() > 0
+    """True when the core was built with CUDA, torch sees a GPU, the driver can run the core's
+    CUDA runtime, and some visible device can run the core's kernels (see _device.cuda_problem)."""
+    return _device.cuda_available()
