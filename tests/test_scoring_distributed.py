@@ -55,30 +55,12 @@ def _explode(model, x, y):
     raise ValueError("the scorer's score function exploded on purpose")
 
 
-def _ensure_set_scores() -> None:
-    """Until DistributedImportanceSampler.set_scores lands: all-gather the pairs and write
-    them into every replica (what the contract says the real one does)."""
-    from isample.distributed import DistributedImportanceSampler as D
-
-    if hasattr(D, "set_scores"):
-        return
-    import torch.distributed as dist
-
-    def set_scores(self, indices, scores):
-        pairs: List[Any] = [None] * self._comm.world
-        dist.all_gather_object(pairs, (torch.as_tensor(indices), torch.as_tensor(scores)), group=self._comm.group)
-        self._engine.local.set_scores(torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]))
-
-    D.set_scores = set_scores
-
-
 def _trainer(ranks, out: Path) -> Dict[str, Any]:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from isample.distributed import DistributedImportanceSampler
     from isample.scoring import ScorerError, ScorerPool
 
-    _ensure_set_scores()
     data = _data()
     model = _model()
     ddp = DDP(model, process_group=ranks.trainers)
