@@ -11,7 +11,7 @@ differences (isample minus the baseline run next to it), which drift cancels out
 figures live in each benchmark's ``extra_info``; pytest-benchmark's own timing is of the
 whole interleaved run. Torch runs on one thread so both variants do the same work.
 
-Groups (each with a ``without_isample`` baseline):
+Groups (each with a ``without_isample`` baseline: cpprb in the replay groups):
 
 - plain step: forward, loss, backward, SGD step of an MLP on a batch of 128; with isample the
   losses go through ``protocol.weighted_loss`` (or the four calls written out);
@@ -21,7 +21,9 @@ Groups (each with a ``without_isample`` baseline):
   ``Trainer`` against ``ImportanceTrainer``; the DataLoader's share is the group above;
 - Lightning: a whole ``fit`` of 256 steps (its loop, set-up excluded) with and without the
   callback, DataLoader included;
-- replay: sample 128 + update 128 priorities in a buffer of 100k, against cpprb.
+- replay: each call alone (add one transition, sample 64, update_priorities 64) in a full
+  buffer of 50k, against cpprb (the baseline there); ``benchmarks/replay_dqn.py`` measures
+  the same calls inside a real DQN loop.
 """
 
 from __future__ import annotations
@@ -284,35 +286,46 @@ def test_lightning_fit(benchmark):
 
 # -- prioritized replay ------------------------------------------------------------------------
 
-CAPACITY = 100_000
+CAPACITY, REPLAY_BATCH = 50_000, 64
 
 
-def test_replay_sample_and_update(benchmark):
-    """The baseline is cpprb's PrioritizedReplayBuffer, the library a user would pick instead."""
+@pytest.mark.parametrize("call", ["add", "sample", "update_priorities"])
+def test_replay_call(benchmark, call):
+    """One buffer call alone, in a full buffer of CartPole-sized transitions, against cpprb's
+    PrioritizedReplayBuffer (the library a user would pick instead): ``add`` of one
+    transition (numpy obs, Python numbers), ``sample`` of 64 with beta, ``update_priorities``
+    of 64 (numpy float32 |TD|, as a DQN loop hands them). isample's ``normalize="buffer"``
+    is cpprb's normalisation; ``"batch"`` is isample's default. The same calls inside a real
+    DQN loop: ``benchmarks/replay_dqn.py``."""
     import numpy as np
 
     cpprb = pytest.importorskip("cpprb", reason="cpprb is not installed")
     from isample.integrations.replay import PrioritizedReplayBuffer
 
-    benchmark.group = f"replay: sample {BATCH} + update_priorities {BATCH}, capacity {CAPACITY:,}, obs of 8 float32"
+    benchmark.group = f"replay alone, against cpprb (the baseline column): {call} ({REPLAY_BATCH} where batched), capacity {CAPACITY:,}, full"
     rng = np.random.default_rng(0)
-    obs = rng.standard_normal((CAPACITY, 8)).astype(np.float32)
-    td = rng.exponential(1.0, BATCH)
-    theirs = cpprb.PrioritizedReplayBuffer(CAPACITY, {"obs": {"shape": 8}}, alpha=0.6, eps=1e-6)
-    theirs.add(obs=obs)
-    ours = PrioritizedReplayBuffer(CAPACITY, alpha=0.6, beta=0.4, eps=1e-6, seed=0)
-    ours.add({"obs": torch.from_numpy(obs)})
-    priorities = torch.from_numpy(td)
+    obs = rng.standard_normal((CAPACITY, 4)).astype(np.float32)
+    act, rew, done = rng.integers(0, 2, CAPACITY), np.ones(CAPACITY, dtype=np.float32), rng.random(CAPACITY) < 0.05
+    env_dict = {"obs": {"shape": 4}, "act": {"dtype": np.int64}, "rew": {}, "next_obs": {"shape": 4}, "done": {}}
+    buffers = {BASELINE: cpprb.PrioritizedReplayBuffer(CAPACITY, env_dict, alpha=0.6, eps=1e-6)}
+    for normalize in ("buffer", "batch"):
+        buffers[f"isample, normalize={normalize!r}"] = PrioritizedReplayBuffer(
+            CAPACITY, alpha=0.6, eps=1e-6, normalize=normalize, bool_as_float=True, seed=0
+        )
+    for buffer in buffers.values():
+        buffer.add(obs=obs, act=act, rew=rew, next_obs=obs, done=done.astype(np.float32), priorities=rng.exponential(1.0, CAPACITY))
+    td = np.abs(rng.standard_normal(REPLAY_BATCH)).astype(np.float32)
+    transition = dict(obs=obs[0], act=1, rew=1.0, next_obs=obs[1], done=False)
+    indexes = {name: b.sample(REPLAY_BATCH, beta=0.4)["indexes"] for name, b in buffers.items()}
 
-    def cpprb_step():
-        batch = theirs.sample(BATCH, beta=0.4)
-        theirs.update_priorities(batch["indexes"], td)
+    def step(name: str, buffer) -> Callable[[], object]:
+        if call == "add":
+            return lambda: buffer.add(**transition)
+        if call == "sample":
+            return lambda: buffer.sample(REPLAY_BATCH, beta=0.4)
+        return lambda: buffer.update_priorities(indexes[name], td)
 
-    def isample_step():
-        batch = ours.sample(BATCH)
-        ours.update_priorities(batch["indices"], priorities)
-
-    interleaved(benchmark, {BASELINE: cpprb_step, "isample": isample_step}, pairs=3000)
+    interleaved(benchmark, {name: step(name, b) for name, b in buffers.items()}, pairs=3000, warmup=50)
 
 
 # -- report ------------------------------------------------------------------------------------
