@@ -241,7 +241,8 @@ def bench_sweep(data: TensorDataset, rounds: int) -> Dict[str, Any]:
         "how": "wall clock: items/s from the worker's first score batch to full coverage, against the plain "
                "loop's items/s; both depend on the share of the 2 loaded cores each process gets. CPU time: items "
                "per CPU second of the worker process (/proc/PID/stat over the same window) against the plain "
-               "loop's process_time: the worker's own efficiency, which the machine's load does not move.",
+               "loop's process_time: the worker's own efficiency, which the machine's load moves far less than the "
+               "wall clock (though caches and memory bandwidth are shared).",
     }
 
 

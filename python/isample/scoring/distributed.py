@@ -17,8 +17,9 @@ others train, and the ``ScorerPool`` API stays the same.
 Roles: with W ranks and K scorers, ranks 0 .. W-K-1 train (DDP and the distributed sampler
 over ``ranks.trainers``) and ranks W-K .. W-1 score. Trainer rank 0 is the *lead*: it alone
 publishes parameters and receives scores. Two extra process groups link the lead and the
-scorers, both gloo (CPU tensors over TCP, whatever the trainers' back end), so that scoring
-traffic never queues behind the trainers' NCCL all-reduces:
+scorers, and a third the trainers among themselves (``ranks.control``), all gloo (CPU
+tensors over TCP, whatever the trainers' back end), so that scoring traffic never queues
+behind the trainers' NCCL all-reduces and the pool's agreements never synchronise a GPU:
 
 - **parameters**: the lead broadcasts one flat byte buffer (``ParameterLayout``: the
   floating-point state, each tensor 8-byte aligned, then an int64 version) every
@@ -85,7 +86,10 @@ class ScorerRanks:
     Attributes:
         rank: this process's global rank.
         trainer_ranks, scorer_ranks: global ranks; the lead is ``trainer_ranks[0]``.
-        trainers: the process group of the training ranks (for DDP and the sampler).
+        trainers: the process group of the training ranks (for DDP and the sampler), on the
+            job's back end.
+        control: a gloo group of the training ranks, for the pool's own small agreements
+            (a scorer's error, ``stats()``): CPU tensors, so no GPU synchronisation.
         params_group, scores_group: gloo groups of the lead and the scorers.
     """
 
@@ -93,6 +97,7 @@ class ScorerRanks:
     trainer_ranks: List[int]
     scorer_ranks: List[int]
     trainers: "ProcessGroup"
+    control: "ProcessGroup"
     params_group: "ProcessGroup"
     scores_group: "ProcessGroup"
 
@@ -103,7 +108,7 @@ class ScorerRanks:
     @classmethod
     def split(cls, scorers: int) -> "ScorerRanks":
         """The last `scorers` ranks score, the others train. A collective over the default
-        group (it creates three process groups): every rank calls it, in the same order
+        group (it creates four process groups): every rank calls it, in the same order
         relative to its other ``new_group`` calls."""
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("ScorerRanks.split needs torch.distributed: call init_process_group first")
@@ -113,10 +118,11 @@ class ScorerRanks:
         trainer_ranks = list(range(world - scorers))
         scorer_ranks = list(range(world - scorers, world))
         trainers = dist.new_group(trainer_ranks)
+        control = dist.new_group(trainer_ranks, backend="gloo")
         link = [trainer_ranks[0], *scorer_ranks]
         params_group = dist.new_group(link, backend="gloo")
         scores_group = dist.new_group(link, backend="gloo")
-        return cls(rank, trainer_ranks, scorer_ranks, trainers, params_group, scores_group)
+        return cls(rank, trainer_ranks, scorer_ranks, trainers, control, params_group, scores_group)
 
     @property
     def is_scorer(self) -> bool:
@@ -221,7 +227,7 @@ class RankTransport:
 
     def agree_on_errors(self, errors: List[str]) -> List[str]:
         """Every trainer, at the same step: the lead's worker errors, on every trainer."""
-        group, lead = self.ranks.trainers, self.ranks.lead
+        group, lead = self.ranks.control, self.ranks.lead
         flag = torch.tensor([len(errors) if self.ranks.is_lead else 0], dtype=torch.int64)
         dist.broadcast(flag, src=lead, group=group)
         if int(flag[0]) == 0:
@@ -234,7 +240,7 @@ class RankTransport:
 
     def from_lead(self, value: Any) -> Any:
         box = [value if self.ranks.is_lead else None]
-        dist.broadcast_object_list(box, src=self.ranks.lead, group=self.ranks.trainers)
+        dist.broadcast_object_list(box, src=self.ranks.lead, group=self.ranks.control)
         return box[0]
 
     def alive(self) -> int:
