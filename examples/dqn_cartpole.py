@@ -74,6 +74,9 @@ class TimedBuffer:
         self.buffer.update_priorities(indexes, priorities)
         self.ns["update_priorities"].append(time.perf_counter_ns() - start)
 
+    def on_episode_end(self) -> None:
+        self.buffer.on_episode_end()  # cpprb's call; isample accepts it (nothing to do)
+
     def medians_us(self) -> Dict[str, float]:
         return {name: statistics.median(ns) / 1e3 for name, ns in self.ns.items() if ns}
 
@@ -129,6 +132,7 @@ def train(
         rb.add(obs=obs, act=action, rew=reward, next_obs=next_obs, done=terminated)
         obs, episode_return = next_obs, episode_return + reward
         if terminated or truncated:
+            rb.on_episode_end()
             returns.append(episode_return)
             obs, _ = env.reset()
             episode_return = 0.0
