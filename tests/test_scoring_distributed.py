@@ -230,5 +230,34 @@ def test_a_scorer_error_raises_on_every_trainer_at_the_same_step(run):
     assert scorer["second"]["error"] is not None and scorer["second"]["chunks"] == 0
 
 
+def test_split_and_the_pool_refuse_what_cannot_work(tmp_path):
+    import torch.distributed as dist
+
+    import isample
+    from isample.scoring import ScorerPool, ScorerRanks
+
+    if not dist.is_initialized():
+        with pytest.raises(RuntimeError, match="init_process_group"):
+            ScorerRanks.split(scorers=1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(ValueError, match=r"scorers must be an int in \[1, 0\]"):
+            ScorerRanks.split(scorers=1)  # one process: nobody would train
+    finally:
+        dist.destroy_process_group()
+    sampler = isample.ImportanceSampler(8, transform="proportional")
+    data = torch.utils.data.TensorDataset(torch.zeros(8, 3), torch.zeros(8, dtype=torch.int64))
+    model = torch.nn.Linear(3, 2)
+    with pytest.raises(TypeError, match="ScorerRanks"):
+        ScorerPool(sampler, model, data, ranks="the last rank")
+    scorer_side = ScorerRanks(1, [0], [1], None, None, None, None)  # as rank 1 of 2 would see it
+    with pytest.raises(RuntimeError, match="rank 1 is a scorer"):
+        ScorerPool(sampler, model, data, ranks=scorer_side)
+    with pytest.raises(ValueError, match="leave workers at 1"):
+        ScorerPool(sampler, model, data, workers=2, ranks=ScorerRanks(0, [0], [1], None, None, None, None))
+    with pytest.raises(RuntimeError, match="serve\\(\\) runs on the scorer ranks"):
+        ScorerRanks(0, [0], [1], None, None, None, None).serve(model, data)
+
+
 if __name__ == "__main__":
     _main(int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4])

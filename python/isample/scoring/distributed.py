@@ -103,6 +103,7 @@ class ScorerRanks:
 
     @property
     def lead(self) -> int:
+        """The lead trainer's global rank (trainer rank 0): it publishes and receives."""
         return self.trainer_ranks[0]
 
     @classmethod
@@ -126,14 +127,17 @@ class ScorerRanks:
 
     @property
     def is_scorer(self) -> bool:
+        """This rank scores: call ``serve`` here."""
         return self.rank in self.scorer_ranks
 
     @property
     def is_trainer(self) -> bool:
+        """This rank trains: build the ScorerPool here, with ``ranks=self``."""
         return not self.is_scorer
 
     @property
     def is_lead(self) -> bool:
+        """This rank is the lead trainer."""
         return self.rank == self.lead
 
     def serve(self, model: torch.nn.Module, dataset: Any, *, device: Any = "cpu",
@@ -191,6 +195,7 @@ class RankTransport:
 
     # -- life cycle -----------------------------------------------------------------------
     def start(self, publish: Callable[[], None]) -> None:
+        """The lead sends the handshake and starts receiving; then the first publish."""
         if self.ranks.is_lead:
             dist.broadcast_object_list([self._handshake], src=self.ranks.lead, group=self.ranks.params_group)
             self._receiver = _Receiver(self.ranks, self._message_bytes)
@@ -198,10 +203,12 @@ class RankTransport:
         publish()
 
     def restart(self) -> int:
+        """Refused: a scorer rank is a process of the job, which torchrun restarts."""
         raise RuntimeError("scorer ranks are restarted by torchrun (--max-restarts), not by the pool")
 
     # -- the trainer's calls --------------------------------------------------------------
     def publish(self, tensors: List[torch.Tensor], version: int) -> bool:
+        """The lead broadcasts asynchronously; False (skipped) while the last one is in flight."""
         if not self.ranks.is_lead:
             return True  # the lead publishes for every trainer (DDP keeps them identical)
         if self._broadcast is not None and not self._broadcast.is_completed():
@@ -215,6 +222,7 @@ class RankTransport:
         return True
 
     def receive(self) -> List[messages.Message]:
+        """What the lead's receiving thread has queued (nothing on other trainers)."""
         if self._receiver is None:
             return []
         out = self._receiver.take()
@@ -239,11 +247,13 @@ class RankTransport:
         return [f"(received from the lead trainer, rank {lead})\n{text}" for text in box[0]]
 
     def from_lead(self, value: Any) -> Any:
+        """The lead's `value` on every trainer (a collective over ``ranks.control``)."""
         box = [value if self.ranks.is_lead else None]
         dist.broadcast_object_list(box, src=self.ranks.lead, group=self.ranks.control)
         return box[0]
 
     def alive(self) -> int:
+        """Scorers that have neither failed nor stopped (as the lead knows)."""
         return self.count - len(self._finished | self._failed)
 
     def close(self, timeout: float) -> List[messages.Message]:
@@ -283,6 +293,7 @@ class _Receiver(threading.Thread):
         self.queue: "queue.SimpleQueue[messages.Message]" = queue.SimpleQueue()
 
     def run(self) -> None:
+        """Receive from any scorer until every one has said BYE."""
         waiting = set(range(len(self.ranks.scorer_ranks)))
         while waiting:
             try:
@@ -298,6 +309,7 @@ class _Receiver(threading.Thread):
                 waiting.discard(index)
 
     def take(self) -> List[messages.Message]:
+        """Everything queued so far, without waiting."""
         out = []
         while not self.queue.empty():
             out.append(self.queue.get_nowait())
@@ -393,10 +405,12 @@ class _Params:
         return self.wait()
 
     def unpack_into(self, tensors: List[torch.Tensor], views: List[torch.Tensor]) -> None:
+        """Copy the publish that arrived into the model, then post the next receive."""
         copy_all(tensors, views)
         self._post()  # only now, so that the next publish cannot overwrite the buffer mid-copy
 
     def skip(self) -> None:
+        """Drop the publish that arrived and post the next receive."""
         self._post()
 
 
@@ -410,6 +424,7 @@ class _Sender:
         self.next = 0
 
     def send(self, payload: bytes) -> None:
+        """Send `payload` (at most the buffer's size) once the buffer's last send is done."""
         k = self.next
         self.next = 1 - k
         self._finish(k)
@@ -426,5 +441,6 @@ class _Sender:
             self.works[k] = None
 
     def flush(self) -> None:
+        """Wait for every send in flight."""
         self._finish(0)
         self._finish(1)

@@ -47,6 +47,7 @@ class ParameterLayout:
 
     @classmethod
     def of(cls, model: torch.nn.Module) -> "ParameterLayout":
+        """The layout of `model`'s floating-point ``state_dict`` entries, in their order."""
         entries: List[_Entry] = []
         offset = 0
         for name, tensor in _float_state(model):
@@ -63,6 +64,7 @@ class ParameterLayout:
         return sum(e.nbytes // torch.empty((), dtype=e.dtype).element_size() for e in self.entries)
 
     def signature(self) -> Tuple[Tuple[str, Tuple[int, ...], str], ...]:
+        """(name, shape, dtype) of every entry: equal for interchangeable models."""
         return tuple((e.name, e.shape, str(e.dtype)) for e in self.entries)
 
     def views(self, buffer: torch.Tensor) -> List[torch.Tensor]:

@@ -40,6 +40,7 @@ class ScoreLedger:
 
     # -- publishes ------------------------------------------------------------------------
     def record_publish(self, step: int) -> None:
+        """Note a publish at `step`: messages may carry it as their version from now on."""
         if self.publish_steps and step <= self.publish_steps[-1]:
             if step == self.publish_steps[-1]:
                 return  # published again at the same step: the same version
@@ -86,12 +87,14 @@ class ScoreLedger:
         self._last_arrival = now
 
     def reject(self, reason: str, worker: int, items: int) -> None:
+        """Count a refused message of `items` items and keep its reason."""
         self.counters["rejected"] += 1
         self.counters["rejected_items"] += int(items)
         self.recent_rejections.append(f"worker {worker}: {reason}")
 
     # -- statistics -----------------------------------------------------------------------
     def coverage(self) -> float:
+        """The fraction of items scored at least once."""
         return float(np.count_nonzero(self.item_publish >= 0)) / self.num_items
 
     def staleness(self, step: int) -> Tuple[Optional[float], Optional[int]]:
@@ -124,6 +127,7 @@ class ScoreLedger:
 
     # -- state ----------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
+        """Publishes, the publish behind each item's score, and the counters."""
         return {
             "format": _FORMAT,
             "version": _VERSION,

@@ -63,6 +63,7 @@ class LocalWorkers:
 
     # -- life cycle -----------------------------------------------------------------------
     def start(self, publish: Callable[[], None]) -> None:
+        """Publish first (a worker's first read must find parameters), then start the workers."""
         publish()
         for slot in self.slots:
             self._spawn(slot)
@@ -131,6 +132,7 @@ class LocalWorkers:
 
     # -- the trainer's calls --------------------------------------------------------------
     def publish(self, tensors: List[torch.Tensor], version: int) -> bool:
+        """Into shared memory; never waits, so it always publishes."""
         self.board.publish(tensors, version)
         return True
 
@@ -173,10 +175,12 @@ class LocalWorkers:
         )
 
     def alive(self) -> int:
+        """Worker processes running now."""
         return sum(1 for s in self.slots if s.process is not None and s.process.is_alive())
 
     @property
     def pids(self) -> List[Optional[int]]:
+        """Each worker's process id, None for one not running."""
         return [s.process.pid if s.process is not None and s.process.is_alive() else None for s in self.slots]
 
     def close(self, timeout: float) -> List[messages.Message]:

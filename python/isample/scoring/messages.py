@@ -29,6 +29,8 @@ HEADER_BYTES = _HEADER.size  # 32
 
 
 class Scores(NamedTuple):
+    """Scores of `indices`, computed with the parameters published at step `version`."""
+
     worker: int
     version: int
     indices: np.ndarray  # int64 (b,)
@@ -36,15 +38,21 @@ class Scores(NamedTuple):
 
 
 class Error(NamedTuple):
+    """A worker failed; `text` is its traceback."""
+
     worker: int
     text: str
 
 
 class Bye(NamedTuple):
+    """A scorer rank has stopped."""
+
     worker: int
 
 
 class Bad(NamedTuple):
+    """Bytes that do not decode to a message; `reason` says why."""
+
     worker: int
     reason: str
 
@@ -58,12 +66,14 @@ def message_bytes(batch_size: int) -> int:
 
 
 def encode_scores(worker: int, version: int, indices: np.ndarray, scores: np.ndarray) -> bytes:
+    """A SCORES message: `worker` scored items `indices` with the parameters of step `version`."""
     indices = np.ascontiguousarray(indices, dtype="<i8")
     scores = np.ascontiguousarray(scores, dtype="<f8")
     return _HEADER.pack(SCORES, worker, version, indices.size) + indices.tobytes() + scores.tobytes()
 
 
 def encode_error(worker: int, text: str, limit: int = 1 << 20) -> bytes:
+    """An ERROR message carrying `text` (a traceback), cut to its last `limit` bytes."""
     body = text.encode("utf-8", "replace")
     if len(body) > limit:  # keep the end of a traceback: that is where the error is
         body = b"...\n" + body[len(body) - limit + 4 :]
@@ -71,6 +81,7 @@ def encode_error(worker: int, text: str, limit: int = 1 << 20) -> bytes:
 
 
 def encode_bye(worker: int) -> bytes:
+    """A BYE message: the scorer has stopped and sends nothing more."""
     return _HEADER.pack(BYE, worker, 0, 0)
 
 

@@ -85,10 +85,12 @@ class ParameterBoard:
         return int(self._h[_TORN])
 
     def request_stop(self) -> None:
+        """Ask every worker to stop before its next chunk."""
         self._h[_STOP] = 1
 
     @property
     def stop_requested(self) -> bool:
+        """Whether the pool asked the workers to stop."""
         return bool(self._h[_STOP])
 
     # -- a worker's side ------------------------------------------------------------------

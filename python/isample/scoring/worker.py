@@ -20,7 +20,7 @@ import os
 import sys
 import traceback
 from dataclasses import dataclass
-from typing import Any, Iterator, List, Optional, Tuple
+from typing import Any, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -72,6 +72,7 @@ def load_chunk(dataset: Dataset, start: int, stop: int) -> Tuple[Any, torch.Tens
 
 
 def to_device(x: Any, device: torch.device) -> Any:
+    """`x` (a tensor, or tuples, lists and dicts of them) on `device`."""
     if isinstance(x, torch.Tensor):
         return x.to(device, non_blocking=True)
     if isinstance(x, (tuple, list)):
@@ -92,6 +93,7 @@ class Scorer:
         self.dataset, self.score, self.plan = dataset, score, plan
 
     def score_chunk(self, start: int, stop: int) -> Tuple[np.ndarray, np.ndarray]:
+        """(indices, float64 scores) of items [start, stop) with the model's current parameters."""
         x, y = load_chunk(self.dataset, start, stop)
         x, y = to_device(x, self.device), to_device(y, self.device)
         scores = self.score(self.model, x, y)
