@@ -11,7 +11,7 @@ with ``sampler.update(indices, losses)``.
 - ``isample.integrations.huggingface``: ``ImportanceTrainer``, a ``transformers.Trainer``
   (``pip install "isample[hf]"``).
 - ``isample.integrations.replay``: ``PrioritizedReplayBuffer``, prioritized experience
-  replay with cpprb's API (torch only).
+  replay with cpprb's API, a drop-in for cpprb's buffer (torch only; ``docs/adapters.md``).
 
 This package imports none of the frameworks: each adapter module imports its library when
 it is imported itself, and names the extra to install when that library is missing.
