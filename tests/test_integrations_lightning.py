@@ -329,8 +329,12 @@ def _ddp_worker(out: str) -> None:
     # 4 warm-up steps (N / 2 ranks / BATCH), then 1 of the importance epoch's 2
     fit = trainer([callback], max_steps=5, strategy="ddp", devices=2)
     fit.fit(model, loader(sampler))
+    # a checkpoint part-way through epoch 1, written by Lightning from rank 0: the callback
+    # flushes every rank's recorded updates first, so it holds both ranks' (exchange="epoch")
+    fit.save_checkpoint(f"{out}/part-way.ckpt")
+    dist.barrier()
+    state = torch.load(f"{out}/part-way.ckpt", weights_only=False)["callbacks"][callback.state_key]
     sampler.check_consistency()  # replicas bit-identical
-    state = callback.state_dict()  # what a checkpoint part-way through epoch 1 holds
     shard = sampler._engine.local.current_epoch.order[rank::2].tolist()  # this rank's part of epoch 1
     # resume from rank 0's state on every rank, as Lightning does with its rank-0 checkpoint
     box = [state if rank == 0 else None]

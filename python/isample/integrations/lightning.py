@@ -22,8 +22,10 @@ back.
 Under DDP (``Trainer(strategy="ddp", ...)``) pass an ``isample.distributed.DistributedImportanceSampler``
 (replicated, the default) and ``Trainer(use_distributed_sampler=False)``: Lightning then keeps
 the sampler instead of wrapping it in a ``DistributedSampler``. Every rank draws its shard of
-one global sample, ``weighted_loss`` all-gathers each step's losses so every replica applies
-the same updates, and the rank-0 checkpoint holds a state every rank loads (see
+one global sample, ``weighted_loss`` records each step's losses on its rank (no collective on
+the step), the sampler exchanges them before it draws the next epoch so every replica applies
+the same updates, the callback flushes them on every rank before Lightning writes a
+checkpoint, and the rank-0 checkpoint holds a state every rank loads (see
 ``docs/distributed.md``). The sharded mode keeps a different state on every rank, which
 Lightning's rank-0 checkpoints cannot hold, so the callback refuses it.
 """
@@ -220,6 +222,11 @@ class ImportanceSamplingCallback(Callback):
         """The sampler's state, saved in every Lightning checkpoint. A checkpoint taken
         part-way through an epoch records the items used so far (not what the DataLoader
         prefetched), so a resumed fit continues the epoch with the same order and weights."""
+        if isinstance(self.sampler, DistributedImportanceSampler):
+            # Lightning builds the checkpoint on every rank and rank 0 writes it: exchange the
+            # updates each rank recorded since the last draw, so rank 0's state holds them all
+            # (a collective; nothing to do with exchange="step").
+            self.sampler.flush()
         progress = _progress(self.sampler)  # (epoch, items yielded) of the epoch being (or last) iterated
         consumed = None
         if progress is not None and progress[0] == self._epoch and self._consumed < progress[1]:
