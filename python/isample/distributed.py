@@ -108,7 +108,7 @@ from torch.utils.data import Sampler
 
 from . import _backend
 from ._backend import DeviceLike
-from .sampler import Epoch, ImportanceSampler, ScoreUpdate, _as_losses, derive_seed
+from .sampler import Epoch, ImportanceSampler, ScoreUpdate, _as_losses, _continues, derive_seed
 from .scores import ScorePolicy
 from .transforms import Transform
 from .tree import SoftmaxTree, SumTree, uniforms
@@ -184,13 +184,6 @@ def _shard_bounds(num_items: int, world: int) -> List[int]:
     """Rank r owns items [bounds[r], bounds[r + 1]); shard sizes differ by at most one."""
     base, extra = divmod(num_items, world)
     return [r * base + min(r, extra) for r in range(world + 1)]
-
-
-def _continues(epoch: int, position: int, length: int, next_epoch: int) -> bool:
-    """Whether an epoch saved at `position` of `length` items is the one the next iter()
-    continues (as ImportanceSampler decides): it was not finished, and it is the epoch being
-    iterated or the one saved to be continued."""
-    return position < length and next_epoch in (epoch, epoch + 1)
 
 
 def _check_exchange(value: Any) -> Union[str, int]:
