@@ -18,12 +18,15 @@
 #include <optional>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include "buffer.h"
 #include "cpu_kernels.h"
 #include "descend.h"
 #include "fastmath.h"
 #include "gpu/device_tree_api.h"
+#include "python_arrays.h"
+#include "scores.h"
 #include "softmax_tree.h"
 #include "sum_tree.h"
 
@@ -34,6 +37,55 @@ namespace {
 
 // Calls that touch more items than this release the GIL.
 constexpr int64_t kLongCall = 16384;
+
+// The fast paths (*_arrays, sample_tensor, weights_of): tensors and arrays read from their
+// Python objects (python_arrays.h). Each returns None / False for arguments it does not
+// take, having changed nothing, and the Python layer then takes its general path.
+PythonArrays arrays;
+
+// Largest draw the fast path makes: above it the Python layer checks memory first.
+constexpr int64_t kFastDrawLimit = int64_t(1) << 27;
+
+bool int64_array(py::handle object, ArrayView& view) {
+  return arrays.view(object.ptr(), view) && view.type == ElementType::kInt64;
+}
+
+bool real_array(py::handle object, int64_t length, ArrayView& view) {
+  return arrays.view(object.ptr(), view) && view.length == length &&
+         (view.type == ElementType::kFloat64 || view.type == ElementType::kFloat32);
+}
+
+// The float64 values of a real array: its own memory, or float32 widened (exactly) into `scratch`.
+const double* as_doubles(const ArrayView& view, std::vector<double>& scratch) {
+  if (view.type == ElementType::kFloat64) return static_cast<const double*>(view.data);
+  scratch.resize(size_t(view.length));
+  const float* source = static_cast<const float*>(view.data);
+  for (int64_t j = 0; j < view.length; ++j) scratch[j] = double(source[j]);
+  return scratch.data();
+}
+
+// A Python int as a draw count in [0, limit]; false for anything else.
+bool plain_count(py::handle object, int64_t limit, int64_t& k) {
+  if (!PyLong_CheckExact(object.ptr())) return false;
+  int overflow = 0;
+  const long long value = PyLong_AsLongLongAndOverflow(object.ptr(), &overflow);
+  if (overflow != 0 || value < 0 || value > limit) return false;
+  k = value;
+  return true;
+}
+
+// None, or a Python int taken modulo 2^64 (as _backend.check_seed does).
+bool plain_seed(py::handle object, std::optional<uint64_t>& seed) {
+  if (object.is_none()) return true;
+  if (!PyLong_CheckExact(object.ptr())) return false;
+  const unsigned long long value = PyLong_AsUnsignedLongLongMask(object.ptr());
+  if (value == static_cast<unsigned long long>(-1) && PyErr_Occurred()) {
+    PyErr_Clear();
+    return false;
+  }
+  seed = uint64_t(value);
+  return true;
+}
 
 template <class T>
 T* as_pointer(uintptr_t address) {
@@ -74,6 +126,8 @@ struct Handle {
   std::mutex mutex;
   uint64_t stream_seed;
   uint64_t stream_calls = 0;
+  // Fast-path scratch (used under the lock): float32 values widened, new scores, leaves.
+  std::vector<double> values_scratch, scores_scratch, leaves_scratch;
 };
 
 DistinctMethod distinct_method(const std::string& name) {
@@ -199,6 +253,44 @@ void bind_common(py::class_<H>& cls) {
           },
           py::arg("k"), py::arg("out"), py::arg("inclusion"), py::arg("seed") = py::none(),
           "k distinct items by the exponential race, with their inclusion probabilities.")
+      .def(
+          "sample_tensor",
+          [](H& h, py::handle k_object, py::handle replace_object, py::handle seed_object,
+             py::handle method_object) -> py::object {
+            const bool replace = replace_object.ptr() == Py_True;
+            if (!arrays.makes_tensors() || (!replace && replace_object.ptr() != Py_False)) return py::none();
+            int64_t k = 0;
+            std::optional<uint64_t> seed;
+            const int64_t limit = replace ? kFastDrawLimit : std::min(kFastDrawLimit, h.tree.capacity());
+            if (!plain_count(k_object, limit, k) || !plain_seed(seed_object, seed)) return py::none();
+            DistinctMethod how = DistinctMethod::kAuto;
+            PyObject* method = method_object.ptr();
+            if (!PyUnicode_CheckExact(method)) return py::none();
+            if (PyUnicode_CompareWithASCIIString(method, "race") == 0) {
+              how = DistinctMethod::kRace;
+            } else if (PyUnicode_CompareWithASCIIString(method, "removal") == 0) {
+              how = DistinctMethod::kRemoval;
+            } else if (PyUnicode_CompareWithASCIIString(method, "auto") != 0) {
+              return py::none();
+            }
+            if (replace && how != DistinctMethod::kAuto) return py::none();
+            void* data = nullptr;
+            py::object out = py::reinterpret_steal<py::object>(arrays.new_tensor(k, ElementType::kInt64, data));
+            if (!out) throw py::error_already_set();
+            int64_t* drawn = static_cast<int64_t*>(data);
+            h.locked(replace ? k : h.tree.capacity(), [&] {
+              uint64_t key = h.key_of(seed);
+              if (replace) {
+                sum_tree(h).sample_with_replacement(key, k, drawn);
+              } else {
+                sum_tree(h).sample_without_replacement(key, k, drawn, how);
+              }
+              h.advance(seed);
+            });
+            return out;
+          },
+          py::arg("k"), py::arg("replace"), py::arg("seed"), py::arg("method"),
+          "sample() into a new int64 tensor, or None for arguments the Python layer must check.")
       .def(
           "export_leaves",
           [](H& h, uintptr_t out) {
@@ -335,6 +427,76 @@ PYBIND11_MODULE(_core, m) {
       },
       py::arg("source"), py::arg("n"), py::arg("indices"), py::arg("k"), py::arg("out"),
       "out[j] = source[indices[j]] (float64); returns the first j where that is NaN, else -1.");
+  m.def(
+      "configure_arrays",
+      [](py::handle tensor_type, py::handle array_type) {
+        arrays.configure(tensor_type.ptr(), array_type.ptr());
+        return arrays.makes_tensors();
+      },
+      py::arg("tensor_type"), py::arg("array_type"),
+      "Read tensor_type (torch.Tensor) objects through DLPack's C exchange API and array_type "
+      "(numpy.ndarray) through the buffer protocol on the fast paths; True when tensors can also be "
+      "made there.");
+  m.def(
+      "weights_of",
+      [](py::handle source, py::handle indices, bool float32) -> py::object {
+        ArrayView w, i;
+        if (!arrays.makes_tensors() || !arrays.view(source.ptr(), w) || w.type != ElementType::kFloat64 ||
+            !int64_array(indices, i)) {
+          return py::none();
+        }
+        const int64_t n = w.length, k = i.length;
+        const double* weight = static_cast<const double*>(w.data);
+        const int64_t* index = static_cast<const int64_t*>(i.data);
+        for (int64_t j = 0; j < k; ++j) {
+          if (index[j] < 0 || index[j] >= n) {
+            throw std::out_of_range("index " + std::to_string(index[j]) + " is out of range for " + std::to_string(n) + " items");
+          }
+        }
+        for (int64_t j = 0; j < k; ++j) {
+          if (weight[index[j]] != weight[index[j]]) return py::int_(j);
+        }
+        void* data = nullptr;
+        py::object out = py::reinterpret_steal<py::object>(
+            arrays.new_tensor(k, float32 ? ElementType::kFloat32 : ElementType::kFloat64, data));
+        if (!out) throw py::error_already_set();
+        if (float32) {
+          float* o = static_cast<float*>(data);
+          for (int64_t j = 0; j < k; ++j) o[j] = float(weight[index[j]]);
+        } else {
+          double* o = static_cast<double*>(data);
+          for (int64_t j = 0; j < k; ++j) o[j] = weight[index[j]];
+        }
+        return out;
+      },
+      py::arg("source"), py::arg("indices"), py::arg("float32"),
+      "source[indices] (float64 source, int64 indices, plain CPU arrays) as a new float64 or float32 "
+      "tensor; the position of the first NaN instead, if any; None for arguments that are not plain.");
+  m.def(
+      "store_scores",
+      [](py::handle store, py::handle indices, py::handle values, double keep) {
+        ArrayView s, i, v;
+        if (!arrays.view(store.ptr(), s) || s.type != ElementType::kFloat64 || !int64_array(indices, i) ||
+            !real_array(values, i.length, v)) {
+          return false;
+        }
+        const int64_t k = i.length;
+        const int64_t* index = static_cast<const int64_t*>(i.data);
+        std::vector<double> widened, scores(static_cast<size_t>(k));
+        blend_scores(static_cast<const double*>(s.data), s.length, index, as_doubles(v, widened), k, keep, scores.data());
+        write_scores(static_cast<double*>(const_cast<void*>(s.data)), index, scores.data(), k);
+        return true;
+      },
+      py::arg("store"), py::arg("indices"), py::arg("values"), py::arg("keep"),
+      "store[i] = keep * store[i] + (1 - keep) * values (float64 store), all checked before anything "
+      "is written; False (nothing done) for arguments that are not plain arrays.");
+  m.def(
+      "proportional_leaves",
+      [](uintptr_t scores, int64_t n, double alpha, double eps, uintptr_t out) {
+        proportional_leaves(as_pointer<const double>(scores), n, alpha, eps, as_pointer<double>(out));
+      },
+      py::arg("scores"), py::arg("n"), py::arg("alpha"), py::arg("eps"), py::arg("out"),
+      "out = (max(scores, 0) + eps) ** alpha, the Proportional transform's leaves (float64).");
   m.def(
       "uniforms",
       [](uint64_t seed, uint64_t offset, int64_t k, uintptr_t out) {
@@ -473,6 +635,45 @@ PYBIND11_MODULE(_core, m) {
           },
           py::arg("indices"), py::arg("weights"), py::arg("k"))
       .def(
+          "update_arrays",
+          [](SumHandle& h, py::handle indices, py::handle weights) {
+            ArrayView i, w;
+            if (!int64_array(indices, i) || !real_array(weights, i.length, w)) return false;
+            h.locked(i.length, [&] {
+              h.tree.update(static_cast<const int64_t*>(i.data), as_doubles(w, h.values_scratch), i.length);
+            });
+            return true;
+          },
+          py::arg("indices"), py::arg("weights"),
+          "update() for a plain int64 and a float64/float32 CPU array of one length; False (nothing "
+          "done) for anything else.")
+      .def(
+          "update_scores",
+          [](SumHandle& h, py::handle store, py::handle indices, py::handle values, double keep, double alpha,
+             double eps) {
+            ArrayView s, i, v;
+            if (!arrays.view(store.ptr(), s) || s.type != ElementType::kFloat64 || s.length != h.tree.capacity() ||
+                !int64_array(indices, i) || !real_array(values, i.length, v)) {
+              return false;
+            }
+            const int64_t k = i.length;
+            const int64_t* index = static_cast<const int64_t*>(i.data);
+            h.locked(k, [&] {
+              const double* given = as_doubles(v, h.values_scratch);
+              h.scores_scratch.resize(size_t(k));
+              h.leaves_scratch.resize(size_t(k));
+              blend_scores(static_cast<const double*>(s.data), s.length, index, given, k, keep, h.scores_scratch.data());
+              proportional_leaves(h.scores_scratch.data(), k, alpha, eps, h.leaves_scratch.data());
+              h.tree.update(index, h.leaves_scratch.data(), k);  // checks the leaves and the total first
+              write_scores(static_cast<double*>(const_cast<void*>(s.data)), index, h.scores_scratch.data(), k);
+            });
+            return true;
+          },
+          py::arg("store"), py::arg("indices"), py::arg("values"), py::arg("keep"), py::arg("alpha"), py::arg("eps"),
+          "The Proportional transform's step: scores s = keep * store[i] + (1 - keep) * values into "
+          "`store` (float64, n) and leaves (max(s, 0) + eps) ** alpha into the tree, all checked "
+          "before anything is written; False (nothing done) for arguments that are not plain arrays.")
+      .def(
           "assign",
           [](SumHandle& h, uintptr_t weights) {
             h.locked(h.tree.capacity(), [&] { h.tree.assign(as_pointer<const double>(weights)); });
@@ -502,6 +703,19 @@ PYBIND11_MODULE(_core, m) {
           },
           py::arg("indices"), py::arg("scores"), py::arg("k"), py::arg("keep") = 0.0,
           "s <- keep * s_before + (1 - keep) * scores at the indices.")
+      .def(
+          "update_arrays",
+          [](SoftmaxHandle& h, py::handle indices, py::handle scores, double keep) {
+            ArrayView i, s;
+            if (!int64_array(indices, i) || !real_array(scores, i.length, s)) return false;
+            h.locked(i.length, [&] {
+              h.tree.update(static_cast<const int64_t*>(i.data), as_doubles(s, h.values_scratch), i.length, keep);
+            });
+            return true;
+          },
+          py::arg("indices"), py::arg("scores"), py::arg("keep") = 0.0,
+          "update() for a plain int64 and a float64/float32 CPU array of one length; False (nothing "
+          "done) for anything else.")
       .def(
           "assign",
           [](SoftmaxHandle& h, uintptr_t scores) {

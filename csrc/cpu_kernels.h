@@ -30,6 +30,11 @@ struct CpuKernels {
   // Exponential-race keys: keys[i] = E_i / (w_i * inverse_total) with E_i = -log(u_i),
   // u_i = open_uniform_at(key, i); +inf for w_i = 0 (and where the quotient overflows).
   void (*race_keys)(const double* leaves, int64_t n, uint64_t key, double inverse_total, double* keys);
+  // The items whose race_keys value is <= threshold (finite), in index order, with those
+  // keys, into index[0..count) and keys[0..count) (room for n); returns count. Most items'
+  // keys are never computed: see the kernel.
+  int64_t (*race_candidates)(const double* leaves, int64_t n, uint64_t key, double inverse_total, double threshold,
+                             int64_t* index, double* keys);
   // The same race in the log domain, for weights so spread out that the linear keys
   // overflow (or a total so tiny that 1 / total does): keys[i] = log(E_i) - log(w_i * scale),
   // scale a power of two (exact); +inf for w_i = 0.
@@ -37,6 +42,13 @@ struct CpuKernels {
   // values[i] = exp_shared(values[i]) (fastmath.h: the exp the GPU kernels use too), the
   // softmax tree's leaves; vectorised in the AVX2 build.
   void (*exp_in_place)(double* values, int64_t n);
+  // The largest of w[0..n) into *largest; false when some w is not finite and >= 0.
+  bool (*scan_weights)(const double* w, int64_t n, double* largest);
+  // For the leaf blocks p in [first, last): leaves = w (items < n; the last block's padding
+  // is left as it is), level1[p] = the block's sum. Returns the number of positive weights.
+  int64_t (*load_leaves)(const double* w, int64_t n, int64_t first, int64_t last, double* leaves, double* level1);
+  // level1[p] = the sum of leaf block p, for p in [first, last); returns the positive leaves.
+  int64_t (*sum_leaves)(const double* leaves, int64_t first, int64_t last, double* level1);
 };
 
 const CpuKernels& cpu_kernels();

@@ -7,164 +7,191 @@
 namespace isample {
 namespace {
 
-constexpr int64_t kSampleSize = 1024;
-// 4 digits of 8 bits: 256 buckets keep the scatter's write streams within L1.
-constexpr int kDigitBits = 8;
-constexpr int kDigits = 4;
-constexpr uint32_t kBuckets = 1u << kDigitBits;
+// Radix digits of at most 12 bits: 4,096 buckets, whose counts (16 KiB) stay in L1.
+constexpr int kMaxDigitBits = 12;
 
 template <class T>
 void release_if_larger(std::vector<T>& v, size_t bytes) {
   if (v.capacity() * sizeof(T) > bytes) std::vector<T>().swap(v);
 }
 
-// A key bound that keeps about k + 4 sigma of the n keys, judged from an evenly spread
-// sample. Returns the largest finite double when a bound would keep (nearly) everything.
-double estimate_threshold(const double* keys, int64_t n, int64_t k, std::vector<double>& sample) {
-  const double max_finite = std::numeric_limits<double>::max();
-  if (n < 8 * kSampleSize) return max_finite;
-  sample.resize(size_t(kSampleSize));
-  for (int64_t j = 0; j < kSampleSize; ++j) sample[j] = keys[(j * n) / kSampleSize + (n / kSampleSize) / 2];
-  const double q = double(k) / double(n);
-  const double want = q * kSampleSize + 4.0 * std::sqrt(kSampleSize * q * (1.0 - q)) + 2.0;
-  if (want >= kSampleSize - 1) return max_finite;
-  const int64_t rank = int64_t(std::ceil(want));
-  std::nth_element(sample.begin(), sample.begin() + rank, sample.end());
-  return std::min(sample[rank], max_finite);
-}
-
-// Indices i with keys[i] <= threshold, written without a data-dependent branch.
-int64_t compact(const double* keys, int64_t n, double threshold, std::vector<int64_t>& out) {
+// Indices i with keys[i] <= threshold and their keys, written without a data-dependent branch.
+int64_t compact(const double* keys, int64_t n, double threshold, std::vector<int64_t>& index,
+                std::vector<double>& key) {
   constexpr int64_t kBlock = 4096;
   int64_t count = 0;
   for (int64_t start = 0; start < n; start += kBlock) {
     const int64_t end = std::min(n, start + kBlock);
-    if (out.size() < size_t(count + (end - start))) out.resize(size_t(count + (end - start)) * 3 / 2 + 1024);
-    int64_t* dst = out.data();
+    if (index.size() < size_t(count + (end - start))) {
+      index.resize(size_t(count + (end - start)) * 3 / 2 + 1024);
+      key.resize(index.size());
+    }
+    int64_t* dst = index.data();
+    double* dst_key = key.data();
     for (int64_t i = start; i < end; ++i) {
       dst[count] = i;
+      dst_key[count] = keys[i];
       count += keys[i] <= threshold ? 1 : 0;
     }
   }
   return count;
 }
 
+// Smallest and largest of n finite keys: four chains, so the comparisons do not wait on
+// one another.
+void key_range(const double* key, int64_t n, double& lo, double& hi) {
+  double l[4] = {key[0], key[0], key[0], key[0]}, h[4] = {key[0], key[0], key[0], key[0]};
+  int64_t j = 0;
+  for (; j + 4 <= n; j += 4) {
+    for (int t = 0; t < 4; ++t) {
+      l[t] = std::min(l[t], key[j + t]);
+      h[t] = std::max(h[t], key[j + t]);
+    }
+  }
+  for (; j < n; ++j) {
+    l[0] = std::min(l[0], key[j]);
+    h[0] = std::max(h[0], key[j]);
+  }
+  lo = std::min(std::min(l[0], l[1]), std::min(l[2], l[3]));
+  hi = std::max(std::max(h[0], h[1]), std::max(h[2], h[3]));
+}
+
 }  // namespace
 
 void SelectScratch::trim(size_t bytes) {
   release_if_larger(candidates, bytes);
-  release_if_larger(quanta, bytes);
-  release_if_larger(quanta_swap, bytes);
-  release_if_larger(slots, bytes);
-  release_if_larger(slots_swap, bytes);
+  release_if_larger(candidate_keys, bytes);
+  release_if_larger(packed, bytes);
+  release_if_larger(packed_swap, bytes);
+}
+
+double threshold_from_sample(double* sample, int64_t n, int64_t k) {
+  const double max_finite = std::numeric_limits<double>::max();
+  const double q = double(k) / double(n);
+  const double want = q * kThresholdSample + 4.0 * std::sqrt(kThresholdSample * q * (1.0 - q)) + 2.0;
+  if (want >= kThresholdSample - 1) return max_finite;
+  const int64_t rank = int64_t(std::ceil(want));
+  std::nth_element(sample, sample + rank, sample + kThresholdSample);
+  return std::min(sample[rank], max_finite);
 }
 
 bool smallest_in_order(const double* keys, int64_t n, int64_t k, int64_t* out, SelectScratch& s, double* next_key) {
   const double max_finite = std::numeric_limits<double>::max();
-  double threshold = estimate_threshold(keys, n, k, s.sample);
-  int64_t count = compact(keys, n, threshold, s.candidates);
+  double threshold = max_finite;
+  if (threshold_pays(n)) {
+    s.sample.resize(size_t(kThresholdSample));
+    for (int64_t j = 0; j < kThresholdSample; ++j) s.sample[j] = keys[sample_position(j, n)];
+    threshold = threshold_from_sample(s.sample.data(), n, k);
+  }
+  int64_t count = compact(keys, n, threshold, s.candidates, s.candidate_keys);
   if (count < k && threshold < max_finite) {
     threshold = max_finite;
-    count = compact(keys, n, threshold, s.candidates);
+    count = compact(keys, n, threshold, s.candidates, s.candidate_keys);
   }
   if (count < k) return false;
-  const int64_t* cand = s.candidates.data();
-  // The (k+1)-th smallest key. Outside the candidates every key exceeds the threshold, so
-  // when exactly k keys passed it, the answer is the smallest key of all the others.
-  auto smallest_outside = [&] {
+  smallest_of_candidates(s.candidates.data(), s.candidate_keys.data(), count, k, out, s, next_key);
+  if (next_key != nullptr && count == k) {
+    // The (k+1)-th smallest key lies outside the candidates, all above the threshold.
     double smallest = std::numeric_limits<double>::infinity();
     for (int64_t i = 0; i < n; ++i) smallest = keys[i] > threshold ? std::min(smallest, keys[i]) : smallest;
-    return smallest;
-  };
-  if (k == 0) {
+    *next_key = smallest;
+  }
+  return true;
+}
+
+void smallest_of_candidates(const int64_t* cand, const double* key, int64_t count, int64_t k, int64_t* out,
+                            SelectScratch& s, double* next_key) {
+  const double infinity = std::numeric_limits<double>::infinity();
+  if (count == 0 || k == 0) {
     if (next_key != nullptr) {
-      double smallest = std::numeric_limits<double>::infinity();
-      for (int64_t j = 0; j < count; ++j) smallest = std::min(smallest, keys[cand[j]]);
-      *next_key = count > 0 ? smallest : smallest_outside();
+      double smallest = infinity;
+      for (int64_t j = 0; j < count; ++j) smallest = std::min(smallest, key[j]);
+      *next_key = smallest;
     }
-    return true;
+    return;
   }
-  if (count > int64_t(UINT32_MAX)) {  // beyond the 32-bit slots below: plain partial sort
+  auto before = [&](int64_t a, int64_t b) { return key[a] < key[b] || (key[a] == key[b] && cand[a] < cand[b]); };
+  if (count > int64_t(UINT32_MAX)) {  // beyond the 32-bit slots below: a plain partial sort
+    std::vector<int64_t> slot(static_cast<size_t>(count));
+    for (int64_t j = 0; j < count; ++j) slot[j] = j;
     const int64_t sorted = std::min(count, k + 1);
-    std::partial_sort(s.candidates.begin(), s.candidates.begin() + sorted, s.candidates.begin() + count,
-                      [keys](int64_t a, int64_t b) { return keys[a] < keys[b] || (keys[a] == keys[b] && a < b); });
-    std::copy(cand, cand + k, out);
-    if (next_key != nullptr) *next_key = count > k ? keys[cand[k]] : smallest_outside();
-    return true;
+    std::partial_sort(slot.begin(), slot.begin() + sorted, slot.end(), before);
+    for (int64_t j = 0; j < k; ++j) out[j] = cand[slot[j]];
+    if (next_key != nullptr) *next_key = count > k ? key[slot[k]] : infinity;
+    return;
   }
 
-  // Quantise the candidates' keys onto 32 bits over their own range (monotone, so sorting
-  // the quanta sorts the keys up to ties inside one quantum, which are fixed below).
-  double lo = keys[cand[0]], hi = lo;
-  for (int64_t j = 1; j < count; ++j) {
-    lo = std::min(lo, keys[cand[j]]);
-    hi = std::max(hi, keys[cand[j]]);
-  }
-  const double top = 4294967295.0;
+  // Quantise the candidates' keys over their own range onto ~log2(c) + 8 bits (monotone:
+  // sorting the quanta sorts the keys up to ties inside one quantum, about c / 512 of them,
+  // which are fixed below), and sort (quantum, slot) pairs packed in 64 bits by an LSD radix
+  // sort of 1 to 3 passes of at most 12 bits: two passes up to 65,536 candidates.
+  double lo, hi;
+  key_range(key, count, lo, hi);
+  int quantum_bits = 8;
+  while (quantum_bits < 32 && (int64_t(1) << (quantum_bits - 8)) < count) ++quantum_bits;
+  quantum_bits = std::max(quantum_bits, 12);
+  const int passes = (quantum_bits + kMaxDigitBits - 1) / kMaxDigitBits;
+  const int digit_bits = (quantum_bits + passes - 1) / passes;
+  const uint64_t digit_mask = (uint64_t(1) << digit_bits) - 1;
+  const size_t buckets = size_t(1) << digit_bits;
+  const double top = double((uint64_t(1) << quantum_bits) - 1);
   const double scale = hi > lo ? top / (hi - lo) : 0.0;
-  s.quanta.resize(size_t(count));
-  s.slots.resize(size_t(count));
-  s.quanta_swap.resize(size_t(count));
-  s.slots_swap.resize(size_t(count));
-  uint32_t* quanta = s.quanta.data();
-  uint32_t* slots = s.slots.data();
+  s.packed.resize(size_t(count));
+  s.packed_swap.resize(size_t(count));
+  uint64_t* packed = s.packed.data();
+  // (via int64: x86 converts a double to a signed integer in one instruction)
   for (int64_t j = 0; j < count; ++j) {
-    quanta[j] = uint32_t(std::min((keys[cand[j]] - lo) * scale, top));
-    slots[j] = uint32_t(j);
+    packed[j] = (uint64_t(int64_t(std::min((key[j] - lo) * scale, top))) << 32) | uint64_t(j);
   }
 
-  // LSD radix sort; a digit shared by every candidate is skipped.
-  std::vector<uint32_t> histogram(size_t(kDigits) * kBuckets, 0);
-  for (int64_t j = 0; j < count; ++j) {
-    for (int d = 0; d < kDigits; ++d) ++histogram[size_t(d) * kBuckets + ((quanta[j] >> (d * kDigitBits)) & (kBuckets - 1))];
+  // One histogram pass for every digit; a digit shared by every candidate is skipped.
+  s.histogram.assign(size_t(passes) * buckets, 0);
+  uint32_t* histogram = s.histogram.data();
+  uint32_t* histogram_high = histogram + buckets;
+  const int high_shift = 32 + digit_bits;
+  if (passes == 2) {  // the common case, unrolled
+    for (int64_t j = 0; j < count; ++j) {
+      ++histogram[(packed[j] >> 32) & digit_mask];
+      ++histogram_high[(packed[j] >> high_shift) & digit_mask];
+    }
+  } else {
+    for (int64_t j = 0; j < count; ++j) {
+      const uint64_t quantum = packed[j] >> 32;
+      for (int d = 0; d < passes; ++d) ++histogram[size_t(d) * buckets + ((quantum >> (d * digit_bits)) & digit_mask)];
+    }
   }
-  uint32_t* quanta_out = s.quanta_swap.data();
-  uint32_t* slots_out = s.slots_swap.data();
-  for (int d = 0; d < kDigits; ++d) {
-    uint32_t* counts = histogram.data() + size_t(d) * kBuckets;
+  uint64_t* packed_out = s.packed_swap.data();
+  for (int d = 0; d < passes; ++d) {
+    uint32_t* counts = histogram + size_t(d) * buckets;
     bool trivial = false;
-    for (uint32_t b = 0; b < kBuckets; ++b) trivial = trivial || counts[b] == uint32_t(count);
-    if (trivial) continue;
     uint32_t offset = 0;
-    for (uint32_t b = 0; b < kBuckets; ++b) {
-      uint32_t c = counts[b];
+    for (size_t b = 0; b < buckets; ++b) {
+      const uint32_t c = counts[b];
+      trivial = trivial || c == uint32_t(count);
       counts[b] = offset;
       offset += c;
     }
-    for (int64_t j = 0; j < count; ++j) {
-      uint32_t pos = counts[(quanta[j] >> (d * kDigitBits)) & (kBuckets - 1)]++;
-      quanta_out[pos] = quanta[j];
-      slots_out[pos] = slots[j];
-    }
-    std::swap(quanta, quanta_out);
-    std::swap(slots, slots_out);
+    if (trivial) continue;
+    const int shift = 32 + d * digit_bits;
+    for (int64_t j = 0; j < count; ++j) packed_out[counts[(packed[j] >> shift) & digit_mask]++] = packed[j];
+    std::swap(packed, packed_out);
   }
+  auto quantum_at = [&](int64_t j) { return uint32_t(packed[j] >> 32); };
+  auto slot_at = [&](int64_t j) { return int64_t(uint32_t(packed[j])); };
 
   // Candidates that share a quantum are ordered by their true keys. Only runs that reach
-  // into the first k matter.
-  auto true_key = [&](uint32_t slot) { return keys[cand[slot]]; };
-  for (int64_t start = 0; start < k;) {
+  // into the first k (and position k, for next_key) matter.
+  const int64_t needed = std::min(count, k + 1);
+  for (int64_t start = 0; start < needed;) {
     int64_t end = start + 1;
-    while (end < count && quanta[end] == quanta[start]) ++end;
+    while (end < count && quantum_at(end) == quantum_at(start)) ++end;
     if (end - start > 1) {
-      std::sort(slots + start, slots + end, [&](uint32_t a, uint32_t b) {
-        return true_key(a) < true_key(b) || (true_key(a) == true_key(b) && cand[a] < cand[b]);
-      });
+      std::sort(packed + start, packed + end, [&](uint64_t a, uint64_t b) { return before(int64_t(uint32_t(a)), int64_t(uint32_t(b))); });
     }
     start = end;
   }
-  for (int64_t j = 0; j < k; ++j) out[j] = cand[slots[j]];
-  if (next_key != nullptr) {
-    if (count == k) {
-      *next_key = smallest_outside();
-    } else {
-      // Position k starts or continues a run of equal quanta, possibly unsorted: its minimum.
-      double smallest = true_key(slots[k]);
-      for (int64_t j = k + 1; j < count && quanta[j] == quanta[k]; ++j) smallest = std::min(smallest, true_key(slots[j]));
-      *next_key = smallest;
-    }
-  }
-  return true;
+  for (int64_t j = 0; j < k; ++j) out[j] = cand[slot_at(j)];
+  if (next_key != nullptr) *next_key = count > k ? key[slot_at(k)] : infinity;
 }
 
 }  // namespace isample

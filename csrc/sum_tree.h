@@ -14,7 +14,8 @@
 //   sample k (replace)  O(k B L), descents run level by level so their memory loads overlap
 //   sample k (distinct) O(k B L) by rejection + removal/restore for small k/n, or O(n) by an
 //                       exponential race for large k/n; both give successive sampling
-//   assign / build      O(n)
+//   assign / build      O(n), one pass over the weights to check them and one to load them,
+//                       each on two threads above 2^20 items
 #pragma once
 
 #include <cstdint>
@@ -92,6 +93,9 @@ class SumTree {
 
  private:
   void rebuild_internal();
+  // Leaves from `weights` (checked) and every sum, in one pass over the weights.
+  void load(const double* weights);
+  void rebuild_above_level1();
   // Re-sum the ancestors of the k leaves, level by level.
   void propagate(const int64_t* leaf_indices, int64_t k);
   void propagate_one(int64_t leaf);
@@ -100,6 +104,7 @@ class SumTree {
   // The leaf holding mass u * total of a tree whose total is tiny (descend.h).
   int64_t descend_tiny(double u) const;
   void sample_by_race(uint64_t key, int64_t k, int64_t* out, double* inclusion = nullptr);
+  bool race_by_candidates(uint64_t key, int64_t k, int64_t* out, double* next_key);
   void sample_by_rejection_and_removal(uint64_t key, int64_t k, int64_t* out);
   bool race_is_cheaper(int64_t k) const;
 

@@ -1197,3 +1197,67 @@ def test_a_custom_sampler_without_epoch_lengths_still_never_draws_in_len():
     predicted = len(s)
     _same_state(s.state_dict(), before)
     assert predicted == 5 and len(drain(s)) == predicted
+
+
+# -- the fast paths: weights and updates read plain arrays in the core -------------------------
+
+
+@pytest.fixture
+def general_path_only():
+    """The core reads no tensor or array itself: every call takes the general Python path."""
+    isample._core.configure_arrays(None, None)
+    yield
+    isample._core.configure_arrays(torch.Tensor, np.ndarray)
+
+
+@pytest.mark.parametrize("transform", ["softmax", "proportional", "rank", isample.Proportional(alpha=0.6, eps=0.1)])
+@pytest.mark.parametrize("score", ["last_loss", "running_loss"])
+def test_fast_and_general_sampler_steps_agree_bit_for_bit(transform, score, general_path_only):
+    """weights() and update() give the same weights, scores and next epoch whether the core
+    reads the arguments itself or the general path converts them first."""
+    losses_of = np.random.default_rng(1).random((6, 32)) * 4.0
+    outcomes = {}
+    for fast in (False, True):
+        if fast:
+            isample._core.configure_arrays(torch.Tensor, np.ndarray)
+        s = isample.ImportanceSampler(200, score=score, transform=transform, samples_per_epoch=96, seed=4)
+        s.update(np.arange(200), np.linspace(0.0, 3.0, 200))
+        order = torch.tensor(drain(s))
+        seen = []
+        for step in range(6):
+            batch = order[32 * (step % 3) : 32 * (step % 3 + 1)]
+            batch[:3] = batch[3]  # a repeated index: the last value wins
+            seen.append(s.weights(batch))
+            seen.append(s.weights(batch.numpy(), dtype=torch.float32, device=torch.device("cpu")))
+            losses = losses_of[step]
+            s.update(batch, torch.from_numpy(losses).float() if step % 2 else torch.from_numpy(losses))
+        outcomes[fast] = (seen, s.scores(), s.probabilities(), torch.tensor(drain(s)), dict(s.counters))
+    for a, b in zip(outcomes[False][0], outcomes[True][0]):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    for a, b in zip(outcomes[False][1:4], outcomes[True][1:4]):
+        assert torch.equal(a, b)
+    assert outcomes[False][4] == outcomes[True][4]
+
+
+def test_fast_weights_refuse_like_the_general_path():
+    s = isample.ImportanceSampler(50, samples_per_epoch=5, replacement=False, seed=0)
+    drawn = set(drain(s))
+    undrawn = next(i for i in range(50) if i not in drawn)
+    with pytest.raises(ValueError, match=f"item {undrawn} was not drawn in epoch 0"):
+        s.weights(torch.tensor([min(drawn), undrawn]))
+    with pytest.raises(IndexError, match="out of range"):
+        s.weights(torch.tensor([50]))
+    with pytest.raises(TypeError, match="integers"):
+        s.weights(torch.tensor([0.0]))
+
+
+def test_a_rejected_fast_update_changes_nothing():
+    """The core checks every index and score before writing; the general path then says why."""
+    for transform in ("softmax", "proportional", "rank"):
+        s = isample.ImportanceSampler(10, transform=transform, score="running_loss", seed=0)
+        before = s.scores()
+        with pytest.raises(IndexError, match=r"\[10\]"):
+            s.update(torch.tensor([0, 10]), torch.ones(2))
+        with pytest.raises(ValueError, match="non-finite"):
+            s.update(torch.tensor([0, 1]), torch.tensor([1.0, float("inf")]))
+        assert torch.equal(s.scores(), before) and s.counters["updates"] == 0

@@ -623,6 +623,130 @@ def test_core_stub_matches_the_compiled_module():
                 assert isinstance(getattr(cls, member), property), f"{name}.{member} is a method in _core"
 
 
+# -- the fast paths: plain tensors and arrays read by the core itself ----------------------------
+
+
+@pytest.fixture
+def general_path_only():
+    """The core reads no tensor or array itself: every call takes the general Python path."""
+    isample._core.configure_arrays(None, None)
+    yield
+    isample._core.configure_arrays(torch.Tensor, np.ndarray)
+
+
+def _argument_forms(indices, values):
+    """(name, indices, values): the same numbers in every form the API takes."""
+    i64, f64 = np.asarray(indices, dtype=np.int64), np.asarray(values, dtype=np.float64)
+    double_i = torch.from_numpy(np.repeat(i64, 2))[::2]  # strided views
+    double_v = torch.from_numpy(np.repeat(f64, 2))[::2]
+    return [
+        ("int64 and float64 tensors", torch.from_numpy(i64.copy()), torch.from_numpy(f64.copy())),
+        ("float32 tensor", torch.from_numpy(i64.copy()), torch.from_numpy(f64.astype(np.float32))),
+        ("numpy arrays", i64.copy(), f64.copy()),
+        ("numpy float32", i64.copy(), f64.astype(np.float32)),
+        ("strided views", double_i, double_v),
+        ("int32 indices", torch.from_numpy(i64.astype(np.int32)), torch.from_numpy(f64.copy())),
+        ("lists", i64.tolist(), f64.tolist()),
+        ("requires grad", torch.from_numpy(i64.copy()), torch.from_numpy(f64.copy()).requires_grad_()),
+        ("a parameter", torch.from_numpy(i64.copy()), torch.nn.Parameter(torch.from_numpy(f64.copy()))),
+        ("big-endian numpy", i64.astype(">i8"), f64.astype(">f8")),
+        ("negated view", torch.from_numpy(i64.copy()), (-torch.from_numpy(f64.copy()))._neg_view()),  # reads +values
+    ]
+
+
+def test_the_fast_path_reads_plain_arrays_only():
+    tree = isample.SumTree(8, seed=0)
+    i, v = torch.tensor([1, 2]), torch.tensor([1.0, 2.0], dtype=torch.float64)
+    assert tree._fast.update_arrays(i, v)
+    assert tree._fast.update_arrays(i.numpy(), v.float().numpy())
+    for bad_i, bad_v in [
+        (i, v[:1]),  # lengths differ
+        (i.int(), v),
+        (i, v.to(torch.int64)),
+        (i.double(), v),
+        (i, torch.tensor([[1.0, 2.0]], dtype=torch.float64)),
+        (i, torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)[::2]),
+        ([1, 2], v),
+        (i, torch.tensor([1.0, 2.0], dtype=torch.float64)._neg_view()),
+        (i, torch.nn.Parameter(v)),
+    ]:
+        assert not tree._fast.update_arrays(bad_i, bad_v)
+    assert tree.get().tolist() == [0.0, 1.0, 2.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+
+
+@pytest.mark.parametrize("softmax", [False, True])
+def test_fast_and_general_paths_write_the_same_bits(softmax, general_path_only, rng):
+    n = 300
+    indices = rng.integers(0, n, 64)
+    indices[:5] = indices[5]  # repeats: the last value wins, and blend reads the score before the call
+    values = rng.random(64) * 3.0 + 0.1
+    forms = _argument_forms(indices, values)
+
+    def run(i, v):
+        tree = isample.SoftmaxTree(n, temperature=0.7, seed=3) if softmax else isample.SumTree(n, seed=3)
+        tree.update(i, v)
+        if softmax:
+            tree.blend(i, v, 0.3)
+        return tree.get(), tree.total, tree.sample(50, seed=1), tree.sample(20, replace=False, seed=2)
+
+    general = {name: run(i, v) for name, i, v in forms}
+    isample._core.configure_arrays(torch.Tensor, np.ndarray)
+    for name, i, v in forms:
+        fast = run(i, v)
+        assert torch.equal(fast[0], general[name][0]) and fast[1] == general[name][1], name
+        assert torch.equal(fast[2], general[name][2]) and torch.equal(fast[3], general[name][3]), name
+        if "float32" not in name:  # every exact form holds the same numbers
+            assert torch.equal(fast[0], general["int64 and float64 tensors"][0]), name
+
+
+def test_fast_paths_raise_the_general_paths_errors(general_path_only):
+    cases = [
+        (IndexError, lambda t: t.update(torch.tensor([0, 9]), torch.ones(2, dtype=torch.float64))),
+        (IndexError, lambda t: t.update(np.array([-1]), np.ones(1))),
+        (ValueError, lambda t: t.update(torch.tensor([0]), torch.tensor([float("nan")], dtype=torch.float64))),
+        (ValueError, lambda t: t.update(torch.tensor([0]), torch.tensor([-1.0]))),
+        (ValueError, lambda t: t.update(torch.tensor([0, 1]), torch.ones(3, dtype=torch.float64))),
+        (ValueError, lambda t: t.sample(2, replace=False, method="race")),
+        (ValueError, lambda t: t.sample(4, replace=False)),
+        (ValueError, lambda t: t.sample(3, method="race")),
+        (TypeError, lambda t: t.sample(2.0)),
+        (TypeError, lambda t: t.sample(True)),
+        (ValueError, lambda t: t.sample(-1)),
+        (TypeError, lambda t: t.sample(2, seed=1.5)),
+        (TypeError, lambda t: t.sample(2, replace="yes")),
+    ]
+    messages = {}
+    for fast in (False, True):
+        if fast:
+            isample._core.configure_arrays(torch.Tensor, np.ndarray)
+        for j, (error, call) in enumerate(cases):
+            tree = isample.SumTree.from_weights([1.0, 0.0, 0.0], seed=0)
+            with pytest.raises(error) as caught:
+                call(tree)
+            messages.setdefault(j, set()).add(str(caught.value))
+            assert tree.get().tolist() == [1.0, 0.0, 0.0] and tree._core.stream_calls == 0
+    assert all(len(texts) == 1 for texts in messages.values()), messages
+
+
+def test_fast_sample_draws_what_the_general_path_draws(general_path_only):
+    weights = np.random.default_rng(5).random(20_000)
+    calls = [
+        dict(k=300), dict(k=0), dict(k=128, seed=7), dict(k=128, seed=-7), dict(k=50, seed=2**70),
+        dict(k=9000, replace=False), dict(k=9000, replace=False, method="race", seed=3),
+        dict(k=40, replace=False, method="removal"), dict(k=20_000, replace=False), dict(k=5, seed=np.int64(4)),
+        dict(k=np.int64(6)), dict(k=6, replace=np.bool_(False)),
+    ]
+    draws = {}
+    for fast in (False, True):
+        if fast:
+            isample._core.configure_arrays(torch.Tensor, np.ndarray)
+        tree = isample.SumTree.from_weights(weights, seed=11)
+        draws[fast] = [tree.sample(**call) for call in calls] + [tree._core.stream_calls]
+    for a, b in zip(draws[False][:-1], draws[True][:-1]):
+        assert a.dtype == b.dtype == torch.int64 and torch.equal(a, b)
+    assert draws[False][-1] == draws[True][-1]
+
+
 # -- issue 19: inputs that used to reach torch, numpy or pybind11 raw ---------------------------
 
 

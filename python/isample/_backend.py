@@ -23,6 +23,11 @@ DeviceLike = Union[str, torch.device]
 # comparison) instead of reading device attributes, which costs more than a tree descent.
 CPU = torch.device("cpu")
 
+#: whether the core's fast paths read torch tensors and make result tensors themselves
+#: (DLPack's C exchange API, torch >= 2.10); numpy arrays are read in any case. Where it is
+#: False, every call takes the general path below, which converts arguments in Python.
+FAST_TENSORS = bool(_core.configure_arrays(torch.Tensor, np.ndarray))
+
 
 #: the largest int64: epochs, counts and indices must fit in one
 MAX_INT64 = 2**63 - 1

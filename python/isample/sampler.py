@@ -32,7 +32,7 @@ from torch.utils.data import Dataset, Sampler
 from . import _backend, _core
 from ._backend import DeviceLike
 from .scores import ScorePolicy, get_score_policy
-from .transforms import Transform, get_transform
+from .transforms import Proportional, Transform, get_transform
 from .tree import MAX_CAPACITY, SumTree
 
 __all__ = ["EpochSampler", "ImportanceSampler", "IndexedDataset", "Epoch", "ScoreUpdate"]
@@ -478,11 +478,25 @@ class EpochSampler(Sampler[int]):
         synchronise), IndexError for an index outside [0, N), RuntimeError before the first
         epoch is drawn. ``dtype`` (a floating torch.dtype) and ``device`` convert the result.
         """
+        current = self._current
+        if (
+            current is not None
+            and current.weight_of is not None
+            and self.device is _backend.CPU
+            and (dtype is None or dtype is torch.float32 or dtype is torch.float64)
+            and (device is None or device is _backend.CPU or (type(device) is torch.device and device.type == "cpu"))
+        ):
+            # The fast path: the core reads plain indices, checks them and gathers into a new
+            # tensor of the dtype asked for (None: the general path below takes these arguments).
+            weights = _core.weights_of(current.weight_of, indices, dtype is torch.float32)
+            if weights is not None:
+                if type(weights) is int:
+                    raise ValueError(f"item {int(indices[weights])} was not drawn in epoch {current.epoch}: it has no weight")
+                return weights
         if dtype is not None:
             dtype = _backend.check_float_dtype(dtype)
         if device is not None:
             device = _backend.torch_device(device)
-        current = self._current
         if current is None:
             raise RuntimeError("no epoch has been drawn yet: iterate the sampler first")
         idx = _backend.as_indices(indices, self.device)
@@ -509,8 +523,12 @@ class EpochSampler(Sampler[int]):
 
     def _blend_scores(self, indices: torch.Tensor, losses: torch.Tensor, keep: float) -> None:
         """S = keep * S + (1 - keep) * L for policies that say so (ScorePolicy.keep)."""
-        # lerp(L, S, keep) = L + keep (S - L): one operation instead of three
-        new = losses if keep == 0.0 else torch.lerp(losses, self._read_scores(indices), keep)
+        if keep == 0.0:
+            new = losses
+        elif self.device.type != "cuda":  # the core's arithmetic (its fast paths compute the same bits)
+            new = self._read_scores(indices) * keep + losses * (1.0 - keep)
+        else:  # lerp(L, S, keep) = L + keep (S - L): one kernel instead of three
+            new = torch.lerp(losses, self._read_scores(indices), keep)
         self._write_scores(indices, new)
 
     def update(self, indices: Any, losses: Any, **extra: Any) -> None:
@@ -529,6 +547,8 @@ class EpochSampler(Sampler[int]):
         raises RuntimeError until an epoch is drawn. Between epochs (after an epoch's last
         item, before the next ``iter()``) updates count toward the epoch just iterated.
         """
+        if not extra and self._update_in_core(indices, losses):
+            return
         idx = _backend.as_indices(indices, self.device)
         losses = _as_losses(losses, idx.numel(), self.device)
         lock = self._lock
@@ -553,6 +573,12 @@ class EpochSampler(Sampler[int]):
                 self._count_nonfinite(0, clamped, self._epoch_info())
         finally:
             lock.release()
+
+    def _update_in_core(self, indices: Any, losses: Any) -> bool:
+        """``update`` in one call of the compiled core, where the sampler's scores allow it
+        and the arguments are plain CPU arrays; False (nothing done) otherwise, and for a
+        batch the core rejects (``update`` then checks it and says why)."""
+        return False
 
     def prepare_update(self, indices: Any, losses: Any, *, num_items: Optional[int] = None, **extra: Any) -> ScoreUpdate:
         """Check a batch and run the score policy without writing anything: raises what
@@ -1016,12 +1042,47 @@ class ImportanceSampler(EpochSampler):
     def _blend_scores(self, indices, losses, keep):
         if self._scores is None:  # one call of the core; it validates before writing
             self._tree.blend(indices, losses, keep)
-        else:
+        elif not (self.device is _backend.CPU and self._store_in_core(indices, losses, keep)):
             super()._blend_scores(indices, losses, keep)
+
+    def _update_in_core(self, indices, losses):
+        keep = self.score_policy.keep
+        if keep is None or self.device is not _backend.CPU:
+            return False
+        lock = self._lock
+        lock.acquire()
+        try:
+            if self._scores is None:
+                fast = self._tree._fast
+                done = fast is not None and fast.update_arrays(indices, losses, keep)
+            else:
+                done = self._store_in_core(indices, losses, keep)
+            if done:
+                self._counters["updates"] += 1
+            return done
+        except (ValueError, IndexError):  # rejected before anything was written
+            return False
+        finally:
+            lock.release()
+
+    def _store_in_core(self, indices: Any, values: Any, keep: float) -> bool:
+        """CPU: s = keep * S + (1 - keep) * values into the score store (s = values for keep
+        0) and, for Proportional, its leaves into the tree, in one call of the core that
+        checks everything before writing (ValueError / IndexError otherwise). The same
+        arithmetic as the softmax tree's blend. False (nothing done) for arguments that are
+        not plain arrays, or a transform whose leaves the core does not compute."""
+        if self.transform.epoch_level:  # the scores only: the tree is rebuilt when an epoch is drawn
+            return _core.store_scores(self._scores, indices, values, keep)
+        transform = self.transform
+        if type(transform) is Proportional and self._tree._fast is not None:
+            return self._tree._fast.update_scores(self._scores, indices, values, keep, transform.alpha, transform.eps)
+        return False
 
     def _write_scores(self, indices, scores):
         if self._scores is None:  # the SoftmaxTree holds the scores and validates them itself
             self._tree.update(indices, scores)
+            return
+        if self.device is _backend.CPU and self._store_in_core(indices, scores, 0.0):
             return
         if self.transform.epoch_level:  # only the score tensor: it checks the indices and scores
             self._store_scores(self._scores, indices, scores)

@@ -22,7 +22,7 @@ from typing import Any, Dict, Union
 
 import torch
 
-from . import _backend
+from . import _backend, _core
 from .tree import SoftmaxTree, SumTree
 
 __all__ = ["Transform", "Softmax", "Proportional", "RankBased", "get_transform"]
@@ -90,6 +90,13 @@ class Proportional(Transform):
         self.eps = _backend.check_real(eps, "eps", low=0.0)
 
     def leaf_values(self, scores):
+        if scores.device.type == "cpu" and scores.dtype is torch.float64:
+            # the core's arithmetic, which the sampler's per-step updates use too (its pow may
+            # differ from torch's vectorised one in the last bit)
+            scores = scores.resolve_neg().contiguous()
+            leaves = torch.empty_like(scores)
+            _core.proportional_leaves(scores.data_ptr(), scores.numel(), self.alpha, self.eps, leaves.data_ptr())
+            return leaves
         base = scores.clamp(min=0.0).add_(self.eps)  # clamp made a new tensor: add in place
         return base if self.alpha == 1.0 else base.pow_(self.alpha)
 

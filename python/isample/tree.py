@@ -45,6 +45,9 @@ class _Tree:
             raise ValueError("capacity must be at least 1")
         self._device = _backend.resolve_device(device)
         self._sync_errors = False
+        # The CPU core, whose fast paths read plain tensors and arrays themselves (None for
+        # device trees): tried first by the hot calls, which fall back to converting in Python.
+        self._fast: Any = None
         self._capacity = capacity
         self._stream_seed = _backend.draw_seed() if seed is None else _backend.check_seed(seed)
         # "cpu": the CPU tree; "cuda": the GPU algorithms on a CUDA device; "gpu_on_host": the
@@ -180,6 +183,11 @@ class _Tree:
         Raises ValueError when every weight is zero, or when ``replace=False`` and fewer
         than k items have a positive weight.
         """
+        fast = self._fast
+        if fast is not None and generator is None:
+            out = fast.sample_tensor(k, replace, seed, method)
+            if out is not None:
+                return out
         if replace is not True and replace is not False:
             replace = _backend.check_bool(replace, "replace")
         if type(k) is not int or k < 0 or k > 65536:
@@ -333,6 +341,7 @@ class SumTree(_Tree):
         super().__init__(capacity, device, seed, _implementation)
         if self._implementation == "cpu":
             self._core = _core.SumTree(self._stream_seed, self._capacity)
+            self._fast = self._core
         else:
             self._core = self._device_core(False, 1.0, sync_errors)
 
@@ -349,6 +358,9 @@ class SumTree(_Tree):
         Values must be finite and >= 0 (ValueError otherwise); a repeated index takes its
         last value. A rejected call changes nothing.
         """
+        fast = self._fast
+        if fast is not None and fast.update_arrays(indices, values):
+            return
         idx = _backend.as_indices(indices, self._device)
         k = idx.numel()
         val = _backend.as_values(values, self._device, k)
@@ -424,6 +436,7 @@ class SoftmaxTree(_Tree):
         temperature = _check_temperature(temperature)
         if self._implementation == "cpu":
             self._core = _core.SoftmaxTree(self._stream_seed, self._capacity, temperature)
+            self._fast = self._core
         else:
             self._core = self._device_core(True, temperature, sync_errors)
 
@@ -467,6 +480,9 @@ class SoftmaxTree(_Tree):
         Scores must be finite (ValueError otherwise); a repeated index takes its last value.
         A rejected call changes nothing.
         """
+        fast = self._fast
+        if fast is not None and fast.update_arrays(indices, scores, 0.0):
+            return
         idx = _backend.as_indices(indices, self._device)
         k = idx.numel()
         val = _backend.as_values(scores, self._device, k, name="scores")
@@ -477,7 +493,11 @@ class SoftmaxTree(_Tree):
         average in one call. Each item blends with its score from before the call; a
         repeated index takes its last value. keep = 0 is ``update``.
         """
-        keep = _backend.check_real(keep, "keep", low=0.0, high=1.0)
+        if type(keep) is not float or not 0.0 <= keep <= 1.0:
+            keep = _backend.check_real(keep, "keep", low=0.0, high=1.0)
+        fast = self._fast
+        if fast is not None and fast.update_arrays(indices, values, keep):
+            return
         idx = _backend.as_indices(indices, self._device)
         k = idx.numel()
         val = _backend.as_values(values, self._device, k, name="values")

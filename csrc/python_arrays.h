@@ -1,0 +1,218 @@
+// Reading torch tensors and numpy arrays straight from their Python objects, and making
+// torch tensors for results, without linking against torch or numpy (included by
+// bindings.cpp only).
+//
+// A 128-item call of the trees does about 1 us of C++ work; finding a tensor's address,
+// dtype, shape and device through Python attributes cost as much again. Here:
+//   * torch tensors are read through DLPack's C exchange API (`__dlpack_c_exchange_api__`
+//     on the tensor type: DLPack >= 1.3, torch >= 2.10): one C call fills a DLTensor
+//     (about 60 ns), no torch symbol or header is needed, and the ABI is DLPack's, stable
+//     across torch releases. New tensors come from the same API's allocator.
+//   * numpy arrays are read through the buffer protocol.
+// Anything else, or anything unusual (another device, a view with strides, a tensor
+// subclass, a lazily negated tensor), is "not plain": the caller then takes the general
+// Python path, which converts it or raises the usual clear error. So these fast paths
+// change no behaviour, only the cost.
+#pragma once
+
+#include <Python.h>
+
+#include <cstdint>
+#include <cstring>
+
+namespace isample {
+
+// -- DLPack 1.3's exchange API: only the declarations used here (dlpack/dlpack.h) --------------
+namespace dlpack {
+struct Version {
+  uint32_t major, minor;
+};
+struct Device {
+  int32_t device_type;  // 1: kDLCPU
+  int32_t device_id;
+};
+struct DataType {
+  uint8_t code;  // 0: int, 1: uint, 2: float
+  uint8_t bits;
+  uint16_t lanes;
+};
+struct Tensor {
+  void* data;
+  Device device;
+  int32_t ndim;
+  DataType dtype;
+  int64_t* shape;
+  int64_t* strides;  // in elements; NULL: compact row-major
+  uint64_t byte_offset;
+};
+struct ManagedTensorVersioned {
+  Version version;
+  void* manager_ctx;
+  void (*deleter)(ManagedTensorVersioned* self);
+  uint64_t flags;
+  Tensor dl_tensor;
+};
+struct ExchangeApiHeader {
+  Version version;
+  ExchangeApiHeader* prev_api;
+};
+struct ExchangeApi {
+  ExchangeApiHeader header;
+  int (*managed_tensor_allocator)(Tensor* prototype, ManagedTensorVersioned** out, void* error_ctx,
+                                  void (*set_error)(void* error_ctx, const char* kind, const char* message));
+  int (*managed_tensor_from_py_object_no_sync)(void* py_object, ManagedTensorVersioned** out);
+  int (*managed_tensor_to_py_object_no_sync)(ManagedTensorVersioned* tensor, void** out_py_object);
+  int (*dltensor_from_py_object_no_sync)(void* py_object, Tensor* out);
+  int (*current_work_stream)(int32_t device_type, int32_t device_id, void** out_current_stream);
+};
+constexpr int32_t kCpu = 1;
+constexpr uint8_t kInt = 0, kFloat = 2;
+}  // namespace dlpack
+
+enum class ElementType { kInt64, kFloat64, kFloat32, kOther };
+
+// A contiguous 1-D CPU array: its address, length and element type.
+struct ArrayView {
+  const void* data = nullptr;
+  int64_t length = 0;
+  ElementType type = ElementType::kOther;
+};
+
+class PythonArrays {
+ public:
+  // Learn the tensor type (torch.Tensor) and the array type (numpy.ndarray). Either may be
+  // null; a tensor type without a usable exchange API leaves tensors to the general path.
+  void configure(PyObject* tensor_type, PyObject* array_type) {
+    tensor_type_ = nullptr;
+    api_ = nullptr;
+    array_type_ = array_type != nullptr && PyType_Check(array_type) ? reinterpret_cast<PyTypeObject*>(array_type) : nullptr;
+    if (tensor_type == nullptr || !PyType_Check(tensor_type)) return;
+    PyObject* capsule = PyObject_GetAttrString(tensor_type, "__dlpack_c_exchange_api__");
+    if (capsule == nullptr) {
+      PyErr_Clear();
+      return;
+    }
+    const dlpack::ExchangeApiHeader* header = nullptr;
+    if (PyCapsule_CheckExact(capsule)) {
+      header = static_cast<const dlpack::ExchangeApiHeader*>(PyCapsule_GetPointer(capsule, "dlpack_exchange_api"));
+      if (header == nullptr) PyErr_Clear();
+    }
+    Py_DECREF(capsule);  // the table lives as long as the process (DLPack's rule)
+    // Walk to an API of major version 1, minor >= 3 (the layout declared above).
+    while (header != nullptr && !(header->version.major == 1 && header->version.minor >= 3)) header = header->prev_api;
+    if (header == nullptr) return;
+    const auto* api = reinterpret_cast<const dlpack::ExchangeApi*>(header);
+    if (api->dltensor_from_py_object_no_sync == nullptr || api->managed_tensor_allocator == nullptr ||
+        api->managed_tensor_to_py_object_no_sync == nullptr) {
+      return;
+    }
+    Py_INCREF(tensor_type);  // kept for the process's lifetime, as the module is
+    tensor_type_ = reinterpret_cast<PyTypeObject*>(tensor_type);
+    is_neg_ = PyUnicode_InternFromString("is_neg");
+    api_ = api;
+  }
+
+  bool makes_tensors() const { return api_ != nullptr; }
+
+  // Fill `view` when `object` is a plain array: a torch.Tensor (exactly that type) or a
+  // numpy.ndarray on the CPU, 1-D, contiguous, of int64, float64 or float32. Returns false
+  // otherwise, with no Python error set.
+  bool view(PyObject* object, ArrayView& view) const {
+    PyTypeObject* type = Py_TYPE(object);
+    if (type == tensor_type_) return view_tensor(object, view);
+    if (type == array_type_) return view_buffer(object, view);
+    return false;
+  }
+
+  // A new 1-D CPU torch tensor of `length` elements (int64 or float64 / float32), and in
+  // `data` its memory. Returns null (with the Python error set) on failure.
+  PyObject* new_tensor(int64_t length, ElementType type, void*& data) const {
+    int64_t shape[1] = {length};
+    dlpack::Tensor prototype{};
+    prototype.device = {dlpack::kCpu, 0};
+    prototype.ndim = 1;
+    prototype.dtype = type == ElementType::kInt64 ? dlpack::DataType{dlpack::kInt, 64, 1}
+                      : type == ElementType::kFloat32 ? dlpack::DataType{dlpack::kFloat, 32, 1}
+                                                      : dlpack::DataType{dlpack::kFloat, 64, 1};
+    prototype.shape = shape;
+    dlpack::ManagedTensorVersioned* managed = nullptr;
+    if (api_->managed_tensor_allocator(&prototype, &managed, nullptr, set_error) != 0 || managed == nullptr) {
+      if (!PyErr_Occurred()) PyErr_SetString(PyExc_MemoryError, "could not allocate a tensor");
+      return nullptr;
+    }
+    data = static_cast<char*>(managed->dl_tensor.data) + managed->dl_tensor.byte_offset;
+    void* tensor = nullptr;
+    if (api_->managed_tensor_to_py_object_no_sync(managed, &tensor) != 0) return nullptr;  // it took `managed`
+    return static_cast<PyObject*>(tensor);
+  }
+
+ private:
+  static void set_error(void*, const char*, const char* message) { PyErr_SetString(PyExc_MemoryError, message); }
+
+  static ElementType element_type(const dlpack::DataType& t) {
+    if (t.lanes != 1) return ElementType::kOther;
+    if (t.code == dlpack::kInt && t.bits == 64) return ElementType::kInt64;
+    if (t.code == dlpack::kFloat && t.bits == 64) return ElementType::kFloat64;
+    if (t.code == dlpack::kFloat && t.bits == 32) return ElementType::kFloat32;
+    return ElementType::kOther;
+  }
+
+  bool view_tensor(PyObject* object, ArrayView& view) const {
+    dlpack::Tensor t;
+    if (api_->dltensor_from_py_object_no_sync(object, &t) != 0) {
+      PyErr_Clear();
+      return false;
+    }
+    if (t.device.device_type != dlpack::kCpu || t.ndim != 1) return false;
+    const ElementType type = element_type(t.dtype);
+    if (type == ElementType::kOther) return false;
+    if (t.strides != nullptr && t.shape[0] > 1 && t.strides[0] != 1) return false;
+    // A lazily negated view (x.conj().imag) holds its values un-negated: DLPack cannot say
+    // so, so ask the tensor (the general path resolves it).
+    PyObject* negated = PyObject_CallMethodNoArgs(object, is_neg_);
+    if (negated == nullptr) {
+      PyErr_Clear();
+      return false;
+    }
+    const bool plain = negated == Py_False;
+    Py_DECREF(negated);
+    if (!plain) return false;
+    view.data = static_cast<const char*>(t.data) + t.byte_offset;
+    view.length = t.shape[0];
+    view.type = type;
+    return true;
+  }
+
+  static bool view_buffer(PyObject* object, ArrayView& view) {
+    Py_buffer buffer;
+    if (PyObject_GetBuffer(object, &buffer, PyBUF_RECORDS_RO) != 0) {
+      PyErr_Clear();
+      return false;
+    }
+    ElementType type = ElementType::kOther;
+    const char* format = buffer.format != nullptr ? buffer.format : "B";
+    const bool little = __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__;
+    if (format[0] == '=' || format[0] == '@' || (little && format[0] == '<')) ++format;  // native byte order
+    if (format[1] == '\0') {
+      if ((format[0] == 'l' || format[0] == 'q') && buffer.itemsize == 8) type = ElementType::kInt64;
+      if (format[0] == 'd' && buffer.itemsize == 8) type = ElementType::kFloat64;
+      if (format[0] == 'f' && buffer.itemsize == 4) type = ElementType::kFloat32;
+    }
+    const bool plain = type != ElementType::kOther && buffer.ndim == 1 &&
+                       (buffer.shape[0] <= 1 || buffer.strides == nullptr || buffer.strides[0] == buffer.itemsize);
+    if (plain) {
+      view.data = buffer.buf;
+      view.length = buffer.shape[0];
+      view.type = type;
+    }
+    PyBuffer_Release(&buffer);  // numpy keeps the memory: the caller holds the array
+    return plain;
+  }
+
+  PyTypeObject* tensor_type_ = nullptr;
+  PyTypeObject* array_type_ = nullptr;
+  const dlpack::ExchangeApi* api_ = nullptr;
+  PyObject* is_neg_ = nullptr;
+};
+
+}  // namespace isample
