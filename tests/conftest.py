@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
+import time
+from typing import List, Sequence
 
 import numpy as np
 import pytest
@@ -173,3 +177,29 @@ def assert_identical(a, b, where: str = "state") -> None:
         assert a.dtype == b.dtype and np.array_equal(a, b, equal_nan=a.dtype.kind in "fc"), where
     else:
         assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def run_processes(what: str, commands: Sequence[Sequence[str]], timeout_s: float) -> List[str]:
+    """Start one process per command (the ranks of a gloo group, say), with one BLAS/OpenMP
+    thread each, and wait for all of them within `timeout_s`. Fails the test, with every
+    process's output, when one exits non-zero or they do not all finish in time (a hang
+    kills them all). Returns each process's combined stdout and stderr."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    procs = [
+        subprocess.Popen([sys.executable, *command], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        for command in commands
+    ]
+    deadline = time.monotonic() + timeout_s
+    outputs: List[str] = []
+    try:
+        for proc in procs:
+            outputs.append(proc.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
+    except subprocess.TimeoutExpired:
+        for proc in procs:
+            proc.kill()
+        logs = "\n".join(f"--- process {r} ---\n{proc.communicate()[0]}" for r, proc in enumerate(procs))
+        pytest.fail(f"the {what} processes did not finish within {timeout_s} s\n{logs}")
+    if any(proc.returncode for proc in procs):
+        logs = "\n".join(f"--- process {r} (exit {p.returncode}) ---\n{o}" for r, (p, o) in enumerate(zip(procs, outputs)))
+        pytest.fail(f"a {what} process failed\n{logs}")
+    return outputs

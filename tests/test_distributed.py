@@ -27,6 +27,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 import isample
+from conftest import run_processes
 
 RUN_TIMEOUT_S = 120  # one two-process run, start-up included; a hang fails after this
 PG_TIMEOUT_S = 30  # any collective of the runs
@@ -548,31 +549,9 @@ def _worker(scenario: str, rank: int, world: int, store: str, out: str) -> None:
 
 
 def _launch(scenario: str, out: Path, world: int = 2) -> List[Dict[str, Any]]:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     store = out / "store"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, scenario, str(r), str(world), str(store), str(out)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            env=env,
-        )
-        for r in range(world)
-    ]
-    deadline = time.monotonic() + RUN_TIMEOUT_S
-    outputs: List[str] = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
-    except subprocess.TimeoutExpired:
-        for proc in procs:
-            proc.kill()
-        logs = "\n".join(f"--- rank {r} ---\n{proc.communicate()[0]}" for r, proc in enumerate(procs))
-        pytest.fail(f"the {scenario} workers did not finish within {RUN_TIMEOUT_S} s\n{logs}")
-    if any(proc.returncode for proc in procs):
-        logs = "\n".join(f"--- rank {r} (exit {p.returncode}) ---\n{o}" for r, (p, o) in enumerate(zip(procs, outputs)))
-        pytest.fail(f"a {scenario} worker failed\n{logs}")
+    commands = [[__file__, scenario, str(r), str(world), str(store), str(out)] for r in range(world)]
+    run_processes(scenario, commands, RUN_TIMEOUT_S)
     return [torch.load(out / f"{scenario}_rank{r}.pt", weights_only=False) for r in range(world)]
 
 

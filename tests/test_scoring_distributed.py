@@ -17,8 +17,6 @@ that every trainer raises ScorerError at the same step and that the job still sh
 from __future__ import annotations
 
 import datetime
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +25,7 @@ from typing import Any, Dict, List
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import run_processes
 
 RUN_TIMEOUT_S = 240  # the whole three-process run, start-up included
 PG_TIMEOUT_S = 60
@@ -159,26 +158,9 @@ def _main(rank: int, world: int, store: str, out: str) -> None:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> List[Dict[str, Any]]:
     out = tmp_path_factory.mktemp("scoring_ranks")
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     world = 3
-    procs = [
-        subprocess.Popen([sys.executable, __file__, str(r), str(world), str(out / "store"), str(out)],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        for r in range(world)
-    ]
-    deadline = time.monotonic() + RUN_TIMEOUT_S
-    outputs = []
-    try:
-        for proc in procs:
-            outputs.append(proc.communicate(timeout=max(1.0, deadline - time.monotonic()))[0])
-    except subprocess.TimeoutExpired:
-        for proc in procs:
-            proc.kill()
-        logs = "\n".join(f"--- rank {r} ---\n{p.communicate()[0]}" for r, p in enumerate(procs))
-        pytest.fail(f"the 3-process scoring run did not finish within {RUN_TIMEOUT_S} s\n{logs}")
-    if any(p.returncode for p in procs):
-        logs = "\n".join(f"--- rank {r} (exit {p.returncode}) ---\n{o}" for r, (p, o) in enumerate(zip(procs, outputs)))
-        pytest.fail(f"a rank failed\n{logs}")
+    run_processes("3-process scoring", [[__file__, str(r), str(world), str(out / "store"), str(out)] for r in range(world)],
+                  RUN_TIMEOUT_S)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
