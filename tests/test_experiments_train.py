@@ -125,7 +125,16 @@ def test_a_short_real_run_learns_and_writes_its_records(tmp_path):
 
 
 def _strip_times(history):
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in history]
+    """The records without what the clock decides: the seconds and the CPU time (of the
+    trainer and of scoring workers), and the weights' mean to 12 digits (a resumed epoch sums
+    them in another grouping)."""
+    out = []
+    for r in history:
+        r = {k: v for k, v in r.items() if k not in ("seconds", "cpu_seconds")}
+        if "weights" in r:
+            r["weights"] = {**r["weights"], "mean": round(r["weights"]["mean"], 12)}
+        out.append(r)
+    return out
 
 
 @needs_fashion
@@ -224,3 +233,106 @@ def test_the_science_study_command_runs_end_to_end(tmp_path):
     assert "within the time budget" in text and "98% of uniform's best" in text
     assert "Paired comparison against uniform: best test accuracy**" in text
     assert (results / "figures" / "fig7_test_accuracy_by_budget.png").stat().st_size > 1000
+
+
+@needs_fashion
+def test_snapshots_hold_the_parameters_and_the_q_each_step_draws_from(tmp_path):
+    """A proportional grad-norm run with 2-step epochs: every item starts at sqrt(2), so the
+    first epoch's q is uniform; later ones follow the scores. Records carry the weights' mean
+    and the trainer's CPU time; the summary carries the loss over the whole training set."""
+    from isample.experiments.train import load_snapshot, load_run_data
+
+    config = preset("grad_norm_proportional", dataset="fashion-mnist", model="small_cnn", train_subset=600,
+                    test_subset=200, augment=False, budget_steps=6, epoch_steps=2, snapshot_steps=(0, 3, 6),
+                    train_eval=True, device="cpu", lr_milestones=())
+    summary = train(config, tmp_path / "run", progress=False, log=lambda _: None)
+    history = load_history(tmp_path / "run")
+    assert [r["steps"] for r in history] == [2, 4, 6]
+    first, third = load_snapshot(tmp_path / "run", 0), load_snapshot(tmp_path / "run", 6)
+    assert torch.allclose(first["q"], torch.full((600,), 1 / 600, dtype=torch.float64))
+    assert float(third["q"].sum()) == pytest.approx(1.0)
+    assert float(third["q"].max()) > 1.2 / 600 and float(third["q"].min()) < 0.9 / 600  # it follows the scores
+    assert float(third["q"].min()) >= 0.1 / 600 - 1e-12  # the uniform mixture
+    assert not torch.equal(first["model"]["classifier.3.weight"], third["model"]["classifier.3.weight"])
+    with pytest.raises(ValueError, match="snapshot_steps"):
+        load_snapshot(tmp_path / "run", 5)
+    for r in history:
+        assert r["cpu_seconds"] > 0 and 0 < r["weights"]["mean"] and r["weights"]["max"] <= 10 + 1e-9
+    # the whole training set, in eval mode, after the last step
+    data = load_run_data(config)
+    model = __import__("isample.experiments.models", fromlist=["build_model"]).build_model("small_cnn", 10, 1, 28)
+    model.load_state_dict(third["model"])
+    whole = evaluate(model, data.train_images, data.train_labels, data, batch_size=1000, autocast=_no_autocast,
+                     channels_last=False)
+    assert summary["train_eval"]["loss"] == pytest.approx(whole["loss"]) and summary["train_eval"]["accuracy"] == whole["accuracy"]
+
+
+class _no_autocast:
+    def __init__(self):
+        pass
+
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+@needs_fashion
+def test_uniform_epochs_of_some_steps_are_one_shuffled_stream(tmp_path):
+    """uniform with epoch_steps: epochs of 4 steps cut from one shuffled stream, resumed exactly."""
+    config = preset("uniform", dataset="fashion-mnist", model="small_cnn", train_subset=600, test_subset=200,
+                    augment=False, budget_steps=10, epoch_steps=4, device="cpu", lr_milestones=(), max_epochs=100)
+    torch.set_num_threads(1)
+    try:
+        straight = train(config, tmp_path / "a", progress=False, log=lambda _: None)
+        stopped = train(config, tmp_path / "b", progress=False, log=lambda _: None, max_wall_seconds=0.0)
+        resumed = train(config, tmp_path / "b", progress=False, log=lambda _: None)
+    finally:
+        torch.set_num_threads(os.cpu_count() or 1)
+    assert not stopped["complete"] and resumed["complete"]
+    history = load_history(tmp_path / "a")
+    assert [r["steps"] for r in history] == [4, 8, 10] and [r["samples"] for r in history] == [512, 512, 256]
+    assert _strip_times(load_history(tmp_path / "b")) == _strip_times(history)
+    assert straight["final_test_accuracy"] == resumed["final_test_accuracy"]
+
+
+@needs_fashion
+@pytest.mark.slow  # a real scoring worker process (spawned: a Python start with torch, 3-10 s here) in two sessions
+def test_a_run_with_a_scoring_worker_records_the_pool_and_resumes(tmp_path):
+    """grad_norm_scorers on 600 images: the worker's scores reach the sampler (coverage 1), the
+    records carry coverage, staleness and the worker's CPU time, the pool's ledger survives a
+    resume, and no worker process outlives the run."""
+    config = preset("grad_norm_scorers", dataset="fashion-mnist", model="small_cnn", train_subset=600,
+                    test_subset=200, augment=False, budget_steps=30, epoch_steps=5, publish_every=5, device="cpu",
+                    lr_milestones=())
+    stopped = train(config, tmp_path / "run", progress=False, log=lambda _: None, max_wall_seconds=0.0)
+    assert not stopped["complete"]
+    assert not _children(), "the stopped run left a worker behind"
+    summary = train(config, tmp_path / "run", progress=False, log=lambda _: None)
+    assert summary["complete"] and not _children()
+    history = load_history(tmp_path / "run")
+    pools = [r["scorers"] for r in history]
+    assert pools[-1]["items_scored"] >= 600 and pools[-1]["coverage"] > 0
+    assert all(p["workers_alive"] == 1 and p["rejected"] == 0 for p in pools)
+    assert pools[-1]["cpu_seconds"] > 0 and pools[-1]["staleness"]["max"] is not None
+    assert pools[-1]["published"] >= 30 // 5 - 1  # the resumed session went on publishing
+    # the sampler drew from the worker's scores, not uniformly: the weights spread once they came
+    assert max(r["sampler"]["max_weight"] for r in history) > 1.05
+
+
+def _children():
+    """Live child processes of this test process (Linux /proc)."""
+    me = str(os.getpid())
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[1] == me and fields[0] not in ("Z", "X"):
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+                if b"resource_tracker" not in command:  # multiprocessing's own, until the interpreter exits
+                    found.append(int(entry.name))
+    return found

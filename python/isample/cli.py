@@ -5,6 +5,7 @@
     isample plot runs/* --out figures/
     isample report runs/*
     isample study science                     # a named study: runs, report, figures, metrics
+    isample study round2 --jobs 2             # round 2: variance, divergence, early importance, fresh scores
     isample bench --quick
 
 A bad argument (a value out of range, an unknown name, a missing folder, an output path that
@@ -58,6 +59,7 @@ _at_least_one = _number(float, "a finite number >= 1", lambda v: v >= 1)
 _unit = _number(float, "a number in [0, 1]", lambda v: 0 <= v <= 1)
 _fraction = _number(float, "a number in (0, 1]", lambda v: 0 < v <= 1)
 _samples_fraction = _number(float, "a number in (0, 10]", lambda v: 0 < v <= 10)
+_finite_float = _number(float, "a finite number", lambda v: True)
 
 
 def _device_name(text: str) -> str:
@@ -73,7 +75,8 @@ def _overrides(args: argparse.Namespace) -> dict:
     for name in (
         "dataset", "data_dir", "model", "max_epochs", "patience", "batch_size", "lr", "imbalance_ratio",
         "train_subset", "test_subset", "device", "weighting", "temperature", "uniform_mix", "budget_steps",
-        "budget_seconds", "target_accuracy", "samples_fraction", "replacement", "warmup_epochs",
+        "budget_seconds", "target_accuracy", "samples_fraction", "replacement", "warmup_epochs", "scorers",
+        "transform", "epoch_steps", "initial_score", "publish_every",
     ):
         value = getattr(args, name)
         if value is not None:
@@ -154,15 +157,28 @@ def _lead() -> bool:
 
 def _run_all(configs: list, out: Path, args: argparse.Namespace) -> int:
     """Train each configuration in its folder under `out` (resuming where it stopped)."""
+    import time
+
+    from .experiments.schedule import format_seconds
     from .experiments.train import train
 
     say = print if _lead() else (lambda *_, **__: None)  # under torchrun only rank 0 prints
     say(f"{len(configs)} run(s) in {out}/", flush=True)
-    for config in configs:
+    began, trained = time.monotonic(), []  # the seconds of the runs trained here (not already done)
+    for number, config in enumerate(configs, start=1):
+        eta = ""
+        if trained:
+            eta = f", ETA ~{format_seconds(sum(trained) / len(trained) * (len(configs) - number + 1))}"
+        say(f"run {number}/{len(configs)}: {config.name} (elapsed {format_seconds(time.monotonic() - began)}{eta})",
+            flush=True)
+        start = time.monotonic()
+        done_before = (out / config.name / "summary.json").is_file() and not args.restart
         summary = train(
             config, out / config.name, resume=not args.restart, progress=not args.no_progress,
             checkpoint_seconds=args.checkpoint_seconds, max_wall_seconds=args.max_wall_seconds,
         )
+        if not done_before:
+            trained.append(time.monotonic() - start)
         if not summary.get("complete"):
             say("stopped before the end (time limit); rerun the same command to resume", flush=True)
             return 3
@@ -175,46 +191,98 @@ def _run_all(configs: list, out: Path, args: argparse.Namespace) -> int:
     return 0
 
 
-def _study(args: argparse.Namespace) -> int:
-    import shutil
-
+def _study_plan(parser: argparse.ArgumentParser, args: argparse.Namespace, name: str) -> tuple:
+    """(configs, run folder, results folder) of a named study with the command's options."""
     from .experiments.config import STUDIES, study
-    from .experiments.plots import plot_runs
-    from .experiments.report import report
 
-    parser = args.parser
-    spec = STUDIES[args.name]
+    spec = STUDIES[name]
     overrides = _overrides(args)
     if args.augment is not None:
         overrides["augment"] = args.augment
     seeds = range(args.seed, args.seed + (spec.seeds if args.seeds is None else args.seeds))
-    out = Path(args.out or Path("runs") / args.name)
-    _check_run_options(parser, args, out)
+    out = Path(args.out or Path("runs") / name)
+    results = Path(args.results or spec.results or Path("docs") / "results" / name)
+    configs = _configs(parser, lambda: study(name, presets=args.preset, seeds=seeds, **overrides))
+    return configs, out, results
+
+
+def _study(args: argparse.Namespace) -> int:
+    from .experiments.config import ROUND2
+
+    parser = args.parser
+    names = ["variance", *ROUND2] if args.name == "round2" else [args.name]
+    if len(names) > 1 and (args.out or args.results or args.preset):
+        parser.error("round2 runs every study whole, each in its own folders: --out, --results and --preset "
+                     "belong to a single study")
+    if args.name == "variance" and args.preset:
+        parser.error("the variance study has no presets to choose from")
+    _check_run_options(parser, args, Path(args.out or "runs"))
     if args.results is not None and Path(args.results).exists() and not Path(args.results).is_dir():
         parser.error(f"--results {args.results} is an existing file: name a folder")
-    configs = _configs(parser, lambda: study(args.name, presets=args.preset, seeds=seeds, **overrides))
-    _check_data(parser, configs)
-    code = _run_all(configs, out, args)
-    if code:
-        return code
-    if not _lead():
-        return 0  # rank 0 writes the report
-    results = Path(args.results or Path("docs") / "results" / args.name)
+    variance = None  # the variance study is not a grid of training runs: it plans its own tasks
+    plans = {}
+    for name in names:
+        if name == "variance":
+            from .experiments.variance_study import VarianceStudy
+
+            variance = _configs(parser, lambda: [VarianceStudy.from_args(args)])[0]
+        else:
+            plans[name] = _study_plan(parser, args, name)
+    _check_data(parser, [c for plan in plans.values() for c in plan[0]] + (variance.configs() if variance else []))
+    if args.jobs > 1 or variance is not None:
+        code = _run_scheduled(plans, variance, args)
+    else:
+        configs, out, _ = plans[names[0]]
+        code = _run_all(configs, out, args)
+    if code or not _lead():
+        return code  # rank 0 writes the report
+    if variance is not None:
+        variance.write_results()
+    for name, plan in plans.items():
+        _write_study_results(name, *plan)
+    return 0
+
+
+def _run_scheduled(plans: dict, variance: Any, args: argparse.Namespace) -> int:
+    """Every task of the studies through the scheduler, --jobs cores at a time."""
+    from .experiments.schedule import run_tasks, training_task
+
+    tasks = [] if variance is None else variance.tasks(restart=args.restart)
+    for configs, out, _ in plans.values():
+        tasks += [training_task(c, out / c.name, restart=args.restart, checkpoint_seconds=args.checkpoint_seconds)
+                  for c in configs]
+    title = "+".join((["variance"] if variance is not None else []) + list(plans))
+    record = Path(args.out or "runs") / f"{title.replace('+', '-')}-timings.json"
+    failed = run_tasks(tasks, args.jobs, title=title, report_every=args.report_every, record=record)
+    if failed:
+        print(f"{len(failed)} task(s) failed: {', '.join(t.label for t in failed)}; their logs say why. Rerun the "
+              "same command to retry them (finished runs are kept).", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _write_study_results(name: str, configs: list, out: Path, results: Path) -> None:
+    """report.md, the figures and each run's per-epoch metrics of a finished study."""
+    import shutil
+
+    from .experiments.config import STUDIES
+    from .experiments.plots import plot_runs
+    from .experiments.report import report
+
     folders = [out / c.name for c in configs]
     results.mkdir(parents=True, exist_ok=True)
-    text = report(folders, **spec.report)
+    text = report(folders, **STUDIES[name].report)
     (results / "report.md").write_text(text)
     figures = plot_runs(folders, results / "figures")
     # The per-epoch metrics of every run (not the checkpoints), so the tables can be recomputed.
     for folder in folders:
         dest = results / "runs" / folder.name
         dest.mkdir(parents=True, exist_ok=True)
-        for name in ("config.json", "metrics.jsonl", "summary.json"):
-            shutil.copy2(folder / name, dest / name)
+        for file in ("config.json", "metrics.jsonl", "summary.json"):
+            shutil.copy2(folder / file, dest / file)
     print(text)
     print(f"wrote {results / 'report.md'}, {len(figures)} figures in {results / 'figures'}, "
           f"metrics of {len(folders)} runs in {results / 'runs'}")
-    return 0
 
 
 def _load_runs(parser: argparse.ArgumentParser, runs: List[str]) -> list:
@@ -334,8 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "complete yet, then write report.md, the figures and each run's per-epoch metrics to "
                     "--results. Training options override the study's settings (for a smaller trial).",
     )
-    st.add_argument("name", choices=sorted(STUDIES), metavar="NAME",
-                    help="the study: " + ", ".join(f"{k} ({v.description})" for k, v in STUDIES.items()))
+    st.add_argument("name", choices=sorted([*STUDIES, "variance", "round2"]), metavar="NAME",
+                    help="the study: " + ", ".join(f"{k} ({v.description})" for k, v in STUDIES.items())
+                    + ", variance (the exact variance of the importance-sampled gradient under each proposal, "
+                    "docs/results/variance), round2 (variance and the round-2 studies in one queue)")
     st.add_argument("--preset", nargs="+", choices=sorted(PRESETS), metavar="PRESET",
                     help="only these of the study's presets")
     st.add_argument("--seeds", type=_positive_int, help="number of seeds (default: the study's)")
@@ -343,6 +413,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_options(st)
     st.add_argument("--out", help="folder of the run folders (default runs/NAME)")
     st.add_argument("--results", help="where report, figures and metrics go (default docs/results/NAME)")
+    st.add_argument("--jobs", type=_positive_int, default=1,
+                    help="cores to use: runs at a time, each on one thread; a run with K scoring workers takes "
+                         "K + 1 (default 1: one run at a time, in this process)")
+    st.add_argument("--report-every", type=_positive_float, default=60.0,
+                    help="seconds between progress lines while runs are going (default 60)")
     st.set_defaults(handler=_study, parser=st)  # errors name the subcommand
 
     p = sub.add_parser("plot", help="the seed paper's figures 1-6 from run folders")
@@ -392,6 +467,14 @@ def _add_run_options(t: argparse.ArgumentParser) -> None:
                    help="inverse_probability: the paper's 1/(Np); auto: isample's unbiased weights")
     t.add_argument("--temperature", type=_positive_float)
     t.add_argument("--uniform-mix", type=_unit)
+    t.add_argument("--transform", choices=("softmax", "proportional"),
+                   help="scores -> probabilities: the paper's softmax, or q proportional to the score")
+    t.add_argument("--epoch-steps", type=_positive_int, help="importance epochs of this many steps (|Z| = steps x batch)")
+    t.add_argument("--initial-score", type=_finite_float, help="score of every item before its first one")
+    t.add_argument("--scorers", type=_count,
+                   help="scoring worker processes that keep every item's score fresh (the second seed's system; "
+                        "methods grad_norm and last_loss; e.g. --preset grad_norm_scorers --scorers 2)")
+    t.add_argument("--publish-every", type=_positive_int, help="with --scorers: steps between parameter publishes")
     t.add_argument("--budget-steps", type=_positive_int, help="stop after this many optimizer steps")
     t.add_argument("--budget-seconds", type=_positive_float, help="stop after this much training + sampling time")
     t.add_argument("--target-accuracy", type=_unit, help="report when the test accuracy first reaches this")

@@ -372,6 +372,8 @@ def report(
     *,
     relative_target: Optional[float] = None,
     equal_time: bool = False,
+    weights: bool = False,
+    cost: bool = False,
 ) -> str:
     """A markdown report of the run folders in `runs` (run folders or folders of them).
 
@@ -382,6 +384,9 @@ def report(
         of uniform sampling's mean best test accuracy there (0.98: within 2% of uniform's best).
     equal_time: add the best test accuracy within an equal wall-clock budget per setting (see
         :func:`equal_time_budgets`), and a paired comparison at that budget.
+    weights: add how each importance-sampled group's weights evolved (:func:`weight_table`).
+    cost: add the training loss over the whole training set and the cost of each group
+        (:func:`cost_table`): wall-clock, the trainer's CPU time and the scoring workers' apart.
     """
     groups = load_runs(runs)
     if relative_target is not None and target_accuracy is not None:
@@ -472,4 +477,125 @@ def report(
                 f"- {where}: {g['method']} − {base['method']} = {100 * c['mean']:+.2f}{se} pp "
                 f"(n = {len(c['seeds'])}{p}): {_verdict(c)}."
             )
+    if weights:
+        lines += ["", *weight_table(groups)]
+    if cost:
+        lines += ["", *cost_table(groups)]
     return "\n".join(lines) + "\n"
+
+
+def _median(values: Sequence[float]) -> Optional[float]:
+    values = sorted(values)
+    if not values:
+        return None
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
+
+
+def _number(value: Optional[float], digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}g}"
+
+
+def _first_step(history: Sequence[Dict[str, Any]], key: str, above: float) -> Optional[int]:
+    for r in history:
+        value = r.get("weights", {}).get(key)
+        if value is not None and value > above:
+            return int(r["steps"])
+    return None
+
+
+def weight_table(groups: Sequence[Group]) -> List[str]:
+    """Markdown lines: per importance-sampled group, how its weights grew and where it stopped.
+
+    From each epoch record's ``weights`` (the mean and the largest weight of the items trained
+    on: the mean multiplies the epoch's step size) and ``sampler`` (the epoch's kind and the
+    range of the weights it drew). Medians over seeds; "never" when no seed got there.
+    """
+    header = ["data", "method", "diverged (seeds)", "step it stopped (median)", "mean weight, first importance epoch",
+              "largest mean weight of an epoch", "first step with a mean weight > 2", "largest weight drawn",
+              "first step with a weight > 100", "smallest weight drawn"]
+    rows = []
+    for g in groups:
+        runs = [r for r in g["runs"] if r["history"] and any("weights" in x for x in r["history"])]
+        if not runs:
+            continue
+        diverged = sum(1 for r in g["runs"] if r["summary"] and str(r["summary"].get("stop_reason", "")).startswith("diverged"))
+        stopped = _median([float(r["history"][-1]["steps"]) for r in runs])
+        first = [next((x["weights"]["mean"] for x in r["history"] if x.get("sampler", {}).get("kind") == "importance"), None)
+                 for r in runs]
+        means = [max(x["weights"]["mean"] for x in r["history"] if "weights" in x) for r in runs]
+        drawn = [max((x["sampler"]["max_weight"] for x in r["history"] if x.get("sampler", {}).get("kind") == "importance"),
+                     default=None) for r in runs]
+        smallest = [min((x["sampler"].get("min_weight", math.inf) for x in r["history"]
+                         if x.get("sampler", {}).get("kind") == "importance"), default=None) for r in runs]
+        over2 = [_first_step(r["history"], "mean", 2.0) for r in runs]
+        over100 = [_first_step(r["history"], "max", 100.0) for r in runs]
+
+        def steps(values: List[Optional[int]]) -> str:
+            hit = [v for v in values if v is not None]
+            return "never" if not hit else f"{_median(hit):.0f} ({len(hit)}/{len(values)})"
+
+        rows.append([g["dataset"], g["method"], f"{diverged}/{len(g['runs'])}", _number(stopped, 4),
+                     _number(_median([v for v in first if v is not None])), _number(_median(means)), steps(over2),
+                     _number(_median([v for v in drawn if v is not None])), steps(over100),
+                     _number(_median([v for v in smallest if v is not None and math.isfinite(v)]))])
+    if not rows:
+        return []
+    lines = [
+        "**How the weights grew** (medians over seeds). *Mean weight*: the mean importance weight of the items an "
+        "epoch trained on, which multiplies that epoch's step size (1 for unbiased weights in expectation); "
+        "*largest / smallest weight drawn*: the range of the weights the sampler gave its draws, over the run. "
+        "Steps to a threshold count the seeds that crossed it.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def cost_table(groups: Sequence[Group]) -> List[str]:
+    """Markdown lines: per group, the final training loss over the whole training set and the
+    cost: wall-clock of training + sampling, the trainer's CPU time, and the scoring workers'
+    CPU time, coverage and staleness apart (means over seeds)."""
+    header = ["data", "method", "final train loss, whole set", "final train acc %, whole set",
+              "train + sampling wall s", "trainer CPU s", "scoring workers' CPU s", "worker start s",
+              "coverage at the end", "staleness at the end: median / max steps", "items/s scored"]
+    rows = []
+    for g in groups:
+        runs = [r for r in g["runs"] if r["history"]]
+        if not runs:
+            continue
+        whole = [r["summary"]["train_eval"] for r in runs if r["summary"] and "train_eval" in r["summary"]]
+        wall = [sum(_train_seconds(x) for x in r["history"]) for r in runs]
+        cpu = [sum(x.get("cpu_seconds", 0.0) for x in r["history"]) for r in runs if "cpu_seconds" in r["history"][0]]
+        pools = [r["history"][-1]["scorers"] for r in runs if "scorers" in r["history"][-1]]
+
+        def mean(values: Sequence[float], digits: int = 3) -> str:
+            return _number(sum(values) / len(values), digits) if values else "–"
+
+        row = [g["dataset"], g["method"], mean([w["loss"] for w in whole], 4),
+               _pct(_mean_std([w["accuracy"] for w in whole])), mean(wall), mean(cpu)]
+        if pools:
+            medians = [p["staleness"]["median"] for p in pools if p["staleness"]["median"] is not None]
+            maxima = [p["staleness"]["max"] for p in pools if p["staleness"]["max"] is not None]
+            row += [mean([p["cpu_seconds"] for p in pools]), mean([p["startup_seconds"] for p in pools], 2),
+                    mean([p["coverage"] for p in pools]), f"{mean(medians)} / {mean(maxima)}",
+                    mean([p["items_per_second"] for p in pools], 4)]
+        else:
+            row += ["–"] * 5
+        rows.append(row)
+    if not rows:
+        return []
+    lines = [
+        "**Training loss and cost** (means over seeds). *Whole set*: eval mode, every training item once, after "
+        "the last step (the per-epoch training loss of the table above is over the items drawn, which importance "
+        "sampling tilts towards hard ones). *Wall s*: training + sampling, evaluation left out; the scoring "
+        "workers run on their own core beside it, so their CPU time is extra hardware, not wall-clock. "
+        "*Staleness*: trainer steps since the parameters behind each item's score were published.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines

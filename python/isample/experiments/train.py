@@ -157,20 +157,61 @@ def make_sampler(
         "grad_norm": lambda: isample.GradNormBound(),
         "early_importance": lambda: isample.EarlyImportance(num_items, config.importance_epochs),
     }[config.method]()
-    # The third seed samples in proportion to its importance; the others use the paper's softmax.
-    transform = isample.Proportional(1.0, 1e-6) if config.method == "early_importance" else isample.Softmax(config.temperature)
+    # The third seed samples in proportion to its importance; the others default to the paper's softmax.
+    form = config.transform or ("proportional" if config.method == "early_importance" else "softmax")
+    transform = isample.Proportional(1.0, 1e-6) if form == "proportional" else isample.Softmax(config.temperature)
+    samples = epoch_draws(config, num_items)
+    if not config.replacement and samples > num_items:
+        raise ValueError(f"epoch_steps={config.epoch_steps} × batch_size={config.batch_size} = {samples} draws exceed the "
+                         f"{num_items} items, which drawing without replacement cannot do: use replacement=True")
     return importance_sampler(
         num_items,
         score=score,
         transform=transform,
-        samples_per_epoch=max(1, round(config.samples_fraction * num_items)),
+        samples_per_epoch=samples,
         replacement=config.replacement,
         warmup_epochs=config.warmup_epochs,
         weighting=config.weighting,
         uniform_mix=config.uniform_mix,
+        initial_score=config.initial_score,
         seed=config.seed,
         device=device,
     )
+
+
+def epoch_draws(config: RunConfig, num_items: int) -> int:
+    """|Z|, the draws of an importance epoch: epoch_steps × batch_size, else samples_fraction × N."""
+    if config.epoch_steps is not None:
+        return config.epoch_steps * config.batch_size
+    return max(1, round(config.samples_fraction * num_items))
+
+
+class UniformStream:
+    """Uniform sampling cut into epochs of `length` items: one continuing shuffled stream (a
+    new permutation of the N items whenever the last one is used up), so the order is plain
+    shuffled SGD and only the epoch boundaries (where the run evaluates) move."""
+
+    def __init__(self, num_items: int, length: int, generator: torch.Generator) -> None:
+        self.num_items, self.length, self.generator = num_items, length, generator
+        self.permutation = torch.empty(0, dtype=torch.int64)
+        self.position = 0
+
+    def next_epoch(self) -> torch.Tensor:
+        parts, needed = [], self.length
+        while needed:
+            if self.position == self.permutation.numel():
+                self.permutation, self.position = torch.randperm(self.num_items, generator=self.generator), 0
+            take = min(needed, self.permutation.numel() - self.position)
+            parts.append(self.permutation[self.position : self.position + take])
+            self.position += take
+            needed -= take
+        return torch.cat(parts)
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"permutation": self.permutation, "position": self.position}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.permutation, self.position = state["permutation"].cpu(), int(state["position"])
 
 
 def score_snapshot(scores: torch.Tensor, bins: int) -> Dict[str, Any]:
@@ -203,6 +244,9 @@ class _EpochState:
     seen: int = 0
     rank_seen: int = 0
     steps: int = 0
+    cpu_seconds: float = 0.0  # this process's CPU time in training and sampling (evaluation left out)
+    weight_sum: float = 0.0  # the importance weights of the items trained on (their mean: the epoch's
+    weight_max: float = 0.0  # effective learning-rate multiplier), this process's
     seconds: Dict[str, float] = field(default_factory=lambda: {"training": 0.0, "evaluation": 0.0, "sampling": 0.0})
 
     @classmethod
@@ -397,6 +441,14 @@ def train(
     # single-process one); the shuffle is one global order, so its seed is shared.
     augment_generator = torch.Generator(device=device).manual_seed(config.seed + 1_000_003 + 7_919 * world.rank)
     shuffle_generator = torch.Generator().manual_seed(config.seed + 2_000_003)
+    if config.scorers and world.size > 1:
+        raise ValueError("scoring workers (scorers > 0) run beside a single-process trainer; under torchrun the "
+                         "scorers are ranks (--scorer-ranks), which this runner does not offer yet")
+    # uniform sampling with epoch_steps: one shuffled stream cut into epochs of that many steps
+    stream = UniformStream(n, epoch_draws(config, n), shuffle_generator) if sampler is None and config.epoch_steps else None
+    snapshots = set(config.snapshot_steps)
+    scorer_state: Optional[Dict[str, Any]] = None  # the scoring workers' ledger, when the run resumes
+    epoch_q: Optional[torch.Tensor] = None  # with snapshots: the q this epoch was drawn from (None: uniform)
 
     history: List[Dict[str, Any]] = []
     epoch, total_steps, best, best_epoch = 0, 0, -1.0, -1
@@ -414,6 +466,10 @@ def train(
         shuffle_generator.set_state(saved["shuffle_generator"].cpu())
         history, epoch, total_steps = saved["history"], saved["epoch"], saved["total_steps"]
         best, best_epoch = saved["best"], saved["best_epoch"]
+        if stream is not None and saved.get("uniform_stream") is not None:
+            stream.load_state_dict(saved["uniform_stream"])
+        epoch_q = saved.get("epoch_q")
+        scorer_state = saved.get("scorers")
         if saved.get("partial") is not None:
             partial = _EpochState.restore(saved["partial"])
             if not world.lead:  # the totals so far are counted once, by the lead process
@@ -424,9 +480,15 @@ def train(
                 + (f", {partial.seen} items into it" if partial else ""))
         del saved
 
+    cpu_mark = time.process_time()
+
     def flush(state: _EpochState, loss_sum: torch.Tensor, correct: torch.Tensor, items: int):
         """Add the running sums since the last flush (of every process) into the epoch state:
         one synchronisation, and under torchrun a collective."""
+        nonlocal cpu_mark
+        now = time.process_time()
+        state.cpu_seconds += now - cpu_mark
+        cpu_mark = now
         sums = torch.stack([loss_sum.double(), correct.double(),
                             torch.tensor(float(items), dtype=torch.float64, device=loss_sum.device)])
         loss, hits, seen = world.sum(sums).tolist()
@@ -434,6 +496,13 @@ def train(
         state.correct += int(hits)
         state.seen += int(seen)
         return torch.zeros_like(loss_sum), torch.zeros_like(correct), 0
+
+    def keep_weights(state: _EpochState, weight_sum: torch.Tensor, weight_max: torch.Tensor):
+        """Add this process's weight sums since the last call into the epoch state (one sync)."""
+        total, largest = torch.stack([weight_sum, weight_max]).tolist()
+        state.weight_sum += total
+        state.weight_max = max(state.weight_max, largest)
+        return torch.zeros_like(weight_sum), torch.zeros_like(weight_max)
 
     def save(epoch_state: Optional[_EpochState]) -> None:
         """Under torchrun a collective (every rank's random state goes to rank 0, which writes)."""
@@ -459,150 +528,192 @@ def train(
                 "best_epoch": best_epoch,
                 "partial": None if epoch_state is None else asdict(epoch_state),
                 "uniform_order": uniform_order if epoch_state is not None else None,
+                "uniform_stream": None if stream is None else stream.state_dict(),
+                "epoch_q": epoch_q,
+                "scorers": None if scorers is None else scorers.state_dict(),
             },
         )
 
     stop_reason = None
     last_checkpoint = time.perf_counter()
     images, labels = data.train_images, data.train_labels
-    while epoch < config.max_epochs and stop_reason is None:
-        state = partial or _EpochState()
-        clock = _Clock(device, state.seconds)
-        consumed_before = state.rank_seen
-        # -- draw the epoch (sampling): this process's part of the global draw -----------------
-        with clock.measure("sampling"):
-            if sampler is None:
-                if uniform_order is None or consumed_before == 0:
-                    uniform_order = torch.randperm(n, generator=shuffle_generator)
-                order = world.shard(uniform_order)[consumed_before:].to(device)
-            else:
-                sampler.set_epoch(epoch)
-                try:
-                    order = torch.tensor(list(iter(sampler)), dtype=torch.int64).to(device)
-                except ValueError as error:  # a GPU sampler reports rejected (NaN) updates here
-                    stop_reason = f"diverged ({error})"
-                    break
-        epoch_length = consumed_before + order.numel()
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-        correct = torch.zeros((), dtype=torch.int64, device=device)
-        pending = 0  # this process's items since the last flush
-        bar = _progress(epoch_length * world.size, f"{config.name} epoch {epoch}", progress and world.lead)
-        if bar is not None:
-            bar.update(consumed_before * world.size)
-        net.train()
-        for start in range(0, order.numel(), batch_size):
-            idx = order[start : start + batch_size]
-            with clock.measure("training"):
-                x = images[idx]
-                if config.augment:
-                    x = random_crop_flip(x, generator=augment_generator)
-                x = normalize(x, data.mean, data.std)
-                if channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                y = labels[idx]
-                with autocast():
-                    logits = net(x)
-                losses = F.cross_entropy(logits.float(), y, reduction="none")
-            weights = None
-            if sampler is not None:
-                with clock.measure("sampling"):
-                    weights = sampler.weights(idx.to(sampler_device), dtype=losses.dtype, device=losses.device)
-            with clock.measure("training"):
-                loss = losses.mean() if weights is None else (losses * weights).mean()
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()  # under torchrun DistributedDataParallel averages the gradients
-                optimizer.step()
-            if sampler is not None:
-                with clock.measure("sampling"):
-                    needs_logits = config.method in ("grad_norm", "early_importance")
-                    extra = {"logits": logits.detach(), "targets": y} if needs_logits else {}
+    scorers = None
+    if config.scorers:
+        from .scorers import RunImages, RunScorers
+
+        scorers = RunScorers(config, RunImages(data.train_images, data.train_labels, data.mean, data.std), model,
+                             sampler, scorer_state)
+    stopped_mid_epoch = False  # the last epoch ended before its last batch (a step budget)
+    try:
+        while epoch < config.max_epochs and stop_reason is None:
+            state = partial or _EpochState()
+            clock = _Clock(device, state.seconds)
+            consumed_before = state.rank_seen
+            # -- draw the epoch (sampling): this process's part of the global draw -----------------
+            with clock.measure("sampling"):
+                if sampler is None:
+                    if uniform_order is None or consumed_before == 0:
+                        uniform_order = stream.next_epoch() if stream else torch.randperm(n, generator=shuffle_generator)
+                    order = world.shard(uniform_order)[consumed_before:].to(device)
+                else:
+                    sampler.set_epoch(epoch)
                     try:
-                        sampler.update(idx.to(sampler_device), losses.detach(), **extra)  # under torchrun a collective
-                    except ValueError:
-                        # A distributed sampler raised on every rank: they agree on whether a loss was non-finite.
-                        (nonfinite,) = world.agree(not bool(torch.isfinite(losses).all()))
-                        if not nonfinite:
-                            raise
-                        stop_reason = "diverged (non-finite loss)"
-            # Running sums stay on the device: reading them every step would synchronise a GPU.
-            loss_sum = loss_sum + losses.detach().double().sum()
-            correct = correct + (logits.detach().argmax(1) == y).sum()
-            pending += idx.numel()
-            state.rank_seen += idx.numel()
-            state.steps += 1
-            total_steps += 1
+                        order = torch.tensor(list(iter(sampler)), dtype=torch.int64).to(device)
+                    except ValueError as error:  # a GPU sampler reports rejected (NaN) updates here
+                        stop_reason = f"diverged ({error})"
+                        break
+                    if snapshots and consumed_before == 0:
+                        epoch_q = _drawn_from(sampler)
+            epoch_length = consumed_before + order.numel()
+            loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+            correct = torch.zeros((), dtype=torch.int64, device=device)
+            weight_sum = torch.zeros((), dtype=torch.float64, device=device)
+            weight_max = torch.zeros((), dtype=torch.float64, device=device)
+            pending = 0  # this process's items since the last flush
+            bar = _progress(epoch_length * world.size, f"{config.name} epoch {epoch}", progress and world.lead)
             if bar is not None:
-                bar.update(idx.numel() * world.size)
-                if world.size == 1 and state.steps % 20 == 1:  # under torchrun the running sums are one rank's
-                    bar.set_postfix(loss=f"{(state.loss_sum + float(loss_sum)) / state.rank_seen:.3f}",
-                                    acc=f"{(state.correct + int(correct)) / state.rank_seen:.3f}")
-            elapsed = state.seconds["training"] + state.seconds["sampling"]
-            # Decisions on the clock differ between processes: they are agreed, so all stop or save together.
-            out_of_time, checkpoint_due, wall_stop = world.agree(
-                config.budget_seconds is not None and _train_seconds(history) + elapsed >= config.budget_seconds,
-                time.perf_counter() - last_checkpoint > checkpoint_seconds and state.rank_seen < epoch_length,
-                max_wall_seconds is not None and time.perf_counter() - started > max_wall_seconds,
-            )
-            if config.budget_steps is not None and total_steps >= config.budget_steps:
-                stop_reason = "step budget"
-            elif out_of_time:
-                stop_reason = "time budget"
-            if stop_reason:
-                break
-            if checkpoint_due:
-                loss_sum, correct, pending = flush(state, loss_sum, correct, pending)
-                save(state)
-                last_checkpoint = time.perf_counter()
-            if wall_stop:
+                bar.update(consumed_before * world.size)
+            net.train()
+            for start in range(0, order.numel(), batch_size):
+                idx = order[start : start + batch_size]
+                if total_steps in snapshots:  # the parameters and the q this step's batch comes from
+                    _save_snapshot(run_dir, total_steps, model, epoch_q, scorers)
+                    snapshots.discard(total_steps)
+                with clock.measure("training"):
+                    x = images[idx]
+                    if config.augment:
+                        x = random_crop_flip(x, generator=augment_generator)
+                    x = normalize(x, data.mean, data.std)
+                    if channels_last:
+                        x = x.contiguous(memory_format=torch.channels_last)
+                    y = labels[idx]
+                    with autocast():
+                        logits = net(x)
+                    losses = F.cross_entropy(logits.float(), y, reduction="none")
+                weights = None
+                if sampler is not None:
+                    with clock.measure("sampling"):
+                        weights = sampler.weights(idx.to(sampler_device), dtype=losses.dtype, device=losses.device)
+                    weight_sum = weight_sum + weights.detach().double().sum()  # on the device: no sync
+                    weight_max = torch.maximum(weight_max, weights.detach().double().max())
+                with clock.measure("training"):
+                    loss = losses.mean() if weights is None else (losses * weights).mean()
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()  # under torchrun DistributedDataParallel averages the gradients
+                    optimizer.step()
+                if scorers is not None:
+                    with clock.measure("sampling"):
+                        scorers.step(model)  # publish when due; apply the workers' scores (never waits)
+                elif sampler is not None:
+                    with clock.measure("sampling"):
+                        needs_logits = config.method in ("grad_norm", "early_importance")
+                        extra = {"logits": logits.detach(), "targets": y} if needs_logits else {}
+                        try:
+                            sampler.update(idx.to(sampler_device), losses.detach(), **extra)  # under torchrun a collective
+                        except ValueError:
+                            # A distributed sampler raised on every rank: they agree on whether a loss was non-finite.
+                            (nonfinite,) = world.agree(not bool(torch.isfinite(losses).all()))
+                            if not nonfinite:
+                                raise
+                            stop_reason = "diverged (non-finite loss)"
+                # Running sums stay on the device: reading them every step would synchronise a GPU.
+                loss_sum = loss_sum + losses.detach().double().sum()
+                correct = correct + (logits.detach().argmax(1) == y).sum()
+                pending += idx.numel()
+                state.rank_seen += idx.numel()
+                state.steps += 1
+                total_steps += 1
                 if bar is not None:
-                    bar.close()
-                loss_sum, correct, pending = flush(state, loss_sum, correct, pending)
-                save(state)
-                if world.lead:
-                    log(f"[{config.name}] stopped after {max_wall_seconds:.0f} s in epoch {epoch}; resume to continue")
-                return {"complete": False, "epoch": epoch}
-        if bar is not None:
-            bar.close()
-        loss_sum, correct, pending = flush(state, loss_sum, correct, pending)
-        if not math.isfinite(state.loss_sum) and stop_reason is None:
-            stop_reason = "diverged (non-finite loss)"
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        # -- evaluate ---------------------------------------------------------------------
-        with clock.measure("evaluation"):
-            test = world.evaluate(model, data, batch_size=config.eval_batch_size, autocast=autocast,
-                                  channels_last=channels_last)
-        record: Dict[str, Any] = {
-            "epoch": epoch,
-            "lr": lr,
-            "samples": state.seen,
-            "steps": total_steps,
-            "train_loss": state.loss_sum / max(1, state.seen),
-            "train_accuracy": state.correct / max(1, state.seen),
-            "test_loss": test["loss"],
-            "test_accuracy": test["accuracy"],
-            "balanced_accuracy": test["balanced_accuracy"],
-            "worst_class_accuracy": test["worst_class_accuracy"],
-            "per_class_accuracy": test["per_class_accuracy"],
-            "seconds": world.lead_seconds(state.seconds),
-        }
-        if sampler is not None:
-            record["sampler"] = {k: v for k, v in sampler.history[-1].items() if k != "epoch"}
-            record["scores"] = score_snapshot(sampler.scores(), config.score_bins)
-        history.append(record)
-        if record["test_accuracy"] > best:
-            best, best_epoch = record["test_accuracy"], epoch
-        if world.lead:
-            log(_epoch_line(config, record))
-        epoch += 1
-        partial, uniform_order = None, None
-        if world.lead:
-            _write_metrics(run_dir, history)
-        if stop_reason is None and epoch - 1 - best_epoch >= config.patience:
-            stop_reason = f"no better test accuracy for {config.patience} epochs"
-        save(None)
-        last_checkpoint = time.perf_counter()
+                    bar.update(idx.numel() * world.size)
+                    if world.size == 1 and state.steps % 20 == 1:  # under torchrun the running sums are one rank's
+                        bar.set_postfix(loss=f"{(state.loss_sum + float(loss_sum)) / state.rank_seen:.3f}",
+                                        acc=f"{(state.correct + int(correct)) / state.rank_seen:.3f}")
+                elapsed = state.seconds["training"] + state.seconds["sampling"]
+                # Decisions on the clock differ between processes: they are agreed, so all stop or save together.
+                out_of_time, checkpoint_due, wall_stop = world.agree(
+                    config.budget_seconds is not None and _train_seconds(history) + elapsed >= config.budget_seconds,
+                    time.perf_counter() - last_checkpoint > checkpoint_seconds and state.rank_seen < epoch_length,
+                    max_wall_seconds is not None and time.perf_counter() - started > max_wall_seconds,
+                )
+                if config.budget_steps is not None and total_steps >= config.budget_steps:
+                    stop_reason = "step budget"
+                elif out_of_time:
+                    stop_reason = "time budget"
+                if stop_reason:
+                    break
+                if checkpoint_due:
+                    weight_sum, weight_max = keep_weights(state, weight_sum, weight_max)
+                    loss_sum, correct, pending = flush(state, loss_sum, correct, pending)
+                    save(state)
+                    last_checkpoint = time.perf_counter()
+                if wall_stop:
+                    if bar is not None:
+                        bar.close()
+                    weight_sum, weight_max = keep_weights(state, weight_sum, weight_max)
+                    loss_sum, correct, pending = flush(state, loss_sum, correct, pending)
+                    save(state)
+                    if world.lead:
+                        log(f"[{config.name}] stopped after {max_wall_seconds:.0f} s in epoch {epoch}; resume to continue")
+                    return {"complete": False, "epoch": epoch}
+            if bar is not None:
+                bar.close()
+            stopped_mid_epoch = state.rank_seen < epoch_length
+            weight_sum, weight_max = keep_weights(state, weight_sum, weight_max)
+            loss_sum, correct, pending = flush(state, loss_sum, correct, pending)
+            if not math.isfinite(state.loss_sum) and stop_reason is None:
+                stop_reason = "diverged (non-finite loss)"
+            lr = optimizer.param_groups[0]["lr"]
+            scheduler.step()
+            # -- evaluate ---------------------------------------------------------------------
+            with clock.measure("evaluation"):
+                test = world.evaluate(model, data, batch_size=config.eval_batch_size, autocast=autocast,
+                                      channels_last=channels_last)
+            cpu_mark = time.process_time()  # the evaluation's CPU time is not the method's
+            record: Dict[str, Any] = {
+                "epoch": epoch,
+                "lr": lr,
+                "samples": state.seen,
+                "steps": total_steps,
+                "train_loss": state.loss_sum / max(1, state.seen),
+                "train_accuracy": state.correct / max(1, state.seen),
+                "test_loss": test["loss"],
+                "test_accuracy": test["accuracy"],
+                "balanced_accuracy": test["balanced_accuracy"],
+                "worst_class_accuracy": test["worst_class_accuracy"],
+                "per_class_accuracy": test["per_class_accuracy"],
+                "seconds": world.lead_seconds(state.seconds),
+                "cpu_seconds": state.cpu_seconds,
+            }
+            if scorers is not None:
+                record["scorers"] = scorers.record()
+            if sampler is not None:
+                record["sampler"] = {k: v for k, v in sampler.history[-1].items() if k != "epoch"}
+                # the weights of the items trained on: their mean scales the epoch's step size
+                record["weights"] = {"mean": state.weight_sum / max(1, state.rank_seen), "max": state.weight_max}
+                record["scores"] = score_snapshot(sampler.scores(), config.score_bins)
+            history.append(record)
+            if record["test_accuracy"] > best:
+                best, best_epoch = record["test_accuracy"], epoch
+            if world.lead:
+                log(_epoch_line(config, record))
+            epoch += 1
+            partial, uniform_order = None, None
+            if world.lead:
+                _write_metrics(run_dir, history)
+            if stop_reason is None and epoch - 1 - best_epoch >= config.patience:
+                stop_reason = f"no better test accuracy for {config.patience} epochs"
+            save(None)
+            last_checkpoint = time.perf_counter()
+        if total_steps in snapshots and world.lead:  # the end: the q the next step would be drawn from
+            _save_snapshot(run_dir, total_steps, model, epoch_q if stopped_mid_epoch else _next_q(sampler, epoch), scorers)
+    finally:
+        if scorers is not None:
+            scorers.close()  # no worker outlives the run, whatever ends it
     summary = summarize(config, history, stop_reason or "max_epochs")
+    if config.train_eval:
+        whole = evaluate(model, data.train_images, data.train_labels, data, batch_size=config.eval_batch_size,
+                         autocast=autocast, channels_last=channels_last)
+        summary["train_eval"] = {"loss": whole["loss"], "accuracy": whole["accuracy"]}
     summary["device"] = str(device)
     summary["device_name"] = torch.cuda.get_device_name(device) if on_gpu else _cpu_name()
     summary["isample_build"] = isample.build_info()
@@ -611,6 +722,45 @@ def train(
         _write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
     world.finish()
     return summary
+
+
+def _drawn_from(sampler: Any) -> Optional[torch.Tensor]:
+    """The q the epoch just drawn came from (float64, N), None for a uniform (warm-up) epoch."""
+    if sampler.history and sampler.history[-1].get("kind") == "warmup":
+        return None
+    probabilities = getattr(sampler, "probabilities", None)
+    return None if probabilities is None else probabilities().cpu()
+
+
+def _next_q(sampler: Any, epoch: int) -> Optional[torch.Tensor]:
+    """The q that epoch `epoch` would be drawn from now (None: uniform)."""
+    if sampler is None or epoch < getattr(sampler, "warmup_epochs", 0):
+        return None
+    probabilities = getattr(sampler, "probabilities", None)
+    return None if probabilities is None else probabilities().cpu()
+
+
+def _save_snapshot(run_dir: Path, step: int, model: torch.nn.Module, q: Optional[torch.Tensor], scorers: Any) -> None:
+    """snapshots/step{step}.pt: the parameters after `step` steps, the q that step + 1 draws
+    from (None: uniform) and, with scoring workers, the step behind each item's score."""
+    save_checkpoint(
+        run_dir / "snapshots" / f"step{step:06d}.pt",
+        {
+            "step": step,
+            "model": {k: v.detach().cpu().clone() for k, v in model.state_dict().items()},
+            "q": q,
+            "item_versions": None if scorers is None else scorers.item_versions(),
+        },
+    )
+
+
+def load_snapshot(run_dir: os.PathLike, step: int) -> Dict[str, Any]:
+    """A snapshot saved at `step` (RunConfig.snapshot_steps): "model" (state dict), "q" (the
+    q that step + 1 draws from; None: uniform) and "item_versions" (with scoring workers)."""
+    path = Path(run_dir) / "snapshots" / f"step{step:06d}.pt"
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist: was the run trained with snapshot_steps including {step}?")
+    return load_checkpoint(path)
 
 
 def summarize(config: RunConfig, history: List[Dict[str, Any]], stop_reason: str) -> Dict[str, Any]:
