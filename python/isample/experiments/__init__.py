@@ -14,5 +14,9 @@ Modules:
 - ``models``: the CIFAR ResNet18 of the seed paper and a small CNN for CPU-sized studies;
 - ``config``: ``RunConfig`` and the presets of the paper's Appendix A;
 - ``train``: the training loop (metrics per epoch, Appendix C time split, exact resume);
-- ``plots`` and ``report``: the paper's figures 1-6 and a markdown table from run folders.
+- ``scorers``: scoring workers beside a run (``RunConfig.scorers``, the second seed's system);
+- ``plots`` and ``report``: the paper's figures 1-6 and a markdown table from run folders;
+- ``schedule``: a study's runs a few at a time (``isample study NAME --jobs J``), with an ETA;
+- ``variance``, ``variance_study``, ``variance_report``: the exact variance of the
+  importance-sampled gradient under each proposal (``isample study variance``).
 """

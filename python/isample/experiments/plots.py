@@ -11,7 +11,11 @@
   per method, as the paper's Appendix C Figure 6;
 - ``fig7_test_accuracy_by_budget.png``: test accuracy against gradient steps and against
   training + sampling seconds, where methods with short epochs (|Z| < N, pruning) compete;
-- ``fig_balanced_accuracy.png`` on long-tailed data: balanced and worst-class test accuracy.
+- ``fig_balanced_accuracy.png`` on long-tailed data: balanced and worst-class test accuracy;
+- ``fig_weights.png`` when the records hold importance weights: the mean weight of the items
+  each epoch trained on (it multiplies the epoch's step size) and the largest, against
+  gradient steps, one line per seed, on a log scale (how the weights of the seed paper's
+  samplers grow before they diverge).
 
 When the runs hold more than one data set / model, every file name gets a ``_<data>_<model>``
 suffix. matplotlib is imported only here, through its object-oriented API (no pyplot), so the
@@ -88,6 +92,12 @@ def plot_runs(runs: Iterable[PathLike], out: PathLike) -> List[Path]:
         fig.suptitle(f"Test accuracy against gradient steps and training time\n{where}; mean ± std over seeds",
                      fontsize=11)
         save(fig, "fig7_test_accuracy_by_budget")
+        weighted = [g for g in members if any("weights" in x for r in g["runs"] for x in r["history"])]
+        if weighted:
+            fig = Figure(figsize=(13, 5), layout="constrained")
+            _weight_curves(fig, weighted, colors)
+            fig.suptitle(f"Importance weights per epoch (each seed a line)\n{where}", fontsize=11)
+            save(fig, "fig_weights")
         if any(g["long_tailed"] for g in members):
             fig = Figure(figsize=(_width(members), 7), layout="constrained")
             _curves(fig, members, [("balanced_accuracy", "balanced test accuracy (%)"),
@@ -186,6 +196,31 @@ def _curves(fig: Any, groups: Sequence[Group], metrics: Sequence[Tuple[str, str]
                 ax.set_xlabel("epoch")
             if row == 0 or partial:
                 ax.legend(fontsize=8, loc="best", framealpha=0.85)
+
+
+def _weight_curves(fig: Any, groups: Sequence[Group], colors: Dict[str, Any]) -> None:
+    """Left: the mean weight of each epoch's items; right: the largest; against steps, log y."""
+    axes = fig.subplots(1, 2, squeeze=False)[0]
+    for ax, key, label in ((axes[0], "mean", "mean weight of the items trained on"),
+                           (axes[1], "max", "largest weight of the items trained on")):
+        for g in groups:
+            for i, r in enumerate(g["runs"]):
+                points = [(x["steps"], x["weights"][key]) for x in r["history"] if "weights" in x]
+                points = [(s, w) for s, w in points if np.isfinite(w) and w > 0]
+                if not points:
+                    continue
+                steps, values = zip(*points)
+                ax.plot(steps, values, color=colors[g["method"]], lw=1.2, alpha=0.85,
+                        label=g["method"] if i == 0 else None)
+                if r["summary"] is not None and str(r["summary"].get("stop_reason", "")).startswith("diverged"):
+                    ax.plot(steps[-1], values[-1], "x", color=colors[g["method"]], ms=8)
+        ax.set_yscale("log")
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set_xlabel("gradient steps")
+        ax.set_ylabel(label + " (log)")
+        ax.grid(alpha=0.3)
+    axes[1].plot([], [], "x", color="0.3", label="diverged after this epoch")
+    axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
 
 
 def _budget_x(runs: Sequence[Run], length: int, seconds: bool) -> np.ndarray:
