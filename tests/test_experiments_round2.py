@@ -208,7 +208,7 @@ def test_a_shadow_updates_only_what_it_drew_and_holds_the_q_it_draws_from():
     stats = GradientStats(norms=torch.rand(50, dtype=torch.float64), mean_sq=0.01, losses=torch.rand(50, dtype=torch.float64),
                           bound=torch.rand(50, dtype=torch.float64))
     proposals = oracle_proposals(stats, None, stats)
-    assert sum(q is None for q in proposals.values()) == 1  # nothing 50 steps before
+    assert sum(q is None for q in proposals.values()) == 2  # nothing 50 steps before (pure and mixed)
     assert all(math.isclose(float(q.sum()), 1.0) for q in proposals.values() if q is not None)
 
 

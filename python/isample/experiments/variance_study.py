@@ -75,6 +75,9 @@ PROPOSALS = (
     "optimal: ‖g_i‖ now, proportional",
     "‖g_i‖ 50 steps stale, proportional",
     "‖g_i‖ 200 steps stale, proportional",
+    "‖g_i‖ now, proportional + 10% uniform",
+    "‖g_i‖ 50 steps stale, proportional + 10% uniform",
+    "‖g_i‖ 200 steps stale, proportional + 10% uniform",
     "bound now, proportional",
     "bound now, proportional + 10% uniform",
     "loss now, softmax (first seed)",
@@ -88,15 +91,17 @@ def oracle_proposals(now, before_50, before_200) -> Dict[str, Optional[torch.Ten
     """The oracle rows' q at one checkpoint (stats now, 50 and 200 steps before; None: missing)."""
     from .variance import proportional, softmax_q
 
-    return {
-        PROPOSALS[0]: proportional(now.norms),
-        PROPOSALS[1]: None if before_50 is None else proportional(before_50.norms),
-        PROPOSALS[2]: None if before_200 is None else proportional(before_200.norms),
-        PROPOSALS[3]: proportional(now.bound, eps=EPS),
-        PROPOSALS[4]: proportional(now.bound, eps=EPS, mix=0.1),
-        PROPOSALS[5]: softmax_q(now.losses),
-        PROPOSALS[6]: proportional(now.losses, eps=EPS),
-    }
+    def norms(stats, mix=0.0):
+        return None if stats is None else proportional(stats.norms, mix=mix)
+
+    return dict(zip(PROPOSALS, (
+        norms(now), norms(before_50), norms(before_200),
+        norms(now, 0.1), norms(before_50, 0.1), norms(before_200, 0.1),
+        proportional(now.bound, eps=EPS),
+        proportional(now.bound, eps=EPS, mix=0.1),
+        softmax_q(now.losses),
+        proportional(now.losses, eps=EPS),
+    )))
 
 
 class Shadow:
@@ -179,6 +184,7 @@ def run_trajectory(config: RunConfig, out: Path, every: int = 50, chunk: int = 1
     from .variance import gradient_stats
 
     began = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
     budget = config.budget_steps or 700
     torch.manual_seed(config.seed)  # as the runner: the same data, initial parameters and shuffles
     data = load_run_data(config)
@@ -198,6 +204,9 @@ def run_trajectory(config: RunConfig, out: Path, every: int = 50, chunk: int = 1
         stats = gradient_stats(model, images, labels, chunk=chunk, prepare=prepare)
         seconds["exact gradients"] += time.perf_counter() - start
         history[step] = stats
+        torch.save({"step": step, "norms": stats.norms.float(), "mean_sq": stats.mean_sq, "losses": stats.losses.float(),
+                    "bound": stats.bound.float(), "held": {k: None if q is None else q.float() for k, q in held.items()}},
+                   out.parent / f"stats-step{step:04d}.pt")  # the work folder (runs/), not the results
         proposals = oracle_proposals(stats, history.get(step - every), history.get(step - 4 * every))
         proposals.update({f"in-training shadow: {label}": q for label, q in held.items()})
         record = _checkpoint_record(step, stats, proposals)
