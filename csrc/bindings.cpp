@@ -11,6 +11,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <cstdint>
 #include <limits>
 #include <memory>
@@ -429,19 +430,24 @@ PYBIND11_MODULE(_core, m) {
       "out[j] = source[indices[j]] (float64); returns the first j where that is NaN, else -1.");
   m.def(
       "configure_arrays",
-      [](py::handle tensor_type, py::handle array_type) {
+      [](py::handle tensor_type, py::handle array_type, py::handle float64, py::handle float32, py::handle cpu) {
         arrays.configure(tensor_type.ptr(), array_type.ptr());
+        arrays.configure_names(float64.ptr(), float32.ptr(), cpu.ptr());
         return arrays.makes_tensors();
       },
-      py::arg("tensor_type"), py::arg("array_type"),
+      py::arg("tensor_type"), py::arg("array_type"), py::arg("float64") = py::none(), py::arg("float32") = py::none(),
+      py::arg("cpu") = py::none(),
       "Read tensor_type (torch.Tensor) objects through DLPack's C exchange API and array_type "
-      "(numpy.ndarray) through the buffer protocol on the fast paths; True when tensors can also be "
-      "made there.");
+      "(numpy.ndarray) through the buffer protocol on the fast paths; float64, float32 and cpu are "
+      "the objects (torch.float64, torch.float32, torch.device('cpu')) the fast paths take for "
+      "dtype and device. True when tensors can also be made there.");
   m.def(
       "weights_of",
-      [](py::handle source, py::handle indices, bool float32) -> py::object {
+      [](py::handle source, py::handle indices, py::handle dtype, py::handle device, double scale) -> py::object {
         ArrayView w, i;
-        if (!arrays.makes_tensors() || !arrays.view(source.ptr(), w) || w.type != ElementType::kFloat64 ||
+        if (!arrays.makes_tensors() || !std::isfinite(scale) || !arrays.cpu_device(device.ptr())) return py::none();
+        const ElementType type = arrays.float_dtype(dtype.ptr());
+        if (type == ElementType::kOther || !arrays.view(source.ptr(), w) || w.type != ElementType::kFloat64 ||
             !int64_array(indices, i)) {
           return py::none();
         }
@@ -457,21 +463,21 @@ PYBIND11_MODULE(_core, m) {
           if (weight[index[j]] != weight[index[j]]) return py::int_(j);
         }
         void* data = nullptr;
-        py::object out = py::reinterpret_steal<py::object>(
-            arrays.new_tensor(k, float32 ? ElementType::kFloat32 : ElementType::kFloat64, data));
+        py::object out = py::reinterpret_steal<py::object>(arrays.new_tensor(k, type, data));
         if (!out) throw py::error_already_set();
-        if (float32) {
+        if (type == ElementType::kFloat32) {
           float* o = static_cast<float*>(data);
-          for (int64_t j = 0; j < k; ++j) o[j] = float(weight[index[j]]);
+          for (int64_t j = 0; j < k; ++j) o[j] = float(weight[index[j]] * scale);
         } else {
           double* o = static_cast<double*>(data);
-          for (int64_t j = 0; j < k; ++j) o[j] = weight[index[j]];
+          for (int64_t j = 0; j < k; ++j) o[j] = weight[index[j]] * scale;
         }
         return out;
       },
-      py::arg("source"), py::arg("indices"), py::arg("float32"),
-      "source[indices] (float64 source, int64 indices, plain CPU arrays) as a new float64 or float32 "
-      "tensor; the position of the first NaN instead, if any; None for arguments that are not plain.");
+      py::arg("source"), py::arg("indices"), py::arg("dtype"), py::arg("device"), py::arg("scale"),
+      "source[indices] * scale (float64 source, int64 indices, plain CPU arrays) as a new tensor of "
+      "`dtype` (None: float64; float32) on `device` (None or the CPU); the position of the first NaN "
+      "instead, if any; None for arguments that are not plain.");
   m.def(
       "store_scores",
       [](py::handle store, py::handle indices, py::handle values, double keep) {

@@ -7,7 +7,7 @@
 //   * torch tensors are read through DLPack's C exchange API (`__dlpack_c_exchange_api__`
 //     on the tensor type: DLPack >= 1.3, torch >= 2.10): one C call fills a DLTensor
 //     (about 60 ns), no torch symbol or header is needed, and the ABI is DLPack's, stable
-//     across torch releases. New tensors come from the same API's allocator.
+//     across torch releases. New tensors wrap memory allocated here (the same API).
 //   * numpy arrays are read through the buffer protocol.
 // Anything else, or anything unusual (another device, a view with strides, a tensor
 // subclass, a lazily negated tensor), is "not plain": the caller then takes the general
@@ -18,6 +18,7 @@
 #include <Python.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 
 namespace isample {
@@ -102,14 +103,50 @@ class PythonArrays {
     while (header != nullptr && !(header->version.major == 1 && header->version.minor >= 3)) header = header->prev_api;
     if (header == nullptr) return;
     const auto* api = reinterpret_cast<const dlpack::ExchangeApi*>(header);
-    if (api->dltensor_from_py_object_no_sync == nullptr || api->managed_tensor_allocator == nullptr ||
-        api->managed_tensor_to_py_object_no_sync == nullptr) {
+    if (api->dltensor_from_py_object_no_sync == nullptr || api->managed_tensor_to_py_object_no_sync == nullptr) {
       return;
     }
     Py_INCREF(tensor_type);  // kept for the process's lifetime, as the module is
     tensor_type_ = reinterpret_cast<PyTypeObject*>(tensor_type);
     is_neg_ = PyUnicode_InternFromString("is_neg");
     api_ = api;
+  }
+
+  // The dtype objects for float64 and float32 results, and the CPU device object: the fast
+  // paths take these (by identity), or None, and leave anything else to the general path.
+  void configure_names(PyObject* float64, PyObject* float32, PyObject* cpu) {
+    for (PyObject** slot : {&float64_, &float32_, &cpu_, &device_type_}) {
+      Py_XDECREF(*slot);
+      *slot = nullptr;
+    }
+    if (float64 != Py_None) float64_ = (Py_INCREF(float64), float64);
+    if (float32 != Py_None) float32_ = (Py_INCREF(float32), float32);
+    if (cpu != Py_None) {
+      cpu_ = (Py_INCREF(cpu), cpu);
+      device_type_ = reinterpret_cast<PyObject*>(Py_TYPE(cpu));
+      Py_INCREF(device_type_);
+    }
+  }
+
+  // kFloat64 for None or float64, kFloat32 for float32, kOther for anything else.
+  ElementType float_dtype(PyObject* dtype) const {
+    if (dtype == Py_None || (dtype == float64_ && dtype != nullptr)) return ElementType::kFloat64;
+    if (dtype == float32_ && dtype != nullptr) return ElementType::kFloat32;
+    return ElementType::kOther;
+  }
+
+  // None, the CPU device object, or another device object of the same type whose type is "cpu".
+  bool cpu_device(PyObject* device) const {
+    if (device == Py_None || (device == cpu_ && cpu_ != nullptr)) return true;
+    if (device_type_ == nullptr || reinterpret_cast<PyObject*>(Py_TYPE(device)) != device_type_) return false;
+    PyObject* equal = PyObject_RichCompare(device, cpu_, Py_EQ);
+    if (equal == nullptr) {
+      PyErr_Clear();
+      return false;
+    }
+    const bool same = equal == Py_True;
+    Py_DECREF(equal);
+    return same;
   }
 
   bool makes_tensors() const { return api_ != nullptr; }
@@ -125,29 +162,47 @@ class PythonArrays {
   }
 
   // A new 1-D CPU torch tensor of `length` elements (int64 or float64 / float32), and in
-  // `data` its memory. Returns null (with the Python error set) on failure.
+  // `data` its memory. Returns null (with the Python error set) on failure. The memory is
+  // ours: one 64-byte-aligned block holding the DLPack header, the shape and the data, which
+  // torch frees through the header's deleter when the tensor goes. Wrapping it takes half
+  // the time of torch's own allocation through the exchange API (0.4 against 0.7 us).
   PyObject* new_tensor(int64_t length, ElementType type, void*& data) const {
-    int64_t shape[1] = {length};
-    dlpack::Tensor prototype{};
-    prototype.device = {dlpack::kCpu, 0};
-    prototype.ndim = 1;
-    prototype.dtype = type == ElementType::kInt64 ? dlpack::DataType{dlpack::kInt, 64, 1}
-                      : type == ElementType::kFloat32 ? dlpack::DataType{dlpack::kFloat, 32, 1}
-                                                      : dlpack::DataType{dlpack::kFloat, 64, 1};
-    prototype.shape = shape;
-    dlpack::ManagedTensorVersioned* managed = nullptr;
-    if (api_->managed_tensor_allocator(&prototype, &managed, nullptr, set_error) != 0 || managed == nullptr) {
-      if (!PyErr_Occurred()) PyErr_SetString(PyExc_MemoryError, "could not allocate a tensor");
+    const size_t item = type == ElementType::kFloat32 ? 4 : 8;
+    const size_t head = round_up(sizeof(dlpack::ManagedTensorVersioned) + sizeof(int64_t));
+    if (length < 0 || uint64_t(length) > (SIZE_MAX - head - 64) / item) {
+      PyErr_SetString(PyExc_MemoryError, "tensor too large");
       return nullptr;
     }
-    data = static_cast<char*>(managed->dl_tensor.data) + managed->dl_tensor.byte_offset;
+    char* block = static_cast<char*>(std::aligned_alloc(64, head + round_up(size_t(length) * item)));
+    if (block == nullptr) {
+      PyErr_NoMemory();
+      return nullptr;
+    }
+    auto* managed = reinterpret_cast<dlpack::ManagedTensorVersioned*>(block);
+    int64_t* shape = reinterpret_cast<int64_t*>(block + sizeof(dlpack::ManagedTensorVersioned));
+    *shape = length;
+    managed->version = api_->header.version;
+    managed->manager_ctx = nullptr;
+    managed->deleter = [](dlpack::ManagedTensorVersioned* self) { std::free(self); };
+    managed->flags = 0;
+    dlpack::Tensor& t = managed->dl_tensor;
+    t.data = block + head;
+    t.device = {dlpack::kCpu, 0};
+    t.ndim = 1;
+    t.dtype = type == ElementType::kInt64 ? dlpack::DataType{dlpack::kInt, 64, 1}
+              : type == ElementType::kFloat32 ? dlpack::DataType{dlpack::kFloat, 32, 1}
+                                              : dlpack::DataType{dlpack::kFloat, 64, 1};
+    t.shape = shape;
+    t.strides = nullptr;
+    t.byte_offset = 0;
+    data = t.data;
     void* tensor = nullptr;
     if (api_->managed_tensor_to_py_object_no_sync(managed, &tensor) != 0) return nullptr;  // it took `managed`
     return static_cast<PyObject*>(tensor);
   }
 
  private:
-  static void set_error(void*, const char*, const char* message) { PyErr_SetString(PyExc_MemoryError, message); }
+  static size_t round_up(size_t bytes) { return (bytes + 63) / 64 * 64; }
 
   static ElementType element_type(const dlpack::DataType& t) {
     if (t.lanes != 1) return ElementType::kOther;
@@ -213,6 +268,7 @@ class PythonArrays {
   PyTypeObject* array_type_ = nullptr;
   const dlpack::ExchangeApi* api_ = nullptr;
   PyObject* is_neg_ = nullptr;
+  PyObject *float64_ = nullptr, *float32_ = nullptr, *cpu_ = nullptr, *device_type_ = nullptr;
 };
 
 }  // namespace isample

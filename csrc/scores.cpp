@@ -9,7 +9,13 @@ namespace isample {
 
 void blend_scores(const double* store, int64_t n, const int64_t* indices, const double* values, int64_t k,
                   double keep, double* out) {
+  // One branch-free pass decides; only a bad batch is walked again for the message.
+  uint64_t bad = 0;
   for (int64_t j = 0; j < k; ++j) {
+    bad |= uint64_t(uint64_t(indices[j]) >= uint64_t(n));
+    bad |= uint64_t(!(values[j] - values[j] == 0.0));  // NaN or +-inf
+  }
+  for (int64_t j = 0; bad && j < k; ++j) {
     if (indices[j] < 0 || indices[j] >= n) {
       throw std::out_of_range("index " + std::to_string(indices[j]) + " (at position " + std::to_string(j) +
                               ") is out of range for " + std::to_string(n) + " items");

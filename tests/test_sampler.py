@@ -188,6 +188,37 @@ def test_indexed_dataset_shapes():
         isample.IndexedDataset(object())
 
 
+def test_indexed_dataset_batches_equal_item_by_item_reads():
+    """__getitems__ (what a DataLoader calls) gives the items __getitem__ gives, for a
+    TensorDataset (one read per tensor), a dataset with its own __getitems__, and any other."""
+    x, y = torch.randn(20, 3), torch.arange(20) * 10
+    tensors = TensorDataset(x, y)
+
+    class Listed(torch.utils.data.Dataset):
+        def __len__(self):
+            return 20
+
+        def __getitem__(self, i):
+            return {"x": x[i], "y": int(y[i])}
+
+    datasets = [tensors, torch.utils.data.Subset(tensors, list(range(19, -1, -1))), Listed(), [(i, -i) for i in range(20)]]
+    for dataset in datasets:
+        wrapped = isample.IndexedDataset(dataset)
+        for indices in ([3, 0, 19, 3], [7], [], [-1, 2]):
+            batch, expected = wrapped.__getitems__(indices), [wrapped[i] for i in indices]
+            assert len(batch) == len(expected)
+            for got, want in zip(batch, expected):
+                assert type(got) is type(want) and len(got) == len(want)
+                for a, b in (zip(got.values(), want.values()) if isinstance(got, dict) else zip(got, want)):
+                    assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+        loader = DataLoader(wrapped, batch_size=6, sampler=[5, 1, 1, 18, 0, 9, 2])
+        for batch in loader:
+            index = batch["index"] if isinstance(batch, dict) else batch[0]
+            assert index.dtype == torch.int64
+    with pytest.raises(IndexError):
+        isample.IndexedDataset(tensors).__getitems__([0, 20])
+
+
 # -- weights ------------------------------------------------------------------------------------
 
 
@@ -1207,7 +1238,7 @@ def general_path_only():
     """The core reads no tensor or array itself: every call takes the general Python path."""
     isample._core.configure_arrays(None, None)
     yield
-    isample._core.configure_arrays(torch.Tensor, np.ndarray)
+    isample._backend.configure_fast_paths()
 
 
 @pytest.mark.parametrize("transform", ["softmax", "proportional", "rank", isample.Proportional(alpha=0.6, eps=0.1)])
@@ -1219,7 +1250,7 @@ def test_fast_and_general_sampler_steps_agree_bit_for_bit(transform, score, gene
     outcomes = {}
     for fast in (False, True):
         if fast:
-            isample._core.configure_arrays(torch.Tensor, np.ndarray)
+            isample._backend.configure_fast_paths()
         s = isample.ImportanceSampler(200, score=score, transform=transform, samples_per_epoch=96, seed=4)
         s.update(np.arange(200), np.linspace(0.0, 3.0, 200))
         order = torch.tensor(drain(s))
@@ -1229,6 +1260,7 @@ def test_fast_and_general_sampler_steps_agree_bit_for_bit(transform, score, gene
             batch[:3] = batch[3]  # a repeated index: the last value wins
             seen.append(s.weights(batch))
             seen.append(s.weights(batch.numpy(), dtype=torch.float32, device=torch.device("cpu")))
+            seen.append(s.weights(batch, dtype=torch.float64, scale=1 / 32))
             losses = losses_of[step]
             s.update(batch, torch.from_numpy(losses).float() if step % 2 else torch.from_numpy(losses))
         outcomes[fast] = (seen, s.scores(), s.probabilities(), torch.tensor(drain(s)), dict(s.counters))
@@ -1237,6 +1269,19 @@ def test_fast_and_general_sampler_steps_agree_bit_for_bit(transform, score, gene
     for a, b in zip(outcomes[False][1:4], outcomes[True][1:4]):
         assert torch.equal(a, b)
     assert outcomes[False][4] == outcomes[True][4]
+
+
+def test_weights_scale():
+    s = isample.ImportanceSampler(40, samples_per_epoch=30, seed=0)
+    batch = torch.tensor(drain(s)[:8])
+    w = s.weights(batch)
+    assert torch.equal(s.weights(batch, scale=0.125), w * 0.125)
+    assert torch.equal(s.weights(batch, dtype=torch.float32, scale=0.125), (w * 0.125).float())
+    assert torch.equal(s.weights(batch.tolist(), scale=3), w * 3)  # the general path: any real number
+    with pytest.raises(ValueError, match="scale"):
+        s.weights(batch, scale=float("nan"))
+    with pytest.raises(TypeError, match="scale"):
+        s.weights(batch, scale="1")
 
 
 def test_fast_weights_refuse_like_the_general_path():

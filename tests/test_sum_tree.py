@@ -631,7 +631,7 @@ def general_path_only():
     """The core reads no tensor or array itself: every call takes the general Python path."""
     isample._core.configure_arrays(None, None)
     yield
-    isample._core.configure_arrays(torch.Tensor, np.ndarray)
+    isample._backend.configure_fast_paths()
 
 
 def _argument_forms(indices, values):
@@ -690,7 +690,7 @@ def test_fast_and_general_paths_write_the_same_bits(softmax, general_path_only, 
         return tree.get(), tree.total, tree.sample(50, seed=1), tree.sample(20, replace=False, seed=2)
 
     general = {name: run(i, v) for name, i, v in forms}
-    isample._core.configure_arrays(torch.Tensor, np.ndarray)
+    isample._backend.configure_fast_paths()
     for name, i, v in forms:
         fast = run(i, v)
         assert torch.equal(fast[0], general[name][0]) and fast[1] == general[name][1], name
@@ -718,7 +718,7 @@ def test_fast_paths_raise_the_general_paths_errors(general_path_only):
     messages = {}
     for fast in (False, True):
         if fast:
-            isample._core.configure_arrays(torch.Tensor, np.ndarray)
+            isample._backend.configure_fast_paths()
         for j, (error, call) in enumerate(cases):
             tree = isample.SumTree.from_weights([1.0, 0.0, 0.0], seed=0)
             with pytest.raises(error) as caught:
@@ -739,7 +739,7 @@ def test_fast_sample_draws_what_the_general_path_draws(general_path_only):
     draws = {}
     for fast in (False, True):
         if fast:
-            isample._core.configure_arrays(torch.Tensor, np.ndarray)
+            isample._backend.configure_fast_paths()
         tree = isample.SumTree.from_weights(weights, seed=11)
         draws[fast] = [tree.sample(**call) for call in calls] + [tree._core.stream_calls]
     for a, b in zip(draws[False][:-1], draws[True][:-1]):

@@ -26,7 +26,12 @@ CPU = torch.device("cpu")
 #: whether the core's fast paths read torch tensors and make result tensors themselves
 #: (DLPack's C exchange API, torch >= 2.10); numpy arrays are read in any case. Where it is
 #: False, every call takes the general path below, which converts arguments in Python.
-FAST_TENSORS = bool(_core.configure_arrays(torch.Tensor, np.ndarray))
+def configure_fast_paths() -> bool:
+    """Tell the core which types its fast paths read (the tests switch them off and on)."""
+    return bool(_core.configure_arrays(torch.Tensor, np.ndarray, torch.float64, torch.float32, CPU))
+
+
+FAST_TENSORS = configure_fast_paths()
 
 
 #: the largest int64: epochs, counts and indices must fit in one

@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tu
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, TensorDataset
 
 from . import _backend, _core
 from ._backend import DeviceLike
@@ -91,6 +91,7 @@ def store_all_or_nothing(
 
 
 _same = _backend.same_value
+_CPU = _backend.CPU
 
 
 def derive_seed(*parts: Union[int, str]) -> int:
@@ -468,7 +469,12 @@ class EpochSampler(Sampler[int]):
 
     # -- weights and scores -----------------------------------------------------------------
     def weights(
-        self, indices: Any, *, dtype: Optional[torch.dtype] = None, device: Optional[DeviceLike] = None
+        self,
+        indices: Any,
+        *,
+        dtype: Optional[torch.dtype] = None,
+        device: Optional[DeviceLike] = None,
+        scale: float = 1.0,
     ) -> torch.Tensor:
         """Importance weights of a batch of items drawn in the current epoch, shape (b,).
 
@@ -477,22 +483,19 @@ class EpochSampler(Sampler[int]):
         current epoch did not draw (on CUDA its weight is NaN instead: a check would
         synchronise), IndexError for an index outside [0, N), RuntimeError before the first
         epoch is drawn. ``dtype`` (a floating torch.dtype) and ``device`` convert the result.
+        ``scale`` multiplies the weights (in float64, before any conversion): ``scale=1 / b``
+        makes ``losses @ weights`` the weighted mean in one operation.
         """
         current = self._current
-        if (
-            current is not None
-            and current.weight_of is not None
-            and self.device is _backend.CPU
-            and (dtype is None or dtype is torch.float32 or dtype is torch.float64)
-            and (device is None or device is _backend.CPU or (type(device) is torch.device and device.type == "cpu"))
-        ):
+        if current is not None and current.weight_of is not None and self.device is _CPU and type(scale) is float:
             # The fast path: the core reads plain indices, checks them and gathers into a new
             # tensor of the dtype asked for (None: the general path below takes these arguments).
-            weights = _core.weights_of(current.weight_of, indices, dtype is torch.float32)
+            weights = _core.weights_of(current.weight_of, indices, dtype, device, scale)
             if weights is not None:
                 if type(weights) is int:
                     raise ValueError(f"item {int(indices[weights])} was not drawn in epoch {current.epoch}: it has no weight")
                 return weights
+        scale = _backend.check_real(scale, "scale")
         if dtype is not None:
             dtype = _backend.check_float_dtype(dtype)
         if device is not None:
@@ -514,6 +517,8 @@ class EpochSampler(Sampler[int]):
             inside = (idx >= 0) & (idx < self.num_items)
             weights = torch.index_select(current.weight_of, 0, self._safe_indices(idx))
             weights = torch.where(inside, weights, torch.full_like(weights, math.nan))
+        if scale != 1.0:
+            weights = weights * scale
         if dtype is not None or device is not None:
             try:
                 weights = weights.to(dtype=dtype or weights.dtype, device=device or weights.device)
@@ -1259,14 +1264,34 @@ class IndexedDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> Any:
-        item = self.dataset[index]
-        if isinstance(item, tuple):
-            return (index, *item)
-        if isinstance(item, dict):
-            if "index" in item:
-                raise ValueError("the dataset's items already have an 'index' key")
-            return {**item, "index": index}
-        return (index, item)
+        return _with_index(index, self.dataset[index])
+
+    def __getitems__(self, indices: List[int]) -> List[Any]:
+        """A whole batch at once (torch's DataLoader calls this where a dataset defines it):
+        the same items as ``[self[i] for i in indices]``. A ``TensorDataset`` is read with one
+        indexing per tensor instead of one per item and tensor; a dataset with its own
+        ``__getitems__`` is asked for the batch in one call."""
+        dataset = self.dataset
+        if type(dataset) is TensorDataset and dataset.tensors and indices and 0 <= min(indices) and max(indices) < len(dataset):
+            where = torch.as_tensor(indices, dtype=torch.int64)
+            columns = [tensor.index_select(0, where).unbind(0) for tensor in dataset.tensors]
+            return [(index, *row) for index, row in zip(indices, zip(*columns))]
+        if callable(getattr(dataset, "__getitems__", None)):
+            items = dataset.__getitems__(indices)
+            if isinstance(items, list) and len(items) == len(indices):
+                return [_with_index(index, item) for index, item in zip(indices, items)]
+        return [_with_index(index, dataset[index]) for index in indices]
+
+
+def _with_index(index: int, item: Any) -> Any:
+    """An item with its index, as IndexedDataset gives it."""
+    if isinstance(item, tuple):
+        return (index, *item)
+    if isinstance(item, dict):
+        if "index" in item:
+            raise ValueError("the dataset's items already have an 'index' key")
+        return {**item, "index": index}
+    return (index, item)
 
 
 def _as_losses(losses: Any, length: int, device: torch.device, name: str = "losses") -> torch.Tensor:
