@@ -2,6 +2,10 @@
 
 Usage: python benchmarks/report.py RESULTS.json [MORE.json ...]
        python benchmarks/report.py --compact RESULTS.json   # drop the raw timings (MBs) before committing
+
+The machine line comes from the first benchmark's extra_info (isample.bench.machine_summary:
+lscpu's model and caches, the versions of numpy, torch and every peer) where the suite
+recorded it, else from pytest-benchmark's machine_info.
 """
 
 from __future__ import annotations
@@ -10,10 +14,12 @@ import json
 import sys
 from collections import defaultdict
 
+PEERS = ("torchrl", "tensordict", "cpprb", "sumtree")
+
 
 def load(paths):
     groups = defaultdict(dict)
-    machine = None
+    machine, extra = None, None
     for path in paths:
         with open(path) as f:
             data = json.load(f)
@@ -21,7 +27,8 @@ def load(paths):
         for bench in data["benchmarks"]:
             method = bench["params"].get("method", bench["name"])
             groups[bench["group"]][method] = bench["stats"]["median"] * 1e6
-    return groups, machine
+            extra = extra or bench.get("extra_info") or None
+    return groups, machine, extra
 
 
 def table(groups) -> str:
@@ -29,9 +36,19 @@ def table(groups) -> str:
     for group, methods in groups.items():
         ours = methods.get("isample")
         for method, median in sorted(methods.items(), key=lambda item: (item[0] != "isample", item[1])):
-            ratio = f"{median / ours:,.1f}×" if ours and method != "isample" else ""
+            ratio = f"{median / ours:,.2f}×" if ours and method != "isample" else ""
             lines.append(f"| {group} | {method} | {median:,.1f} | {ratio} |")
     return "\n".join(lines)
+
+
+def machine_line(machine, extra) -> str:
+    if extra and extra.get("cpu"):
+        cpu = extra["cpu"]
+        caches = ", ".join(f"{name.split('_')[0].upper()} {cpu[name]}" for name in ("l1d_cache", "l2_cache", "l3_cache") if cpu.get(name))
+        versions = ", ".join(f"{name} {extra.get(name) or 'not installed'}" for name in ("numpy", "torch", "isample", *PEERS))
+        return f"Machine: {cpu.get('model', 'unknown CPU')} ({cpu.get('cpus', '?')} CPUs; {caches}); {versions}"
+    cpu = machine.get("cpu", {}).get("brand_raw", "unknown CPU")
+    return f"Machine: {cpu}, {machine.get('cpu', {}).get('count', '?')} cores, Python {machine.get('python_version', '?')}"
 
 
 def compact(path: str) -> None:
@@ -51,7 +68,6 @@ if __name__ == "__main__":
         for path in sys.argv[2:]:
             compact(path)
         sys.exit(0)
-    groups, machine = load(sys.argv[1:])
-    cpu = machine.get("cpu", {}).get("brand_raw", "unknown CPU")
-    print(f"Machine: {cpu}, {machine.get('cpu', {}).get('count', '?')} cores, Python {machine.get('python_version', '?')}\n")
+    groups, machine, extra = load(sys.argv[1:])
+    print(machine_line(machine or {}, extra) + "\n")
     print(table(groups))

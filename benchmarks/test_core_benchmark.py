@@ -2,11 +2,16 @@
 
 Run:  python -m pytest benchmarks/test_core_benchmark.py --benchmark-only \
           --benchmark-json=benchmarks/results/core.json
+      python benchmarks/report.py --compact benchmarks/results/core.json
 Table: python benchmarks/report.py benchmarks/results/core.json
 
 Baselines keep a float64 weight tensor and, because scores change every step, redo their
-O(n) work on every call: torch.multinomial, numpy's Generator.choice, and numpy cumsum +
-searchsorted. Their "update" is a plain indexed assignment.
+O(n) work on every call: torch.multinomial, numpy's Generator.choice, numpy cumsum +
+searchsorted, and for k distinct items numpy's exponential race (keys E / w, the k smallest
+by argpartition, then sorted). Their "update" is a plain indexed assignment. Every benchmark's
+extra_info records the CPU (lscpu: model, caches) and the versions of numpy, torch and the
+peers. pytest-benchmark times one method after another; ``isample bench`` times the same
+cells with the contenders alternating, which a loaded machine disturbs less.
 """
 
 from __future__ import annotations
@@ -16,8 +21,14 @@ import pytest
 import torch
 
 import isample
+from isample import bench
 
 N_SMALL, N_LARGE, BATCH = 50_000, 10_000_000, 128
+
+
+@pytest.fixture(autouse=True)
+def _machine(benchmark):
+    benchmark.extra_info.update(bench.machine_summary())
 
 
 def weights_of(n: int) -> np.ndarray:
@@ -132,12 +143,16 @@ def test_step_sample_and_update(benchmark, n, method):
 
 
 @pytest.mark.parametrize("n, k", [(N_SMALL, 8192), (N_SMALL, 30_000), (1_000_000, 128)])
-@pytest.mark.parametrize("method", ["isample", "torch_multinomial", "numpy_choice"])
+@pytest.mark.parametrize("method", ["isample", "numpy_race", "torch_multinomial", "numpy_choice"])
 def test_sample_without_replacement(benchmark, n, k, method):
     benchmark.group = f"{k:,} of {n:,} without replacement"
     w = Workload.get(n)
     if method == "isample":
         benchmark(w.tree.sample, k, replace=False)
+    elif method == "numpy_race":
+        race = bench.NumpyRaceMethod(seed=2)
+        race.setup(w.numpy_weights)
+        _slow(benchmark, lambda: race.sample_without_replacement(k), rounds=20)
     elif method == "torch_multinomial":
         _slow(benchmark, lambda: torch.multinomial(w.torch_weights, k, replacement=False), rounds=10)
     else:
@@ -148,11 +163,13 @@ def test_sample_without_replacement(benchmark, n, k, method):
 # -- build -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("method", ["isample", "torch_cumsum"])
+@pytest.mark.parametrize("method", ["isample", "numpy_cumsum", "torch_cumsum"])
 def test_build_10m(benchmark, method):
     benchmark.group = f"build from an array, n={N_LARGE:,}"
     w = Workload.get(N_LARGE)
-    if method == "isample":
-        _slow(benchmark, lambda: isample.SumTree.from_weights(w.torch_weights, seed=0), rounds=7)
+    if method == "isample":  # a new tree, as np.cumsum makes a new array
+        _slow(benchmark, lambda: isample.SumTree.from_weights(w.numpy_weights, seed=0), rounds=7)
+    elif method == "numpy_cumsum":
+        _slow(benchmark, lambda: np.cumsum(w.numpy_weights), rounds=7)
     else:
         _slow(benchmark, lambda: torch.cumsum(w.torch_weights, 0), rounds=7)

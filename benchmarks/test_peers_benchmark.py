@@ -6,6 +6,8 @@ Table: python benchmarks/report.py benchmarks/results/peers-pytest.json
 
 The methods are the adapters of ``isample.bench`` (see its docstring for what each one
 times); a peer that is not installed, or cannot run a workload, is skipped with the reason.
+Every benchmark's extra_info records the CPU (lscpu: model, caches) and the peers' versions.
+pytest-benchmark times one method after another; ``isample bench`` alternates them.
 ``python -m isample.bench`` runs the same comparisons over n = 1e4 .. 1e9 with exactness and
 memory figures. The last benchmarks use a 1e9-item tree and are skipped when
 /proc/meminfo's MemAvailable is below what the tree needs.
@@ -24,6 +26,11 @@ from isample import bench
 
 N_SMALL, N_LARGE, N_HUGE = 50_000, 10_000_000, 1_000_000_000
 METHODS = bench.METHOD_NAMES
+
+
+@pytest.fixture(autouse=True)
+def _machine(benchmark):
+    benchmark.extra_info.update(bench.machine_summary())
 
 
 class Built:

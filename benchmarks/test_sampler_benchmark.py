@@ -14,6 +14,12 @@ float64 CPU losses:
   the same ``SumTree.update`` is the baseline, the cost a per-step tree would have.
 - ``sampler_update``, ``sampler_weights``: one call each (``update`` holds the sampler's lock).
 - ``sampler_update_and_weights``: both, as a training step makes them.
+
+Then what a training loop pays (the groups ``training step`` and ``DataLoader batch``): one
+step of an MLP 64-256-10 (batch 128, SGD, one torch thread) with a plain mean loss (the
+baseline, ``method`` ``isample`` being the weighted one so that report.py's ratios read
+"× isample's time"), and one DataLoader batch, plain and through IndexedDataset + sampler.
+``isample bench`` measures the same cells with the contenders alternating.
 """
 
 from __future__ import annotations
@@ -22,9 +28,15 @@ import pytest
 import torch
 
 import isample
+from isample import bench
 
 N, BATCH = 50_000, 128
 TRANSFORMS = ["softmax", "proportional", "rank"]
+
+
+@pytest.fixture(autouse=True)
+def _machine(benchmark):
+    benchmark.extra_info.update(bench.machine_summary())
 
 
 def drawn_sampler(score: str, transform: str = "softmax") -> tuple:
@@ -77,3 +89,74 @@ def test_update_by_loss_dtype(benchmark, method):
     sampler, index = drawn_sampler("last_loss")
     losses = torch.rand(BATCH, dtype=torch.float32 if method == "float32_losses" else torch.float64)
     benchmark(sampler.update, index, losses)
+
+
+# -- a training step, a DataLoader batch --------------------------------------------------------
+
+
+class _Step:
+    """An MLP 64-256-10 training step on 16 rotating batches (one batch would be memorised)."""
+
+    def __init__(self) -> None:
+        torch.manual_seed(0)
+        self.model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01)
+        generator = torch.Generator().manual_seed(1)
+        self.inputs = torch.randn(16, BATCH, 64, generator=generator)
+        self.targets = torch.randint(0, 10, (16, BATCH), generator=generator)
+        self.sampler, self.index = drawn_sampler("last_loss")
+        self.turn = 0
+
+    def run(self, method: str) -> None:
+        from isample.integrations.protocol import weighted_loss
+
+        self.turn += 1
+        x, y = self.inputs[self.turn % 16], self.targets[self.turn % 16]
+        self.optimizer.zero_grad(set_to_none=True)
+        logits = self.model(x)
+        if method == "plain_mean_loss":
+            loss = torch.nn.functional.cross_entropy(logits, y)
+        elif method == "isample":  # protocol.weighted_loss, as the integrations call it
+            loss = weighted_loss(self.sampler, self.index, torch.nn.functional.cross_entropy(logits, y, reduction="none"))
+        else:  # the cheapest loss the sampler allows: weights scaled by 1/b, one dot product
+            losses = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+            weights = self.sampler.weights(self.index, dtype=losses.dtype, scale=1.0 / BATCH)
+            self.sampler.update(self.index, losses)
+            loss = losses @ weights
+        loss.backward()
+        self.optimizer.step()
+
+
+@pytest.mark.parametrize("method", ["isample", "scaled_weights_dot", "plain_mean_loss"])
+def test_training_step(benchmark, method):
+    benchmark.group = f"training step, MLP 64-256-10, batch {BATCH}, SGD, one torch thread"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a shared machine: two threads wait on each other
+    try:
+        step = _Step()
+        benchmark(step.run, method)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("method", ["isample", "plain_shuffled"])
+def test_dataloader_batch(benchmark, method):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    benchmark.group = f"DataLoader batch of {BATCH}, TensorDataset of {N:,}"
+    generator = torch.Generator().manual_seed(2)
+    dataset = TensorDataset(torch.randn(N, 64, generator=generator), torch.randint(0, 10, (N,), generator=generator))
+    if method == "isample":
+        loader = DataLoader(isample.IndexedDataset(dataset), batch_size=BATCH, sampler=isample.ImportanceSampler(N, seed=0))
+    else:
+        loader = DataLoader(dataset, batch_size=BATCH, shuffle=True)
+    state = [iter(loader)]
+
+    def next_batch():
+        try:
+            return next(state[0])
+        except StopIteration:
+            state[0] = iter(loader)
+            return next(state[0])
+
+    benchmark(next_batch)

@@ -42,12 +42,22 @@ def test_quick_run_writes_the_documented_json(tmp_path, capsys):
     path = tmp_path / "peers.json"
     assert bench.main(["--quick", "--sizes", "1e4", "--json", str(path)]) == 0
     report = json.loads(path.read_text())
-    for key in ("schema", "command", "machine", "settings", "peers", "results", "best_peer", "accuracy", "memory"):
+    for key in ("schema", "command", "machine", "settings", "peers", "results", "best_peer", "overhead", "accuracy", "memory"):
         assert key in report, key
     machine = report["machine"]
     assert machine["cores"] >= 1 and machine["cpu"]
     assert machine["torch"] == torch.__version__ and machine["numpy"] == np.__version__
     assert machine["isample_build_info"] == isample.build_info()
+    assert machine["cpu_details"]["model"] == machine["cpu"]
+    if sys.platform.startswith("linux"):  # lscpu: the caches every timing depends on
+        assert all(machine["cpu_details"].get(cache) for cache in ("l1d_cache", "l2_cache"))
+    for peer in bench.PEER_DISTRIBUTIONS:  # the version of every peer (None: not installed)
+        assert peer in machine
+    assert report["settings"]["rounds"] == 5
+    overhead = {row["cell"].split(":")[0].split(",")[0]: row for row in report["overhead"]}
+    assert {"sampler.weights + sampler.update", "training step", "one DataLoader batch of 128"} <= set(overhead)
+    for row in report["overhead"]:
+        assert row["ratio"] == pytest.approx(row["isample_us"] / row["baseline_us"]) and row["goal"] > 1
     cells = {(r["method"], r["workload"], r["n"]): r for r in report["results"]}
     # every method x workload that applies at n = 1e4 is there, timed or skipped with a reason
     for method in bench.METHOD_NAMES:
@@ -68,6 +78,9 @@ def test_quick_run_writes_the_documented_json(tmp_path, capsys):
     sample = best[("sample", 10_000)]
     assert sample["best_peer"] != "isample"
     assert sample["speedup"] == pytest.approx(sample["best_peer_median_us"] / sample["isample_median_us"])
+    assert all(r["rounds"] == 5 for r in report["results"] if r["status"] == "ok")  # contenders alternated
+    race = cells[("numpy_race", "wor128", 10_000)]
+    assert race["status"] == "ok" and cells[("numpy_race", "sample", 10_000)]["status"] == "skipped"
     accuracy = {r["method"]: r for r in report["accuracy"]}
     assert accuracy["isample"]["status"] == "ok"
     assert accuracy["isample"]["tv"] < 1e-12 and accuracy["isample"]["never_drawn"] == 0
@@ -75,7 +88,7 @@ def test_quick_run_writes_the_documented_json(tmp_path, capsys):
     memory = {r["method"]: r for r in report["memory"]}
     assert memory["isample"]["bytes_per_item"] < 8.6
     out = capsys.readouterr().out
-    assert "best peer" in out and "Exactness" in out
+    assert "best peer" in out and "Exactness" in out and "costs a training loop" in out
 
 
 def test_quick_run_draws_the_plot(tmp_path):
@@ -99,10 +112,18 @@ def test_options_are_checked():
 # -- adapters sample what they should ------------------------------------------------------
 
 
+def _with_replacement(name: str) -> bench.Method:
+    method = _method(name)
+    reason = method.supports("sample", len(WEIGHTS))
+    if reason:
+        pytest.skip(reason)
+    return method
+
+
 @pytest.mark.statistical
 @pytest.mark.parametrize("name", bench.METHOD_NAMES)
 def test_each_adapter_samples_in_proportion_to_the_weights(name):
-    method = _method(name)
+    method = _with_replacement(name)
     method.setup(WEIGHTS)
     try:
         drawn = np.concatenate([method.as_numpy(method.sample(bench.BATCH)) for _ in range(120)])
@@ -128,7 +149,10 @@ def test_each_adapter_updates(name):
         method.update(indices, values)  # every weight is 0 now
         indices, values = method.native(np.array([3]), np.array([2.0]))
         method.update(indices, values)
-        drawn = np.concatenate([method.as_numpy(method.sample(bench.BATCH)) for _ in range(4)])
+        if method.supports("sample", len(WEIGHTS)):
+            drawn = method.as_numpy(method.sample_without_replacement(1))
+        else:
+            drawn = np.concatenate([method.as_numpy(method.sample(bench.BATCH)) for _ in range(4)])
     finally:
         method.release()
     assert set(drawn.tolist()) == {3}

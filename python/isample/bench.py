@@ -42,6 +42,7 @@ import io
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -182,6 +183,16 @@ def _import_cpprb() -> Tuple[Any, Optional[str], str]:
         except Exception as error:
             _import_cache["cpprb"] = (None, f"{error} (pip install cpprb==11.0.0)", "")
     return _import_cache["cpprb"]
+
+
+def _import_sumtree() -> Tuple[Any, Optional[str], str]:
+    if "sumtree" not in _import_cache:
+        try:
+            module = importlib.import_module("sumtree")
+            _import_cache["sumtree"] = (module, None, "")
+        except Exception as error:
+            _import_cache["sumtree"] = (None, f"{error} (pip install sumtree)", "")
+    return _import_cache["sumtree"]
 
 
 def _version(distribution: str) -> Optional[str]:
@@ -571,6 +582,86 @@ class CpprbMethod(Method):
         return self.prb.sample(k)["indexes"]
 
 
+class SumtreeMethod(Method):
+    name, label = "sumtree", "sumtree (Rust)"
+    timed = (
+        "sumtree.SumTree (Rust, PyPI `sumtree`): build = SumTree(n) + add(w_i) for each item; "
+        "update_batched(idx, v) with Python lists (faster than numpy arrays for it); "
+        "sample(k) (its own generator) returning the leaves"
+    )
+
+    @classmethod
+    def unavailable(cls) -> Optional[str]:
+        return _import_sumtree()[1]
+
+    def supports(self, workload: str, n: int) -> Optional[str]:
+        if workload.startswith("wor"):
+            return "sumtree samples with replacement only"
+        return None
+
+    def state_bytes(self, n: int) -> int:
+        return 2 * _power_of_two_at_least(n) * 8  # a binary tree of float64 sums (assumed)
+
+    def setup(self, weights: np.ndarray) -> None:
+        self.n = len(weights)
+        tree = _import_sumtree()[0].SumTree(self.n)
+        add = tree.add
+        for w in weights.tolist():  # its only way to fill a tree
+            add(w)
+        self.tree = tree
+
+    def native(self, indices: np.ndarray, values: np.ndarray) -> Tuple[Any, Any]:
+        return indices.tolist(), values.tolist()
+
+    def update(self, indices: Any, values: Any) -> None:
+        self.tree.update_batched(indices, values)
+
+    def sample(self, k: int) -> Any:
+        return self.tree.sample(k)[0]
+
+
+class NumpyRaceMethod(Method):
+    name, label = "numpy_race", "np exp-race"
+    timed = (
+        "numpy's exponential race (Efraimidis-Spirakis) for k distinct items: keys = "
+        "rng.standard_exponential(n) / w, the k smallest by np.argpartition, then sorted "
+        "(np.argsort) into draw order; update w[idx] = v"
+    )
+    linear_per_call = True
+    build_is_setup = False
+
+    def supports(self, workload: str, n: int) -> Optional[str]:
+        if not workload.startswith("wor"):
+            return "the race draws k distinct items only"
+        return None
+
+    def state_bytes(self, n: int) -> int:
+        return 8 * n
+
+    def transient_bytes(self, n: int) -> int:
+        return 24 * n  # the keys and argpartition's indices
+
+    def setup(self, weights: np.ndarray) -> None:
+        self.n = len(weights)
+        self.w = weights.copy()
+        self.rng = np.random.default_rng(self.seed)
+
+    def native(self, indices: np.ndarray, values: np.ndarray) -> Tuple[Any, Any]:
+        return indices, values
+
+    def update(self, indices: Any, values: Any) -> None:
+        self.w[indices] = values
+
+    def sample(self, k: int) -> Any:
+        raise Unsupported(self.supports("sample", self.n))
+
+    def sample_without_replacement(self, k: int) -> Any:
+        with np.errstate(divide="ignore"):  # a zero weight's key is +inf: never drawn
+            keys = self.rng.standard_exponential(self.n) / self.w
+        smallest = np.argpartition(keys, k - 1)[:k] if k < self.n else np.arange(self.n)
+        return smallest[np.argsort(keys[smallest], kind="stable")]
+
+
 METHODS: Dict[str, type] = {
     m.name: m
     for m in (
@@ -582,6 +673,8 @@ METHODS: Dict[str, type] = {
         TorchRLFp64Method,
         TorchRLFp32Method,
         CpprbMethod,
+        SumtreeMethod,
+        NumpyRaceMethod,
     )
 }
 METHOD_NAMES = list(METHODS)
@@ -955,6 +1048,9 @@ class Settings:
     seed: int = 0
     quiet_wait_s: float = 0.0  # total seconds the run may wait for other processes to go quiet
     quiet_left_s: float = 0.0
+    rounds: int = 5  # each cell alternates its contenders over this many rounds
+    train_threads: int = 1  # torch threads for the training-step cells
+    overhead: bool = True  # the sampler's costs in a training loop (run_overhead)
 
 
 class Log:
@@ -970,7 +1066,12 @@ def _cells(settings: Settings, n: int) -> List[str]:
 
 
 def run_speed(settings: Settings, log: Log) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
-    """Every method x workload x n; returns (result rows, memory rows)."""
+    """Every method x workload x n; returns (result rows, memory rows).
+
+    At each n the methods are set up side by side (as many as fit in memory together), and
+    each cell alternates them over ``settings.rounds`` rounds (forward, then backward), so a
+    slow spell of the machine lands on every contender alike.
+    """
     results: List[Dict[str, Any]] = []
     memory: List[Dict[str, Any]] = []
     last: Dict[Tuple[str, str], Tuple[int, float]] = {}  # (method, cell) -> (n, seconds per call)
@@ -992,6 +1093,22 @@ def run_speed(settings: Settings, log: Log) -> Tuple[List[Dict[str, Any]], List[
         log(f"n={n:,}: generating weights")
         weights = timing_weights(n, settings.seed)
         indices, values = update_arguments(n, settings.seed + 1)
+        group: List[Tuple[Method, float]] = []  # set up, with the seconds of their first build
+        held = 0  # bytes the group holds
+
+        def run_group() -> None:
+            if not group:
+                return
+            try:
+                for workload in cells:
+                    results.extend(_interleaved_cell(group, workload, n, weights, indices, values, settings, last, log))
+            finally:
+                for method, _ in group:
+                    method.release()
+                group.clear()
+                if n >= 1_000_000:
+                    gc.collect()  # a full collection costs ~0.2 s with torch loaded
+
         for name in settings.methods:
             cls = METHODS[name]
             reason = cls.unavailable()
@@ -1003,6 +1120,9 @@ def run_speed(settings: Settings, log: Log) -> Tuple[List[Dict[str, Any]], List[
                 continue
             method = cls(settings.seed)
             need = method.state_bytes(n) + method.transient_bytes(n)
+            if group and not fits_in_memory(held + need):
+                run_group()  # the ones set up so far run first, then make room
+                held = 0
             if not fits_in_memory(need):
                 skip(name, n, cells, f"needs ~{need / GiB:.1f} GiB; {_free()}")
                 continue
@@ -1012,22 +1132,19 @@ def run_speed(settings: Settings, log: Log) -> Tuple[List[Dict[str, Any]], List[
                 skip(name, n, cells, f"{why} > --max-build={settings.max_build_s:g} s")
                 continue
             _wait_until_quiet(settings)
+            start = time.perf_counter()
             try:
-                start = time.perf_counter()
-                try:
-                    method.setup(weights)
-                except Exception as error:  # a peer that cannot build is skipped, not fatal
-                    skip(name, n, cells, f"setup failed: {type(error).__name__}: {error}")
-                    continue
-                cold = time.perf_counter() - start
-                last[(name, "setup")] = (n, cold)
-                memory.append(_memory_row(method, n))
-                for workload in cells:
-                    results.append(_run_cell(method, workload, n, weights, indices, values, settings, last, log, cold))
-            finally:
+                method.setup(weights)
+            except Exception as error:  # a peer that cannot build is skipped, not fatal
                 method.release()
-                if n >= 1_000_000:
-                    gc.collect()  # a full collection costs ~0.2 s with torch loaded
+                skip(name, n, cells, f"setup failed: {type(error).__name__}: {error}")
+                continue
+            cold = time.perf_counter() - start
+            last[(name, "setup")] = (n, cold)
+            memory.append(_memory_row(method, n))
+            group.append((method, cold))
+            held += need
+        run_group()
         del weights
         gc.collect()
     return results, memory
@@ -1063,8 +1180,8 @@ def _memory_row(method: Method, n: int) -> Dict[str, Any]:
     }
 
 
-def _run_cell(
-    method: Method,
+def _interleaved_cell(
+    group: Sequence[Tuple[Method, float]],
     workload: str,
     n: int,
     weights: np.ndarray,
@@ -1073,52 +1190,74 @@ def _run_cell(
     settings: Settings,
     last: Dict[Tuple[str, str], Tuple[int, float]],
     log: Log,
-    cold_setup_s: float,
-) -> Dict[str, Any]:
-    row: Dict[str, Any] = {"method": method.name, "workload": workload, "n": n}
-    reason = method.supports(workload, n)
-    predicted = _predict(last, method.name, workload, n)
-    if reason is None and predicted > settings.max_call_s:
-        reason = f"one call would take ~{predicted:.0f} s (extrapolated from smaller n)"
-        reason += f" > --max-call={settings.max_call_s:g} s"
-    if reason is not None:
-        log(f"n={n:,} {method.name} {workload}: skipped: {reason}")
-        return {**row, "status": "skipped", "reason": reason}
-    slow = predicted > settings.budget_s or (workload == "build" and cold_setup_s > settings.budget_s)
-    longest = max(predicted, cold_setup_s if workload == "build" else 0.0)
-    min_repeats = 1 if longest > settings.max_call_s / 2 else settings.min_repeats
-    try:
-        function, before, warmup = _workload_call(method, workload, weights, indices, values)
-        waited = 0.0
-        for attempt in range(1, 4):
-            if attempt > 1:
-                waited += _wait_until_quiet(settings)
-            load = OtherLoad()
-            timing = time_calls(
-                function, settings.budget_s, min_repeats, settings.max_repeats, before, warmup and not slow
-            )
-            others = load.cores()
-            if settings.quiet_wait_s <= 0 or not others or others <= QUIET_CORES or settings.quiet_left_s <= 0:
-                break
-            log(f"n={n:,} {method.name} {workload}: other processes used {others:.1f} cores, timing it again")
-    except Unsupported as error:
-        log(f"n={n:,} {method.name} {workload}: skipped: {error}")
-        return {**row, "status": "skipped", "reason": str(error)}
-    except Exception as error:  # e.g. torch refusing a size: recorded with its message
-        message = (str(error).strip().splitlines() or [""])[0]
-        log(f"n={n:,} {method.name} {workload}: skipped: {message}")
-        return {**row, "status": "skipped", "reason": f"{type(error).__name__}: {message}"}
-    last[(method.name, workload)] = (n, timing.median_us / 1e6)
-    row.update(status="ok", median_us=timing.median_us, min_us=timing.min_us, repeats=len(timing.times_ns))
-    row.update(other_processes_cores=others, attempts=attempt, waited_for_quiet_s=round(waited, 1))
-    if workload == "build" and method.build_is_setup:
-        row["first_build_us"] = cold_setup_s * 1e6  # into fresh memory: page faults included
-    busy = f"; other processes used {others:.1f} cores" if others and others > 0.2 else ""
-    log(
-        f"n={n:,} {method.name} {workload}: median {timing.median_us:,.1f} µs "
-        f"(min {timing.min_us:,.1f}, {len(timing.times_ns):,} calls){busy}"
-    )
-    return row
+) -> List[Dict[str, Any]]:
+    """One row per method for one (workload, n): the methods take turns over the rounds."""
+    rows: List[Dict[str, Any]] = []
+    ready = []  # (method, row, function, before, warmup, min_repeats)
+    for method, cold_setup_s in group:
+        row: Dict[str, Any] = {"method": method.name, "workload": workload, "n": n}
+        reason = method.supports(workload, n)
+        predicted = _predict(last, method.name, workload, n)
+        if reason is None and predicted > settings.max_call_s:
+            reason = f"one call would take ~{predicted:.0f} s (extrapolated from smaller n)"
+            reason += f" > --max-call={settings.max_call_s:g} s"
+        if reason is None:
+            try:
+                function, before, warmup = _workload_call(method, workload, weights, indices, values)
+            except Unsupported as error:
+                reason = str(error)
+        if reason is not None:
+            log(f"n={n:,} {method.name} {workload}: skipped: {reason}")
+            rows.append({**row, "status": "skipped", "reason": reason})
+            continue
+        slow = predicted > settings.budget_s or (workload == "build" and cold_setup_s > settings.budget_s)
+        longest = max(predicted, cold_setup_s if workload == "build" else 0.0)
+        min_repeats = 1 if longest > settings.max_call_s / 2 else settings.min_repeats
+        if workload == "build" and method.build_is_setup:
+            row["first_build_us"] = cold_setup_s * 1e6  # into fresh memory: page faults included
+        ready.append([method, row, function, before, warmup and not slow, min_repeats, []])
+    if not ready:
+        return rows
+    _wait_until_quiet(settings)
+    rounds = max(1, settings.rounds)
+    load = OtherLoad()
+    for turn in range(rounds):
+        for entry in ready if turn % 2 == 0 else ready[::-1]:
+            method, row, function, before, warmup, min_repeats, times = entry
+            if row.get("status") == "skipped":
+                continue
+            try:
+                timing = time_calls(
+                    function,
+                    settings.budget_s / rounds,
+                    max(1, -(-min_repeats // rounds)),
+                    max(1, settings.max_repeats // rounds),
+                    before,
+                    warmup and turn == 0,
+                )
+                times.extend(timing.times_ns)
+            except Unsupported as error:
+                row.update(status="skipped", reason=str(error))
+            except Exception as error:  # e.g. torch refusing a size: recorded with its message
+                message = (str(error).strip().splitlines() or [""])[0]
+                row.update(status="skipped", reason=f"{type(error).__name__}: {message}")
+    others = load.cores()
+    for method, row, _, _, _, _, times in ready:
+        if row.get("status") == "skipped":
+            log(f"n={n:,} {method.name} {workload}: skipped: {row['reason']}")
+            rows.append(row)
+            continue
+        timing = Timing(times)
+        last[(method.name, workload)] = (n, timing.median_us / 1e6)
+        row.update(status="ok", median_us=timing.median_us, min_us=timing.min_us, repeats=len(times), rounds=rounds)
+        row.update(other_processes_cores=others, attempts=1, waited_for_quiet_s=0.0)
+        busy = f"; other processes used {others:.1f} cores" if others and others > 0.2 else ""
+        log(
+            f"n={n:,} {method.name} {workload}: median {timing.median_us:,.1f} µs "
+            f"(min {timing.min_us:,.1f}, {len(times):,} calls in {rounds} rounds){busy}"
+        )
+        rows.append(row)
+    return rows
 
 
 QUIET_CORES = 0.3  # other processes' CPU use (cores) above which a cell counts as disturbed
@@ -1157,6 +1296,182 @@ def _workload_call(
         return (lambda: method.step(val)), None, True
     k = WOR_K[workload]
     return (lambda: method.sample_without_replacement(k)), None, True
+
+
+# -- what the sampler costs a training loop ---------------------------------------------------
+
+OVERHEAD_N = 50_000
+
+
+def interleaved(contenders: Dict[str, Callable[[], Any]], settings: Settings) -> Dict[str, Timing]:
+    """Time each contender in turn over settings.rounds rounds (forward, then backward), each
+    round a share of the budget; one Timing per contender, over all its calls."""
+    rounds = max(1, settings.rounds)
+    times: Dict[str, List[int]] = {name: [] for name in contenders}
+    for function in contenders.values():
+        function()  # warm up
+    names = list(contenders)
+    for turn in range(rounds):
+        for name in names if turn % 2 == 0 else names[::-1]:
+            timing = time_calls(
+                contenders[name], settings.budget_s / rounds, max(1, -(-settings.min_repeats // rounds)),
+                max(1, settings.max_repeats // rounds), warmup=False,
+            )
+            times[name].extend(timing.times_ns)
+    return {name: Timing(t) for name, t in times.items()}
+
+
+def _overhead_row(cell: str, timings: Dict[str, Timing], ours: str, baseline: str, goal: float, note: str) -> Dict[str, Any]:
+    row = {
+        "cell": cell,
+        "isample": ours,
+        "isample_us": timings[ours].median_us,
+        "baseline": baseline,
+        "baseline_us": timings[baseline].median_us,
+        "goal": goal,
+        "note": note,
+        "calls": {name: len(t.times_ns) for name, t in timings.items()},
+    }
+    row["ratio"] = row["isample_us"] / row["baseline_us"]
+    return row
+
+
+def run_overhead(settings: Settings, log: Log) -> List[Dict[str, Any]]:
+    """The sampler's cost in a training loop, each against what the loop costs without it:
+    sampler.weights + sampler.update of a drawn batch of 128 (n = 50k) against the tree's own
+    update of 128, per transform; one training step (MLP 64-256-10, batch 128, SGD) with the
+    importance-weighted loss against the same step with a plain mean loss; one DataLoader
+    batch through IndexedDataset and the sampler against a shuffled DataLoader."""
+    from .integrations.protocol import weighted_loss
+
+    rows: List[Dict[str, Any]] = []
+    n, batch = OVERHEAD_N, BATCH
+    generator = torch.Generator().manual_seed(settings.seed)
+    losses = torch.rand(batch, dtype=torch.float64, generator=generator)
+    for transform in ("softmax", "proportional", "rank"):
+        sampler = isample.ImportanceSampler(n, transform=transform, seed=settings.seed)
+        sampler.update(torch.arange(n), torch.rand(n, dtype=torch.float64, generator=generator))
+        index = torch.tensor(next(iter(torch.utils.data.BatchSampler(sampler, batch, drop_last=False))))
+        tree = sampler._tree
+        # the tree call a step amounts to: the softmax tree takes the scores; the others take
+        # leaf values (the rank transform's tree is rebuilt per epoch: the same update is the
+        # cost a per-step tree would have)
+        leaves = losses if transform == "softmax" else sampler.transform.leaf_values(losses) if transform == "proportional" else losses
+        timings = interleaved(
+            {
+                "the tree's own update": lambda tree=tree, index=index, leaves=leaves: tree.update(index, leaves),
+                "sampler.weights + sampler.update": lambda s=sampler, index=index: (s.weights(index), s.update(index, losses)),
+            },
+            settings,
+        )
+        row = _overhead_row(
+            f"sampler.weights + sampler.update, {transform}, batch {batch}, n = {n:,}",
+            timings, "sampler.weights + sampler.update", "the tree's own update", 2.0, "float64 CPU losses, last_loss",
+        )
+        rows.append(row)
+        log(f"overhead {transform}: {row['isample_us']:.2f} µs against the tree's {row['baseline_us']:.2f} µs ({row['ratio']:.2f}×)")
+
+    # One torch thread: on a machine shared with other jobs two threads wait on each other at
+    # every operation (a step then takes ~100 ms instead of ~0.5 ms), which no ratio survives.
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(settings.train_threads)
+    try:
+        rows += _training_step_rows(settings, generator, n, batch, weighted_loss, log)
+    finally:
+        torch.set_num_threads(threads_before)
+    rows.append(_dataloader_row(settings, generator, n, batch, log))
+    return rows
+
+
+def _training_step_rows(settings: Settings, generator: torch.Generator, n: int, batch: int, weighted_loss: Callable,
+                        log: Log) -> List[Dict[str, Any]]:
+    rows: List[Dict[str, Any]] = []
+    torch.manual_seed(settings.seed)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    inputs = torch.randn(16, batch, 64, generator=generator)
+    targets = torch.randint(0, 10, (16, batch), generator=generator)
+    sampler = isample.ImportanceSampler(n, seed=settings.seed)
+    sampler.update(torch.arange(n), torch.rand(n, dtype=torch.float64, generator=generator))
+    index = torch.tensor(next(iter(torch.utils.data.BatchSampler(sampler, batch, drop_last=False))))
+    turn = [0]
+
+    def step(loss_of: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> Callable[[], None]:
+        def run() -> None:  # a new batch every step, as in training (one fixed batch would be memorised)
+            turn[0] += 1
+            x, y = inputs[turn[0] % 16], targets[turn[0] % 16]
+            optimizer.zero_grad(set_to_none=True)
+            loss_of(model(x), y).backward()
+            optimizer.step()
+
+        return run
+
+    def cheapest(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        per_example = torch.nn.functional.cross_entropy(logits, y, reduction="none")
+        weights = sampler.weights(index, dtype=per_example.dtype, device=per_example.device, scale=1.0 / batch)
+        sampler.update(index, per_example)
+        return per_example @ weights
+
+    timings = interleaved(
+        {
+            "plain mean loss": step(lambda logits, y: torch.nn.functional.cross_entropy(logits, y)),
+            "per-example losses, mean": step(lambda logits, y: torch.nn.functional.cross_entropy(logits, y, reduction="none").mean()),
+            "protocol.weighted_loss": step(
+                lambda logits, y: weighted_loss(sampler, index, torch.nn.functional.cross_entropy(logits, y, reduction="none"))
+            ),
+            "weights(scale=1/b) + update + losses @ weights": step(cheapest),
+        },
+        settings,
+    )
+    threads = f"torch {torch.get_num_threads()} thread(s)"
+    for name in ("per-example losses, mean", "protocol.weighted_loss", "weights(scale=1/b) + update + losses @ weights"):
+        row = _overhead_row(f"training step, MLP 64-256-10, batch {batch}, SGD: {name}", timings, name, "plain mean loss", 1.10, threads)
+        rows.append(row)
+        log(f"overhead step ({name}): {row['isample_us']:.1f} µs against {row['baseline_us']:.1f} µs ({row['ratio']:.3f}×)")
+    return rows
+
+
+def _dataloader_row(settings: Settings, generator: torch.Generator, n: int, batch: int, log: Log) -> Dict[str, Any]:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    features = torch.randn(n, 64, generator=generator)
+    labels = torch.randint(0, 10, (n,), generator=generator)
+    dataset = TensorDataset(features, labels)
+    loaders = {
+        "DataLoader(TensorDataset, shuffle=True)": DataLoader(dataset, batch_size=batch, shuffle=True),
+        "DataLoader(IndexedDataset(TensorDataset), sampler=ImportanceSampler)": DataLoader(
+            isample.IndexedDataset(dataset), batch_size=batch, sampler=isample.ImportanceSampler(n, seed=settings.seed)
+        ),
+    }
+    iterators = {name: [iter(loader), loader] for name, loader in loaders.items()}
+
+    def next_batch(name: str) -> Callable[[], Any]:
+        def run() -> Any:
+            state = iterators[name]
+            try:
+                return next(state[0])
+            except StopIteration:  # a new epoch
+                state[0] = iter(state[1])
+                return next(state[0])
+
+        return run
+
+    timings = interleaved({name: next_batch(name) for name in loaders}, settings)
+    names = list(loaders)
+    row = _overhead_row(f"one DataLoader batch of {batch}, n = {n:,}", timings, names[1], names[0], 1.10, "")
+    log(f"overhead DataLoader: {row['isample_us']:.1f} µs against {row['baseline_us']:.1f} µs ({row['ratio']:.3f}×)")
+    return row
+
+
+def overhead_table(rows: List[Dict[str, Any]]) -> str:
+    lines = ["", "What the sampler costs a training loop (medians, interleaved; ratio = isample's / the baseline's, goal in brackets)"]
+    for r in rows:
+        lines.append(f"  {r['cell']}")
+        lines.append(
+            f"      {_format_us(r['isample_us'])} against {r['baseline']} {_format_us(r['baseline_us'])}: "
+            f"{r['ratio']:.2f}× (goal <= {r['goal']:.2f}×){'; ' + r['note'] if r['note'] else ''}"
+        )
+    return "\n".join(lines)
 
 
 # -- reporting --------------------------------------------------------------------------
@@ -1303,16 +1618,66 @@ def memory_table(rows: List[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def machine_info() -> Dict[str, Any]:
-    cpu = platform.processor() or "unknown"
+PEER_DISTRIBUTIONS = ("torchrl", "tensordict", "cpprb", "sumtree")
+
+
+def cpu_description() -> Dict[str, Any]:
+    """The CPU as ``lscpu`` describes it: model, cores, cache sizes, the vector extensions the
+    timings depend on (AVX2, AVX-512), virtualisation. Falls back to /proc/cpuinfo."""
+    info: Dict[str, Any] = {}
     try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10, env={**os.environ, "LC_ALL": "C"}).stdout
+    except (OSError, subprocess.SubprocessError):
+        text = ""
+    fields = {}
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    wanted = {
+        "Model name": "model", "Architecture": "architecture", "CPU(s)": "cpus", "Thread(s) per core": "threads_per_core",
+        "L1d cache": "l1d_cache", "L1i cache": "l1i_cache", "L2 cache": "l2_cache", "L3 cache": "l3_cache",
+        "CPU max MHz": "max_mhz", "Hypervisor vendor": "hypervisor",
+    }
+    for key, name in wanted.items():
+        if fields.get(key):
+            info[name] = fields[key]
+    flags = set(fields.get("Flags", "").split())
+    if not flags:
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("flags"):
+                        flags = set(line.split(":", 1)[1].split())
+                        break
+                    if line.startswith("model name") and "model" not in info:
+                        info["model"] = line.split(":", 1)[1].strip()
+        except OSError:
+            pass
+    info["vector_extensions"] = [f for f in ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512dq", "avx512vl") if f in flags]
+    return info
+
+
+_SUMMARY: Dict[str, Any] = {}
+
+
+def machine_summary() -> Dict[str, Any]:
+    """What every results file records (pytest-benchmark's extra_info too): the CPU as lscpu
+    gives it (model, caches, vector extensions), and the versions of numpy, torch, isample
+    and every peer (None where one is not installed)."""
+    if not _SUMMARY:
+        _SUMMARY.update(
+            cpu=cpu_description(),
+            numpy=np.__version__,
+            torch=torch.__version__,
+            isample=isample.__version__,
+            isample_cpu_kernels=isample.build_info()["cpu_kernels"],
+            **{name: _version(name) for name in PEER_DISTRIBUTIONS},
+        )
+    return dict(_SUMMARY)
+
+
+def machine_info() -> Dict[str, Any]:
+    cpu = cpu_description()
     total = None
     try:
         with open("/proc/meminfo") as f:
@@ -1320,7 +1685,8 @@ def machine_info() -> Dict[str, Any]:
     except (OSError, ValueError, IndexError):
         pass
     return {
-        "cpu": cpu,
+        "cpu": cpu.get("model") or platform.processor() or "unknown",
+        "cpu_details": cpu,
         "cores": os.cpu_count(),
         "memory_total_bytes": total,
         "platform": platform.platform(),
@@ -1330,9 +1696,7 @@ def machine_info() -> Dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "isample": isample.__version__,
         "isample_build_info": isample.build_info(),
-        "torchrl": _version("torchrl"),
-        "tensordict": _version("tensordict"),
-        "cpprb": _version("cpprb"),
+        **{name: _version(name) for name in PEER_DISTRIBUTIONS},
         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
 
@@ -1477,6 +1841,18 @@ def parse_args(argv: Optional[List[str]]) -> Tuple[Settings, argparse.Namespace]
         help="on a shared machine: wait while other processes use a core (before each method's cells, and "
         "before timing a disturbed cell again), at most this many seconds in all (default 0: never wait)",
     )
+    parser.add_argument(
+        "--rounds", type=int, default=5,
+        help="each cell alternates its contenders over this many rounds (forward, then backward; default 5)",
+    )
+    parser.add_argument(
+        "--train-threads", type=int, default=1,
+        help="torch threads for the training-step cells (default 1: on a shared machine two threads wait on each other)",
+    )
+    parser.add_argument(
+        "--no-overhead", action="store_true",
+        help="skip the sampler-overhead cells (sampler calls, a training step, a DataLoader batch)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", metavar="PATH", help="write the results as JSON")
     parser.add_argument("--plot", metavar="PATH", help="draw the log-log scaling plot (PNG; needs matplotlib)")
@@ -1503,7 +1879,12 @@ def parse_args(argv: Optional[List[str]]) -> Tuple[Settings, argparse.Namespace]
         seed=args.seed,
         quiet_wait_s=args.wait_for_quiet,
         quiet_left_s=args.wait_for_quiet,
+        rounds=args.rounds,
+        overhead=not args.no_overhead,
+        train_threads=args.train_threads,
     )
+    if settings.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {settings.rounds}")
     return settings, args
 
 
@@ -1527,6 +1908,7 @@ def run(settings: Settings, argv: Optional[List[str]] = None) -> Dict[str, Any]:
         more = " …" if len(noisy) > 10 else ""
         log(f"{len(noisy)} cells ran while other processes used > 0.3 cores: {cells}{more}")
     best = add_ratios(results)
+    overhead = run_overhead(settings, log) if settings.overhead else []
     accuracy: List[Dict[str, Any]] = []
     for n in settings.accuracy_sizes:
         methods = [METHODS[name](settings.seed) for name in settings.methods if METHODS[name].unavailable() is None]
@@ -1548,13 +1930,14 @@ def run(settings: Settings, argv: Optional[List[str]] = None) -> Dict[str, Any]:
         "peers": peers,
         "results": results,
         "best_peer": best,
+        "overhead": overhead,
         "accuracy": accuracy,
         "memory": memory,
         "isample_1e9_bytes": isample_tree_bytes(10**9),
     }
 
 
-TREE_PEERS = ("torchrl_fp64", "torchrl_fp32", "cpprb")
+TREE_PEERS = ("torchrl_fp64", "torchrl_fp32", "cpprb", "sumtree")
 HEADLINE = [
     ("update", 50_000), ("update", 10_000_000), ("sample", 50_000), ("sample", 10_000_000),
     ("step", 50_000), ("step", 10_000_000), ("wor8192", 50_000), ("wor30000", 50_000),
@@ -1621,6 +2004,19 @@ def markdown_report(report: Dict[str, Any]) -> str:
         for reason, where in reasons.items():
             out.append(f"- {reason} ({len(where)} cells: {', '.join(where[:3])}{', …' if len(where) > 3 else ''})")
 
+    if report.get("overhead"):
+        out += [
+            "",
+            "#### What the sampler costs a training loop",
+            "",
+            "| cell | isample | baseline | ratio | goal |",
+            "|---|---:|---|---:|---:|",
+        ]
+        for r in report["overhead"]:
+            out.append(
+                f"| {r['cell']} | {_format_us(r['isample_us'])} | {r['baseline']} {_format_us(r['baseline_us'])} "
+                f"| {r['ratio']:.2f}× | ≤ {r['goal']:.2f}× |"
+            )
     if report.get("accuracy"):
         out += [
             "",
@@ -1668,6 +2064,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     else:
         report = run(settings, argv)
     print(speed_table(report["results"], report["settings"]["methods"]))
+    if report.get("overhead"):
+        print(overhead_table(report["overhead"]))
     if report["accuracy"]:
         print(accuracy_table(report["accuracy"]))
     print(memory_table(report["memory"]))
