@@ -1145,7 +1145,7 @@ def run_speed(settings: Settings, log: Log) -> Tuple[List[Dict[str, Any]], List[
             group.append((method, cold))
             held += need
         run_group()
-        del weights
+        weights = None  # freed before the next size (run_group reads it: no del)
         gc.collect()
     return results, memory
 
