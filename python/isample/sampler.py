@@ -1052,14 +1052,16 @@ class ImportanceSampler(EpochSampler):
 
     def _update_in_core(self, indices, losses):
         keep = self.score_policy.keep
-        if keep is None or self.device is not _backend.CPU:
+        if keep is None or self.device is not _CPU:
             return False
         lock = self._lock
         lock.acquire()
         try:
-            if self._scores is None:
-                fast = self._tree._fast
-                done = fast is not None and fast.update_arrays(indices, losses, keep)
+            scores = self._scores
+            if scores is None:
+                done = self._tree._fast.update_arrays(indices, losses, keep)
+            elif self.transform.epoch_level:
+                done = _core.store_scores(scores, indices, losses, keep)
             else:
                 done = self._store_in_core(indices, losses, keep)
             if done:
