@@ -13,6 +13,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <mutex>
@@ -293,6 +294,32 @@ void bind_common(py::class_<H>& cls) {
           py::arg("k"), py::arg("replace"), py::arg("seed"), py::arg("method"),
           "sample() into a new int64 tensor, or None for arguments the Python layer must check.")
       .def(
+          "get_tensor",
+          [](H& h, py::handle indices) -> py::object {
+            ArrayView i;
+            if (!arrays.makes_tensors() || !int64_array(indices, i)) return py::none();
+            void* data = nullptr;
+            py::object out = py::reinterpret_steal<py::object>(arrays.new_tensor(i.length, ElementType::kFloat64, data));
+            if (!out) throw py::error_already_set();
+            h.locked(i.length, [&] { h.tree.get(static_cast<const int64_t*>(i.data), i.length, static_cast<double*>(data)); });
+            return out;
+          },
+          py::arg("indices"), "get() into a new float64 tensor for plain int64 indices; None for anything else.")
+      .def(
+          "probability_tensor",
+          [](H& h, py::handle indices) -> py::object {
+            ArrayView i;
+            if (!arrays.makes_tensors() || !int64_array(indices, i)) return py::none();
+            void* data = nullptr;
+            py::object out = py::reinterpret_steal<py::object>(arrays.new_tensor(i.length, ElementType::kFloat64, data));
+            if (!out) throw py::error_already_set();
+            h.locked(i.length, [&] {
+              sum_tree(h).probability(static_cast<const int64_t*>(i.data), i.length, static_cast<double*>(data));
+            });
+            return out;
+          },
+          py::arg("indices"), "probability() into a new float64 tensor for plain int64 indices; None for anything else.")
+      .def(
           "export_leaves",
           [](H& h, uintptr_t out) {
             h.locked(h.tree.capacity(), [&] {
@@ -479,6 +506,52 @@ PYBIND11_MODULE(_core, m) {
       "`dtype` (None: float64; float32) on `device` (None or the CPU); the position of the first NaN "
       "instead, if any; None for arguments that are not plain.");
   m.def(
+      "take_rows",
+      [](py::sequence sources, py::handle indices) -> py::object {
+        ArrayView i;
+        if (!arrays.makes_tensors() || !int64_array(indices, i)) return py::none();
+        struct Source {
+          const char* data;
+          int64_t rows;
+          size_t row_bytes;
+          dlpack::Tensor description;
+        };
+        std::vector<Source> plain(size_t(py::len(sources)));
+        for (size_t s = 0; s < plain.size(); ++s) {
+          const void* data = nullptr;
+          if (!arrays.rows(py::handle(sources[s]).ptr(), data, plain[s].rows, plain[s].row_bytes, plain[s].description)) {
+            return py::none();
+          }
+          plain[s].data = static_cast<const char*>(data);
+        }
+        const int64_t k = i.length;
+        const int64_t* index = static_cast<const int64_t*>(i.data);
+        for (const Source& source : plain) {
+          for (int64_t j = 0; j < k; ++j) {
+            if (index[j] < 0 || index[j] >= source.rows) {
+              throw std::out_of_range("index " + std::to_string(index[j]) + " is out of range for " +
+                                      std::to_string(source.rows) + " rows");
+            }
+          }
+        }
+        py::list out;
+        for (const Source& source : plain) {
+          std::vector<int64_t> dims(source.description.shape, source.description.shape + source.description.ndim);
+          dims[0] = k;
+          void* data = nullptr;
+          py::object taken = py::reinterpret_steal<py::object>(
+              arrays.new_tensor(source.description.dtype, source.description.ndim, dims.data(), data));
+          if (!taken) throw py::error_already_set();
+          char* to = static_cast<char*>(data);
+          for (int64_t j = 0; j < k; ++j) std::memcpy(to + size_t(j) * source.row_bytes, source.data + size_t(index[j]) * source.row_bytes, source.row_bytes);
+          out.append(taken);
+        }
+        return std::move(out);
+      },
+      py::arg("sources"), py::arg("indices"),
+      "[s[indices] for s in sources]: rows of C-contiguous CPU tensors (any shape, any non-complex "
+      "dtype) as new tensors, for plain int64 indices; None when any argument is not plain.");
+  m.def(
       "store_scores",
       [](py::handle store, py::handle indices, py::handle values, double keep) {
         ArrayView s, i, v;
@@ -653,6 +726,30 @@ PYBIND11_MODULE(_core, m) {
           py::arg("indices"), py::arg("weights"),
           "update() for a plain int64 and a float64/float32 CPU array of one length; False (nothing "
           "done) for anything else.")
+      .def(
+          "sample_with_weights_tensor",
+          [](SumHandle& h, py::handle k_object, py::handle seed_object) -> py::object {
+            int64_t k = 0;
+            std::optional<uint64_t> seed;
+            if (!arrays.makes_tensors() || !plain_count(k_object, kFastDrawLimit, k) || !plain_seed(seed_object, seed)) {
+              return py::none();
+            }
+            void *drawn = nullptr, *leaves = nullptr;
+            py::object out = py::reinterpret_steal<py::object>(arrays.new_tensor(k, ElementType::kInt64, drawn));
+            if (!out) throw py::error_already_set();
+            py::object weights = py::reinterpret_steal<py::object>(arrays.new_tensor(k, ElementType::kFloat64, leaves));
+            if (!weights) throw py::error_already_set();
+            h.locked(k, [&] {
+              int64_t* index = static_cast<int64_t*>(drawn);
+              h.tree.sample_with_replacement(h.key_of(seed), k, index);
+              h.tree.get(index, k, static_cast<double*>(leaves));
+              h.advance(seed);
+            });
+            return py::make_tuple(out, weights);
+          },
+          py::arg("k"), py::arg("seed"),
+          "sample(k) and the drawn items' weights, as two new tensors; None for arguments the Python "
+          "layer must check.")
       .def(
           "update_scores",
           [](SumHandle& h, py::handle store, py::handle indices, py::handle values, double keep, double alpha,

@@ -167,20 +167,36 @@ class PythonArrays {
   // torch frees through the header's deleter when the tensor goes. Wrapping it takes half
   // the time of torch's own allocation through the exchange API (0.4 against 0.7 us).
   PyObject* new_tensor(int64_t length, ElementType type, void*& data) const {
-    const size_t item = type == ElementType::kFloat32 ? 4 : 8;
-    const size_t head = round_up(sizeof(dlpack::ManagedTensorVersioned) + sizeof(int64_t));
-    if (length < 0 || uint64_t(length) > (SIZE_MAX - head - 64) / item) {
+    const dlpack::DataType dtype = type == ElementType::kInt64     ? dlpack::DataType{dlpack::kInt, 64, 1}
+                                   : type == ElementType::kFloat32 ? dlpack::DataType{dlpack::kFloat, 32, 1}
+                                                                   : dlpack::DataType{dlpack::kFloat, 64, 1};
+    return new_tensor(dtype, 1, &length, data);
+  }
+
+  // The same for any shape (ndim >= 1) and element type: a C-contiguous CPU tensor.
+  PyObject* new_tensor(const dlpack::DataType& dtype, int32_t ndim, const int64_t* dims, void*& data) const {
+    size_t count = 1;
+    const size_t item = (size_t(dtype.bits) * dtype.lanes + 7) / 8;
+    for (int32_t d = 0; d < ndim; ++d) {
+      if (dims[d] < 0 || (dims[d] > 0 && count > (SIZE_MAX / 4) / size_t(dims[d]))) {
+        PyErr_SetString(PyExc_MemoryError, "tensor too large");
+        return nullptr;
+      }
+      count *= size_t(dims[d]);
+    }
+    const size_t head = round_up(sizeof(dlpack::ManagedTensorVersioned) + sizeof(int64_t) * size_t(ndim));
+    if (item != 0 && count > (SIZE_MAX / 4) / item) {
       PyErr_SetString(PyExc_MemoryError, "tensor too large");
       return nullptr;
     }
-    char* block = static_cast<char*>(std::aligned_alloc(64, head + round_up(size_t(length) * item)));
+    char* block = static_cast<char*>(std::aligned_alloc(64, head + round_up(count * item)));
     if (block == nullptr) {
       PyErr_NoMemory();
       return nullptr;
     }
     auto* managed = reinterpret_cast<dlpack::ManagedTensorVersioned*>(block);
     int64_t* shape = reinterpret_cast<int64_t*>(block + sizeof(dlpack::ManagedTensorVersioned));
-    *shape = length;
+    for (int32_t d = 0; d < ndim; ++d) shape[d] = dims[d];
     managed->version = api_->header.version;
     managed->manager_ctx = nullptr;
     managed->deleter = [](dlpack::ManagedTensorVersioned* self) { std::free(self); };
@@ -188,10 +204,8 @@ class PythonArrays {
     dlpack::Tensor& t = managed->dl_tensor;
     t.data = block + head;
     t.device = {dlpack::kCpu, 0};
-    t.ndim = 1;
-    t.dtype = type == ElementType::kInt64 ? dlpack::DataType{dlpack::kInt, 64, 1}
-              : type == ElementType::kFloat32 ? dlpack::DataType{dlpack::kFloat, 32, 1}
-                                              : dlpack::DataType{dlpack::kFloat, 64, 1};
+    t.ndim = ndim;
+    t.dtype = dtype;
     t.shape = shape;
     t.strides = nullptr;
     t.byte_offset = 0;
@@ -201,8 +215,52 @@ class PythonArrays {
     return static_cast<PyObject*>(tensor);
   }
 
+  // A C-contiguous CPU torch tensor (exactly that type) of any shape (ndim >= 1) and any
+  // element type but complex: its address, rows (shape[0]), bytes per row and DLPack
+  // description. False for anything else (no Python error set).
+  bool rows(PyObject* object, const void*& data, int64_t& count, size_t& row_bytes, dlpack::Tensor& description) const {
+    if (api_ == nullptr || Py_TYPE(object) != tensor_type_) return false;
+    dlpack::Tensor& t = description;
+    if (api_->dltensor_from_py_object_no_sync(object, &t) != 0) {
+      PyErr_Clear();
+      return false;
+    }
+    if (t.device.device_type != dlpack::kCpu || t.ndim < 1 || t.dtype.lanes != 1 || t.dtype.bits % 8 != 0 ||
+        t.dtype.code == kComplex) {
+      return false;
+    }
+    size_t item = t.dtype.bits / 8, row = item;
+    for (int32_t d = 1; d < t.ndim; ++d) row *= size_t(t.shape[d]);
+    if (t.strides != nullptr) {  // row-major and compact, ignoring dimensions of one element
+      int64_t expected = 1;
+      for (int32_t d = t.ndim - 1; d >= 0; --d) {
+        if (t.shape[d] != 1 && t.strides[d] != expected) return false;
+        expected *= t.shape[d];
+      }
+    }
+    if (!not_negated(object)) return false;
+    data = static_cast<const char*>(t.data) + t.byte_offset;
+    count = t.shape[0];
+    row_bytes = row;
+    return true;
+  }
+
  private:
   static size_t round_up(size_t bytes) { return (bytes + 63) / 64 * 64; }
+  static constexpr uint8_t kComplex = 5;
+
+  // A lazily negated view (x.conj().imag) holds its values un-negated: DLPack cannot say so,
+  // so ask the tensor (the general path resolves it).
+  bool not_negated(PyObject* object) const {
+    PyObject* negated = PyObject_CallMethodNoArgs(object, is_neg_);
+    if (negated == nullptr) {
+      PyErr_Clear();
+      return false;
+    }
+    const bool plain = negated == Py_False;
+    Py_DECREF(negated);
+    return plain;
+  }
 
   static ElementType element_type(const dlpack::DataType& t) {
     if (t.lanes != 1) return ElementType::kOther;
@@ -222,16 +280,7 @@ class PythonArrays {
     const ElementType type = element_type(t.dtype);
     if (type == ElementType::kOther) return false;
     if (t.strides != nullptr && t.shape[0] > 1 && t.strides[0] != 1) return false;
-    // A lazily negated view (x.conj().imag) holds its values un-negated: DLPack cannot say
-    // so, so ask the tensor (the general path resolves it).
-    PyObject* negated = PyObject_CallMethodNoArgs(object, is_neg_);
-    if (negated == nullptr) {
-      PyErr_Clear();
-      return false;
-    }
-    const bool plain = negated == Py_False;
-    Py_DECREF(negated);
-    if (!plain) return false;
+    if (!not_negated(object)) return false;
     view.data = static_cast<const char*>(t.data) + t.byte_offset;
     view.length = t.shape[0];
     view.type = type;

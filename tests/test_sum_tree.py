@@ -747,6 +747,55 @@ def test_fast_sample_draws_what_the_general_path_draws(general_path_only):
     assert draws[False][-1] == draws[True][-1]
 
 
+def test_fast_get_probability_and_sample_with_weights(general_path_only):
+    weights = np.random.default_rng(6).random(5000)
+    weights[::7] = 0.0
+    index = np.random.default_rng(7).integers(0, 5000, 300)
+    results = {}
+    for fast in (False, True):
+        if fast:
+            isample._backend.configure_fast_paths()
+        tree = isample.SumTree.from_weights(weights, seed=2)
+        soft = isample.SoftmaxTree.from_scores(weights, seed=2)
+        drawn, held = tree.sample_with_weights(200)  # the tree's own stream, as sample()
+        again, held_again = tree.sample_with_weights(50, seed=9)
+        results[fast] = [
+            tree.get(torch.from_numpy(index)), tree.get(index), tree.probability(index), soft.get(index),
+            soft.probability(torch.from_numpy(index)), drawn, held, again, held_again, tree.sample(10),
+        ]
+        assert torch.equal(held, tree.get(drawn)) and torch.equal(again, isample.SumTree.from_weights(weights, seed=2).sample(50, seed=9))
+        assert (held > 0).all()
+    for a, b in zip(results[False], results[True]):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+    with pytest.raises(IndexError, match="out of range"):
+        isample.SumTree(4, seed=0).get(torch.tensor([4]))
+
+
+def test_take_rows_reads_rows_of_any_plain_tensor(general_path_only):
+    g = torch.Generator().manual_seed(0)
+    sources = [
+        torch.randn(50, 4, generator=g),
+        torch.randint(0, 100, (50,), generator=g),
+        torch.rand(50, generator=g) > 0.5,
+        torch.randint(0, 255, (50, 3, 2), generator=g).to(torch.uint8),
+        torch.randn(50, generator=g, dtype=torch.float64),
+    ]
+    index = torch.tensor([3, 0, 49, 3, 17])
+    expected = [source[index] for source in sources]
+    isample._backend.configure_fast_paths()
+    assert isample._core.take_rows(sources, index) is not None  # the core read them all
+    for taken in (isample._backend.take_rows(sources, index), isample._backend.take_rows(sources, index.numpy())):
+        for a, b in zip(taken, expected):
+            assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    # not plain: a transposed view, a complex tensor, a list of indices: torch takes them
+    odd = [torch.randn(4, 50, generator=g).t(), torch.randn(50, dtype=torch.complex64, generator=g)]
+    assert isample._core.take_rows(odd, index) is None
+    for a, source in zip(isample._backend.take_rows(odd, index), odd):
+        assert torch.equal(a, source[index])
+    with pytest.raises(IndexError):
+        isample._backend.take_rows(sources, torch.tensor([50]))
+
+
 # -- issue 19: inputs that used to reach torch, numpy or pybind11 raw ---------------------------
 
 

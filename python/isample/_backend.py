@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from typing import Any, Callable, Dict, Optional, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -254,6 +254,16 @@ def as_values(x: Any, device: torch.device, length: int, name: str = "values") -
     if t.shape[0] != length:
         raise ValueError(f"{name} has {t.shape[0]} entries but {length} were expected")
     return t.to(device=device, dtype=torch.float64).contiguous()
+
+
+def take_rows(sources: Sequence[torch.Tensor], indices: torch.Tensor) -> List[torch.Tensor]:
+    """``[s[indices] for s in sources]`` (new tensors): read by the core in one call where
+    every source is a C-contiguous CPU tensor of a real or integer dtype and `indices` a
+    plain int64 CPU tensor; by torch otherwise. An index outside a source raises IndexError."""
+    taken = _core.take_rows(list(sources), indices)
+    if taken is not None:
+        return taken
+    return [source[indices] for source in sources]
 
 
 def empty_indices(k: int, device: torch.device) -> torch.Tensor:

@@ -140,6 +140,11 @@ class _Tree:
 
     def get(self, indices: Any = None) -> torch.Tensor:
         """Stored values at `indices` (shape (k,)), or all n when None."""
+        fast = self._fast
+        if fast is not None and indices is not None:
+            out = fast.get_tensor(indices)
+            if out is not None:
+                return out
         idx = self._indices_or_all(indices)
         out = _backend.empty_values(idx.shape[0], self._device)
         self._core.get(idx.data_ptr(), idx.shape[0], out.data_ptr())
@@ -150,6 +155,11 @@ class _Tree:
 
         Raises ValueError when every weight is zero.
         """
+        fast = self._fast
+        if fast is not None and indices is not None:
+            out = fast.probability_tensor(indices)
+            if out is not None:
+                return out
         idx = self._indices_or_all(indices)
         out = _backend.empty_values(idx.shape[0], self._device)
         self._core.probability(idx.data_ptr(), idx.shape[0], out.data_ptr())
@@ -365,6 +375,20 @@ class SumTree(_Tree):
         k = idx.numel()
         val = _backend.as_values(values, self._device, k)
         self._core.update(idx.data_ptr(), val.data_ptr(), k)
+
+    def sample_with_weights(
+        self, k: int, *, seed: Optional[int] = None, generator: Optional[torch.Generator] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(indices, weights)``: k draws with replacement, as ``sample(k)`` (the same items for
+        the same seed or stream position), and the weight each drawn item holds, as
+        ``get(indices)``, in one call (a prioritized replay buffer needs both)."""
+        fast = self._fast
+        if fast is not None and generator is None:
+            drawn = fast.sample_with_weights_tensor(k, seed)
+            if drawn is not None:
+                return drawn
+        indices = self.sample(k, seed=seed, generator=generator)
+        return indices, self.get(indices)
 
     def assign(self, values: Any) -> None:
         """Set all n weights at once (shape (n,)), O(n)."""
