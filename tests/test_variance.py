@@ -161,3 +161,36 @@ def test_weights_and_transforms_by_hand():
         proportional(torch.tensor([0.0, 0.0]))
     with pytest.raises(ValueError):
         gradient_stats(_tiny_model(), torch.zeros(0, 1, 6, 6), torch.zeros(0, dtype=torch.int64))
+
+
+FASHION = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
+
+
+@pytest.mark.slow  # 20 real steps with six shadow samplers and three exact passes: 10-30 s on 2 loaded cores
+@pytest.mark.skipif(not __import__("os").path.exists(FASHION), reason="Fashion-MNIST is not installed")
+def test_the_variance_study_end_to_end_on_a_small_trajectory(tmp_path):
+    """run_trajectory on 200 images for 20 steps (checkpoints every 10), then the results
+    folder: ratios where they must be (uniform-held shadows at 1, the optimal below the
+    others), well-formed tables."""
+    from isample.experiments.config import SCIENCE_SETTINGS, preset
+    from isample.experiments.variance_report import write_variance_results
+    from isample.experiments.variance_study import SHADOWS, proposal_labels, run_trajectory
+
+    PROPOSALS = proposal_labels(10)
+    config = preset("uniform", **{**SCIENCE_SETTINGS, "train_subset": 200, "test_subset": 100, "budget_steps": 20})
+    result = run_trajectory(config, tmp_path / "s0" / "trajectory.json", every=10, log=lambda _: None)
+    assert [r["step"] for r in result["checkpoints"]] == [0, 10, 20]
+    first, last = result["checkpoints"][0], result["checkpoints"][-1]
+    for label in SHADOWS:  # step 0: the loss shadows are in their uniform warm-up, the others hold equal scores
+        assert first["proposals"][f"in-training shadow: {label}"]["ratio"] == pytest.approx(1.0)
+    assert PROPOSALS[1] in last["proposals"] and PROPOSALS[2] not in last["proposals"]  # 10 steps back, not 40
+    optimal = last["proposals"][PROPOSALS[0]]["ratio"]
+    assert 0 < optimal < 1 and all(v["ratio"] >= optimal * (1 - 1e-9) for v in last["proposals"].values())
+    assert last["v_uniform"] > 0 and (tmp_path / "s0" / "stats-step0020.pt").is_file()
+    write_variance_results(tmp_path / "results", [result], [], command="test")
+    report = (tmp_path / "results" / "report.md").read_text()
+    table = [line for line in report.splitlines() if line.startswith("| ")]
+    widths = {line.count(" | ") for line in table[:2 + len(last["proposals"])]}
+    assert len(widths) == 1, "a label broke the table's columns"
+    assert (tmp_path / "results" / "figures" / "ratio_vs_step.png").stat().st_size > 1000
+    assert "step,proposal" in (tmp_path / "results" / "checkpoints.csv").read_text().replace("kind,seed,", "")

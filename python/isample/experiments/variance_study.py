@@ -69,32 +69,39 @@ SHADOWS: Dict[str, Dict[str, Any]] = {
     "bound, proportional + 10% uniform (grad_norm_proportional)": {
         "score": "grad_norm", "transform": "proportional", "initial_score": 2 ** 0.5, "uniform_mix": 0.1},
 }
-# Oracle proposals computed at each checkpoint: label -> how q is made from the checkpoint's
-# statistics (now) and those `every` and `4 * every` steps before (None where there are none).
-PROPOSALS = (
-    "optimal: ‖g_i‖ now, proportional",
-    "‖g_i‖ 50 steps stale, proportional",
-    "‖g_i‖ 200 steps stale, proportional",
-    "‖g_i‖ now, proportional + 10% uniform",
-    "‖g_i‖ 50 steps stale, proportional + 10% uniform",
-    "‖g_i‖ 200 steps stale, proportional + 10% uniform",
-    "bound now, proportional",
-    "bound now, proportional + 10% uniform",
-    "loss now, softmax (first seed)",
-    "loss now, proportional",
-)
+
+
+def proposal_labels(every: int = 50):
+    """The oracle rows, made at each checkpoint from its statistics (now) and those `every` and
+    4 × `every` steps before."""
+    return (
+        "optimal: ‖g_i‖ now, proportional",
+        f"‖g_i‖ {every} steps stale, proportional",
+        f"‖g_i‖ {4 * every} steps stale, proportional",
+        "‖g_i‖ now, proportional + 10% uniform",
+        f"‖g_i‖ {every} steps stale, proportional + 10% uniform",
+        f"‖g_i‖ {4 * every} steps stale, proportional + 10% uniform",
+        "bound now, proportional",
+        "bound now, proportional + 10% uniform",
+        "loss now, softmax (first seed)",
+        "loss now, proportional",
+    )
+
+
+PROPOSALS = proposal_labels(50)
 EPS = 1e-6  # isample.Proportional's default eps: q ∝ score + eps
 STEPS_SHOWN = (100, 200, 300, 400, 500, 600, 700)
 
 
-def oracle_proposals(now, before_50, before_200) -> Dict[str, Optional[torch.Tensor]]:
-    """The oracle rows' q at one checkpoint (stats now, 50 and 200 steps before; None: missing)."""
+def oracle_proposals(now, before_50, before_200, every: int = 50) -> Dict[str, Optional[torch.Tensor]]:
+    """The oracle rows' q at one checkpoint (stats now, `every` and 4 × `every` steps before;
+    None: missing)."""
     from .variance import proportional, softmax_q
 
     def norms(stats, mix=0.0):
         return None if stats is None else proportional(stats.norms, mix=mix)
 
-    return dict(zip(PROPOSALS, (
+    return dict(zip(proposal_labels(every), (
         norms(now), norms(before_50), norms(before_200),
         norms(now, 0.1), norms(before_50, 0.1), norms(before_200, 0.1),
         proportional(now.bound, eps=EPS),
@@ -207,8 +214,9 @@ def run_trajectory(config: RunConfig, out: Path, every: int = 50, chunk: int = 1
         torch.save({"step": step, "norms": stats.norms.float(), "mean_sq": stats.mean_sq, "losses": stats.losses.float(),
                     "bound": stats.bound.float(), "held": {k: None if q is None else q.float() for k, q in held.items()}},
                    out.parent / f"stats-step{step:04d}.pt")  # the work folder (runs/), not the results
-        proposals = oracle_proposals(stats, history.get(step - every), history.get(step - 4 * every))
-        proposals.update({f"in-training shadow: {label}": q for label, q in held.items()})
+        proposals = oracle_proposals(stats, history.get(step - every), history.get(step - 4 * every), every)
+        uniform = torch.full((n,), 1.0 / n, dtype=torch.float64)  # a shadow in its warm-up draws uniformly
+        proposals.update({f"in-training shadow: {label}": uniform if q is None else q for label, q in held.items()})
         record = _checkpoint_record(step, stats, proposals)
         records.append(record)
         shown = ", ".join(f"{k.split(':')[0][:24]} {v['ratio']:.3g}" for k, v in list(record["proposals"].items())[:5])
