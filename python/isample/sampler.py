@@ -1059,7 +1059,8 @@ class ImportanceSampler(EpochSampler):
         try:
             scores = self._scores
             if scores is None:
-                done = self._tree._fast.update_arrays(indices, losses, keep)
+                fast = self._tree._fast  # None for the GPU algorithms built for the host
+                done = fast is not None and fast.update_arrays(indices, losses, keep)
             elif self.transform.epoch_level:
                 done = _core.store_scores(scores, indices, losses, keep)
             else:
