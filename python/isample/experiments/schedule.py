@@ -52,6 +52,7 @@ class Task:
     log: Path
     cores: int = 1
     done: Callable[[], bool] = lambda: False
+    kind: str = "task"  # tasks of a kind take about as long: the ETA is estimated per kind
 
 
 def format_seconds(seconds: float) -> str:
@@ -72,6 +73,7 @@ def training_task(config: RunConfig, run_dir: Path, *, restart: bool = False, ch
         argv.append("--restart")
     return Task(
         label=config.name,
+        kind="training run" + (" with scoring workers" if config.scorers else ""),
         argv=argv,
         log=run_dir / "train.log",
         cores=1 + config.scorers,
@@ -103,7 +105,7 @@ def run_tasks(tasks: Sequence[Task], jobs: int, *, say: Callable[[str], None] = 
     say(f"{title}{total} task(s): {skipped} already done, {len(pending)} to run, {jobs} core(s) at a time")
     running: List[tuple] = []  # (task, process, log file, start time)
     failed: List[Task] = []
-    durations: List[float] = []  # (core-seconds) of the tasks finished here
+    durations: dict = {}  # kind -> core-seconds of each task of that kind finished here
     started = last_report = time.monotonic()
     done = skipped
     timings = json.loads(record.read_text()) if record is not None and record.is_file() else []
@@ -111,11 +113,18 @@ def run_tasks(tasks: Sequence[Task], jobs: int, *, say: Callable[[str], None] = 
 
     def progress() -> str:
         elapsed = time.monotonic() - started
-        left = sum(t.cores for t in pending) + sum(t.cores for t, *_ in running)
         eta = ""
-        if durations:
-            mean = sum(durations) / len(durations)
-            eta = f", ETA ~{format_seconds(mean * left / jobs)} (mean {format_seconds(mean)} a core-task)"
+        finished = [d for values in durations.values() for d in values]
+        if finished:
+            overall = sum(finished) / len(finished)
+
+            def expected(task: Task) -> float:
+                same = durations.get(task.kind)
+                return sum(same) / len(same) if same else overall * task.cores
+
+            left_seconds = sum(expected(t) for t in pending) + sum(max(0.0, expected(t) - (time.monotonic() - began) * t.cores)
+                                                                   for t, _, _, began in running)
+            eta = f", ETA ~{format_seconds(left_seconds / jobs)} (from the {len(finished)} task(s) finished, per kind)"
         return f"{title}{done}/{total} done, {len(running)} running, {len(failed)} failed; elapsed {format_seconds(elapsed)}{eta}"
 
     while pending or running:
@@ -151,7 +160,7 @@ def run_tasks(tasks: Sequence[Task], jobs: int, *, say: Callable[[str], None] = 
                 record.parent.mkdir(parents=True, exist_ok=True)
                 record.write_text(json.dumps(timings, indent=1))
             if code == 0:
-                durations.append(seconds * task.cores)
+                durations.setdefault(task.kind, []).append(seconds * task.cores)
                 say(f"{title}done {task.label} in {format_seconds(seconds)} (CPU {format_seconds(cpu)})")
             else:
                 failed.append(task)

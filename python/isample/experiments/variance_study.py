@@ -400,13 +400,15 @@ class VarianceStudy:
         for seed in self.seeds:
             config = self.trajectory_config(seed)
             out = self.trajectory_file(seed)
-            tasks.append(Task(label=f"variance trajectory s{seed}", cores=1, log=out.with_suffix(".log"),
+            tasks.append(Task(label=f"variance trajectory s{seed}", kind="variance trajectory", cores=1,
+                              log=out.with_suffix(".log"),
                               argv=[sys.executable, "-m", "isample.experiments.variance_study", "trajectory",
                                     config.dumps(), str(out), "--every", str(self.every)],
                               done=(lambda out=out: False) if restart else (lambda out=out: out.is_file())))
             for own in self.own_configs(seed):
                 out_own = self.own_file(own)
                 tasks.append(Task(label=f"variance own run {own.method_label} s{seed}", cores=1 + own.scorers,
+                                  kind=f"variance own run{' with scoring workers' if own.scorers else ''}",
                                   log=out_own.with_suffix(".log"),
                                   argv=[sys.executable, "-m", "isample.experiments.variance_study", "own", own.dumps(),
                                         str(self.out / "own" / own.name), str(out_own)],
