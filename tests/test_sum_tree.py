@@ -25,6 +25,24 @@ def test_descent_matches_numpy_reference_exactly(n, rng, kernels):
     assert tree.total == weights.sum()
 
 
+def test_a_large_build_on_two_threads_matches_the_reference(rng, kernels):
+    """Above 2^20 items the weights are checked and loaded by two threads: the same tree,
+    the same errors (the first bad weight named, nothing changed)."""
+    n = (1 << 20) + 12_345  # a partial last block
+    weights = power_of_two_weights(rng, n)
+    tree = isample.SumTree.from_weights(weights, seed=0)
+    assert tree.total == weights.sum() and tree.num_positive == int((weights > 0).sum())
+    u = rng.random(5000)
+    np.testing.assert_array_equal(tree.sample_from_uniforms(u).numpy(), reference_descent(weights, u))
+    small = isample.SumTree.from_weights(weights[: n // 2], seed=0)  # one thread, same sums
+    assert small.total == weights[: n // 2].sum()
+    bad = weights.copy()
+    bad[n - 3], bad[n - 2] = -1.0, np.nan  # in the second half, found by its thread
+    with pytest.raises(ValueError, match=f"at position {n - 3}"):
+        tree.assign(bad)
+    assert torch.equal(tree.get(), torch.from_numpy(weights))
+
+
 def test_descent_lands_on_boundaries_exactly(kernels):
     # weights 1,0,2,0,1: cumulative 1,1,3,3,4; a target exactly on a boundary goes right
     weights = np.array([1.0, 0.0, 2.0, 0.0, 1.0])
