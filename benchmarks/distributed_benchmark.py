@@ -19,7 +19,8 @@ process did, which other jobs disturb much less than the wall clock), the sample
 the step (its calls on the steps, plus its exchange and draw at the epoch's start), and the
 bytes and collectives of its exchanges, per epoch and on the steps themselves (what the
 traffic counters of ``sampler.stats`` saw; bytes are what rank 0 received and sent). The
-result file also records the CPU (``lscpu``), the load average and the versions. Not a test:
+result file also records the CPU (``lscpu``: model, caches, vector extensions, from
+``isample.bench.machine``), the load average and the versions. Not a test:
 nothing here asserts a time.
 """
 
@@ -60,16 +61,6 @@ def _load_example() -> types.ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def _lscpu() -> Dict[str, str]:
-    try:
-        text = subprocess.run(["lscpu"], check=True, capture_output=True, text=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return {"Model name": platform.processor()}
-    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in text.splitlines() if ":" in line)}
-    keep = ("Model name", "CPU(s)", "L1d cache", "L1i cache", "L2 cache", "L3 cache")
-    return {k: fields[k] for k in keep if k in fields}
 
 
 def _versions() -> Dict[str, str]:
@@ -292,6 +283,8 @@ def main() -> None:
 
     import torch.multiprocessing as mp
 
+    from isample.bench.machine import machine_summary  # here: the spawned ranks do not need it
+
     load_before = os.getloadavg()
     started = time.time()
     with tempfile.TemporaryDirectory() as scratch:
@@ -302,7 +295,7 @@ def main() -> None:
     result = {
         "command": "python " + " ".join(sys.argv),
         "machine": {
-            **_lscpu(),
+            **machine_summary(),  # lscpu's model, caches and vector extensions; the versions
             "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": [round(x, 2) for x in os.getloadavg()],
             "note": "development VM, 2 cores shared with other jobs running at the same time; "

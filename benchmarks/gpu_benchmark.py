@@ -32,6 +32,7 @@ from typing import Callable, Dict, List
 import torch
 
 import isample
+from isample.bench.machine import machine_summary
 
 SIZES = [50_000, 10_000_000, 100_000_000, 1_000_000_000]
 BATCH = 128
@@ -64,9 +65,8 @@ def machine() -> Dict:
     """The GPU, driver, versions and the host CPU (lscpu), for the result file."""
     info = {
         "gpu": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
+        **machine_summary(),  # the host CPU (lscpu: model, caches, vector extensions), numpy, torch, isample
         "torch_cuda": torch.version.cuda,
-        "isample": isample.__version__,
         "build": isample.build_info(),
         "cuda_status": isample._core.cuda_status(),
         "python": platform.python_version(),
@@ -77,13 +77,6 @@ def machine() -> Dict:
         info["nvidia_smi"] = smi.stdout.strip()
     except (OSError, subprocess.SubprocessError) as error:
         info["nvidia_smi"] = f"unavailable: {error}"
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=30).stdout
-        fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-        info["cpu"] = {k.strip(): fields[k].strip() for k in fields if k.strip() in
-                       ("Model name", "CPU(s)", "L1d cache", "L2 cache", "L3 cache")}
-    except (OSError, subprocess.SubprocessError) as error:
-        info["cpu"] = f"unavailable: {error}"
     return info
 
 

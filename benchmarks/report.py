@@ -3,7 +3,7 @@
 Usage: python benchmarks/report.py RESULTS.json [MORE.json ...]
        python benchmarks/report.py --compact RESULTS.json   # drop the raw timings (MBs) before committing
 
-The machine line comes from the first benchmark's extra_info (isample.bench.machine_summary:
+The machine line comes from the first benchmark's extra_info (isample.bench.machine.machine_summary:
 lscpu's model and caches, the versions of numpy, torch and every peer) where the suite
 recorded it, else from pytest-benchmark's machine_info.
 """
@@ -14,7 +14,7 @@ import json
 import sys
 from collections import defaultdict
 
-PEERS = ("torchrl", "tensordict", "cpprb", "sumtree")
+from isample.bench.machine import summary_line
 
 
 def load(paths):
@@ -52,10 +52,7 @@ def table(groups) -> str:
 
 def machine_line(machine, extra) -> str:
     if extra and extra.get("cpu"):
-        cpu = extra["cpu"]
-        caches = ", ".join(f"{name.split('_')[0].upper()} {cpu[name]}" for name in ("l1d_cache", "l2_cache", "l3_cache") if cpu.get(name))
-        versions = ", ".join(f"{name} {extra.get(name) or 'not installed'}" for name in ("numpy", "torch", "isample", *PEERS))
-        return f"Machine: {cpu.get('model', 'unknown CPU')} ({cpu.get('cpus', '?')} CPUs; {caches}); {versions}"
+        return "Machine: " + summary_line(extra)
     cpu = machine.get("cpu", {}).get("brand_raw", "unknown CPU")
     return f"Machine: {cpu}, {machine.get('cpu', {}).get('count', '?')} cores, Python {machine.get('python_version', '?')}"
 

@@ -45,22 +45,13 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 import isample
+from isample.bench.machine import machine_summary
 from isample.experiments.data import load_dataset
 from isample.experiments.models import small_cnn
 from isample.scoring import ScorerPool, get_score
 
 ROOT = Path(__file__).resolve().parent.parent
 CHUNK = 256
-
-
-def _lscpu() -> Dict[str, str]:
-    try:
-        text = subprocess.run(["lscpu"], check=True, capture_output=True, text=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return {"model": platform.processor()}
-    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in text.splitlines() if ":" in line)}
-    keep = ("Model name", "CPU(s)", "L1d cache", "L1i cache", "L2 cache", "L3 cache")
-    return {k: fields[k] for k in keep if k in fields}
 
 
 def _versions() -> Dict[str, str]:
@@ -368,7 +359,7 @@ def main() -> None:
     out = {
         "command": "python " + " ".join(sys.argv),
         "machine": {
-            **_lscpu(),
+            **machine_summary(),  # lscpu's model, caches and vector extensions; the versions
             "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": [round(x, 2) for x in os.getloadavg()],
             "note": "development VM, 2 cores shared with other helpers' builds and tests running at the same "

@@ -13,6 +13,7 @@ import torch
 
 import isample
 from isample import bench
+from isample.bench.exact import _exact_units
 
 # Small weights with zeros; all partial sums are exact in float32 and float64.
 WEIGHTS = np.array([0.0, 1.0, 2.0, 0.0, 5.0, 0.5, 3.5])
@@ -223,7 +224,7 @@ def test_ideal_boundaries_are_exact():
 
 def test_exact_grid_counts_recovers_a_known_descent():
     weights = bench.accuracy_weights(3000, seed=5)
-    units, total = bench._exact_units(weights)
+    units, total = _exact_units(weights)
     guess = bench.ideal_boundaries(units, total)
     ideal = np.diff(np.concatenate(([0], guess, [bench.GRID])))
     # a descent whose boundaries are the ideal ones, shifted: the search must find them
