@@ -125,6 +125,13 @@ def rng():
     return np.random.default_rng(12345)
 
 
+def pytest_configure(config):
+    """README.md's and docs/*.md's Python blocks run as tests: see tests/test_docs_examples.py."""
+    import test_docs_examples
+
+    config.pluginmanager.register(test_docs_examples.MarkdownExamples(), "isample-markdown-examples")
+
+
 def pytest_report_header(config):
     return f"isample core: {_core.build_info()} (ISAMPLE_CPU_KERNELS={os.environ.get('ISAMPLE_CPU_KERNELS')})"
 
