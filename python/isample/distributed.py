@@ -1778,13 +1778,17 @@ class DistributedImportanceSampler(Sampler[int]):
             ``"step"`` (a collective in every ``update``). All three give the same draws,
             weights, scores and state after each exchange; see the module docstring.
         drop_last: cut the sample to a multiple of the world size instead of padding it.
-        num_replicas, rank, group: the process group (default: the default group); like
-            DistributedSampler's, but they must agree with the group. Without an initialised
-            process group the sampler is a single process and behaves as ImportanceSampler.
-        score, transform, samples_per_epoch, replacement, warmup_epochs, weighting,
-        uniform_mix, weight_exponent, normalize_weights, initial_score, nonfinite,
-        clamp_value, seed, device: as for ImportanceSampler; ``samples_per_epoch`` is the size of the global
-            sample.
+        num_replicas: the number of ranks; like DistributedSampler's, but it must agree with
+            the group. Without an initialised process group the sampler is a single process
+            and behaves as ImportanceSampler.
+        rank: this process's rank; like DistributedSampler's, but it must agree with the group.
+        group: the process group (default: the default group).
+
+    The other arguments (``score``, ``transform``, ``samples_per_epoch``, ``replacement``,
+    ``warmup_epochs``, ``weighting``, ``uniform_mix``, ``weight_exponent``,
+    ``normalize_weights``, ``initial_score``, ``nonfinite``, ``clamp_value``, ``seed``,
+    ``device``) are as for ImportanceSampler; ``samples_per_epoch`` is the size of the
+    global sample.
 
     Costs per call are in the module docstring and ``docs/distributed.md``.
     """

@@ -43,7 +43,8 @@ class SoftPruningSampler(EpochSampler):
         nonfinite: ``"raise"`` (default), ``"skip"`` or ``"clamp"``, as for ImportanceSampler:
             skipped and clamped values are counted in ``counters`` and per epoch in ``history``.
         clamp_value: the bound for ``nonfinite="clamp"`` (default 1e4).
-        seed, device: as for ImportanceSampler.
+        seed: as for ImportanceSampler.
+        device: as for ImportanceSampler.
 
     Memory: 8 bytes per item of scores, 8 per item for the current epoch's weights and 8 for
     its order (plus temporaries while an epoch is drawn). A sampler that cannot fit raises MemoryError naming
