@@ -28,6 +28,8 @@
 #include "fastmath.h"
 #include "gpu/device_tree_api.h"
 #include "python_arrays.h"
+#include "replay.h"
+#include "replay_fields.h"
 #include "scores.h"
 #include "softmax_tree.h"
 #include "sum_tree.h"
@@ -142,6 +144,33 @@ DistinctMethod distinct_method(const std::string& name) {
 using SumHandle = Handle<SumTree>;
 using SoftmaxHandle = Handle<SoftmaxTree>;
 using DeviceHandle = Handle<std::unique_ptr<DeviceTreeApi>>;
+
+// A prioritized replay buffer's CPU calls, one core call each (isample/integrations/replay.py):
+// its tree (a SumTree handle, kept alive here) and its fields (replay_fields.h). The ring's
+// position and size stay in Python and come with each call. Every method returns None /
+// False, having changed nothing, for arguments that are not plain and for input the buffer
+// must refuse; the Python layer then takes its general path, which says why.
+struct ReplayStore {
+  ReplayStore(py::object tree_object, py::handle generic, double alpha, double eps, int normalize)
+      : owner(std::move(tree_object)), handle(owner.cast<SumHandle*>()), fields(arrays, generic.ptr()),
+        alpha(alpha), eps(eps), how(Normalize(normalize)) {
+    if (normalize < 0 || normalize > 2) throw std::invalid_argument("normalize must be 0 (none), 1 (batch) or 2 (buffer)");
+    if (how == Normalize::kBuffer && !handle->tree.tracks_min()) {
+      throw std::invalid_argument("normalize='buffer' needs a tree that tracks its smallest weight (track_min)");
+    }
+  }
+  py::object owner;
+  SumHandle* handle;
+  ReplayFields fields;
+  double alpha, eps;
+  Normalize how;
+};
+
+PyObject* interned(const char* text) {
+  PyObject* s = PyUnicode_InternFromString(text);
+  if (s == nullptr) throw py::error_already_set();
+  return s;  // kept for the process's lifetime
+}
 
 int cuda_devices() {
 #if defined(ISAMPLE_HAVE_CUDA)
@@ -552,6 +581,25 @@ PYBIND11_MODULE(_core, m) {
       "[s[indices] for s in sources]: rows of C-contiguous CPU tensors (any shape, any non-complex "
       "dtype) as new tensors, for plain int64 indices; None when any argument is not plain.");
   m.def(
+      "replay_weights",
+      [](py::handle leaves, double beta, int normalize, double reference) -> py::object {
+        ArrayView l;
+        if (!arrays.makes_tensors() || !arrays.view(leaves.ptr(), l) || l.type != ElementType::kFloat64 || normalize < 0 ||
+            normalize > 2) {
+          return py::none();
+        }
+        void* data = nullptr;
+        py::object out = py::reinterpret_steal<py::object>(arrays.new_tensor(l.length, ElementType::kFloat32, data));
+        if (!out) throw py::error_already_set();
+        importance_weights(static_cast<const double*>(l.data), l.length, beta, Normalize(normalize), reference,
+                           static_cast<float*>(data));
+        return out;
+      },
+      py::arg("leaves"), py::arg("beta"), py::arg("normalize"), py::arg("reference"),
+      "A replay buffer's importance weights of items with these positive leaves (plain float64 CPU "
+      "array), as ReplayStore.sample_into computes them (normalize 0: none, `reference` = size / "
+      "total; 1: batch; 2: buffer, `reference` = the smallest positive leaf); float32 tensor, or None.");
+  m.def(
       "store_scores",
       [](py::handle store, py::handle indices, py::handle values, double keep) {
         ArrayView s, i, v;
@@ -788,7 +836,136 @@ PYBIND11_MODULE(_core, m) {
             h.locked(k, [&] { h.tree.get(as_pointer<const int64_t>(indices), k, as_pointer<double>(out)); });
           },
           py::arg("indices"), py::arg("k"), py::arg("out"));
+  sum.def("track_min", [](SumHandle& h) { h.locked(h.tree.capacity(), [&] { h.tree.track_min(); }); },
+          "Keep the smallest positive weight from now on (a min over children beside the sums).")
+      .def_property_readonly("tracks_min", [](SumHandle& h) { return h.tree.tracks_min(); })
+      .def_property_readonly("min_positive", [](SumHandle& h) { return h.locked(0, [&] { return h.tree.min_positive(); }); },
+                             "The smallest positive weight (inf when none); needs track_min().");
   bind_common(sum);
+
+  static PyObject* const indices_key = interned("indices");
+  static PyObject* const weights_key = interned("weights");
+  py::class_<ReplayStore>(m, "ReplayStore",
+      "A prioritized replay buffer's add / sample / update_priorities on the CPU, one core call each.")
+      .def(py::init<py::object, py::handle, double, double, int>(), py::arg("tree"), py::arg("generic"),
+           py::arg("alpha"), py::arg("eps"), py::arg("normalize"))
+      .def(
+          "add_field",
+          [](ReplayStore& s, py::handle name, py::handle storage, const std::vector<std::string>& sources, unsigned python) {
+            s.fields.add(name.ptr(), storage.ptr(), sources, python);
+            if (s.fields.field(s.fields.size() - 1).rows != s.handle->tree.capacity()) {
+              throw std::invalid_argument("a replay field must have one row per slot of the tree");
+            }
+          },
+          py::arg("name"), py::arg("storage"), py::arg("sources"), py::arg("python"),
+          "Add a field: its name, its storage (C-contiguous CPU tensor, capacity rows), the numpy "
+          "dtype names it takes unchecked, and the Python numbers it takes (1 bool, 2 int, 4 float).")
+      .def(
+          "add_one",
+          [](ReplayStore& s, py::handle values, int64_t slot, double leaf) -> py::object {
+            std::vector<ReadyValue> ready;
+            SumTree& tree = s.handle->tree;
+            if (!arrays.makes_tensors() || !s.fields.prepare(values.ptr(), ready) || slot < 0 || slot >= tree.capacity() ||
+                !(leaf >= 0.0 && leaf <= std::numeric_limits<double>::max())) {
+              return py::none();
+            }
+            void* data = nullptr;
+            py::object out = py::reinterpret_steal<py::object>(arrays.new_tensor(1, ElementType::kInt64, data));
+            if (!out) throw py::error_already_set();
+            *static_cast<int64_t*>(data) = slot;
+            const bool written = s.handle->locked(1, [&] {
+              try {
+                tree.update(&slot, &leaf, 1);  // first: only the tree can still refuse (a total that overflows)
+              } catch (const std::invalid_argument&) {
+                return false;
+              }
+              s.fields.write(slot, ready);
+              return true;
+            });
+            return written ? out : py::none();
+          },
+          py::arg("values"), py::arg("slot"), py::arg("leaf"),
+          "Store one item (a dict: field -> value) in `slot` with tree leaf `leaf`; the slot as an int64 "
+          "tensor (1,), or None (nothing done) for values that are not plain or a leaf the tree refuses.")
+      .def(
+          "sample_into",
+          [](ReplayStore& s, py::handle out, py::handle k_object, double beta, int64_t size) -> bool {
+            int64_t k = 0;
+            if (!arrays.makes_tensors() || !PyDict_Check(out.ptr()) || !plain_count(k_object, kFastDrawLimit, k) ||
+                size <= 0 || size > s.handle->tree.capacity() || !(beta >= 0.0 && beta <= 1.0)) {
+              return false;
+            }
+            void *drawn = nullptr, *weights = nullptr;
+            py::object index = py::reinterpret_steal<py::object>(arrays.new_tensor(k, ElementType::kInt64, drawn));
+            if (!index) throw py::error_already_set();
+            py::object weight = py::reinterpret_steal<py::object>(arrays.new_tensor(k, ElementType::kFloat32, weights));
+            if (!weight) throw py::error_already_set();
+            std::vector<PyObject*> made;
+            std::vector<char*> rows;
+            if (!s.fields.allocate_rows(k, made, rows)) throw py::error_already_set();
+            std::vector<py::object> columns;
+            for (PyObject* column : made) columns.push_back(py::reinterpret_steal<py::object>(column));
+            SumHandle& h = *s.handle;
+            h.locked(k, [&] {
+              SumTree& tree = h.tree;
+              int64_t* items = static_cast<int64_t*>(drawn);
+              tree.sample_with_replacement(h.key_of(std::nullopt), k, items);  // throws for an all-zero tree
+              h.leaves_scratch.resize(size_t(k));
+              tree.get(items, k, h.leaves_scratch.data());
+              const double reference = s.how == Normalize::kNone     ? double(size) / tree.total()
+                                       : s.how == Normalize::kBuffer ? tree.min_positive()
+                                                                     : 0.0;
+              importance_weights(h.leaves_scratch.data(), k, beta, s.how, reference, static_cast<float*>(weights));
+              s.fields.gather(items, k, rows);
+              h.advance(std::nullopt);
+            });
+            for (size_t i = 0; i < columns.size(); ++i) {
+              if (PyDict_SetItem(out.ptr(), s.fields.field(i).name, columns[i].ptr()) != 0) throw py::error_already_set();
+            }
+            if (PyDict_SetItem(out.ptr(), indices_key, index.ptr()) != 0 ||
+                PyDict_SetItem(out.ptr(), weights_key, weight.ptr()) != 0) {
+              throw py::error_already_set();
+            }
+            return true;
+          },
+          py::arg("out"), py::arg("k"), py::arg("beta"), py::arg("size"),
+          "Draw k items with replacement into the dict `out`: each field's rows, 'indices' (int64) and "
+          "'weights' (float32, normalised as configured; `size` items stored). False (nothing done) "
+          "for arguments that are not plain.")
+      .def(
+          "update",
+          [](ReplayStore& s, py::handle indices, py::handle priorities, int64_t size) -> py::object {
+            ArrayView i, p;
+            if (!int64_array(indices, i) || !real_array(priorities, i.length, p)) return py::none();
+            const int64_t k = i.length;
+            const int64_t* index = static_cast<const int64_t*>(i.data);
+            double largest = -std::numeric_limits<double>::infinity();
+            SumHandle& h = *s.handle;
+            const bool done = h.locked(k, [&] {
+              uint64_t outside = 0;  // also catches negative indices
+              for (int64_t j = 0; j < k; ++j) outside |= uint64_t(uint64_t(index[j]) >= uint64_t(size));
+              if (outside != 0) return false;
+              h.leaves_scratch.resize(size_t(k));
+              double* leaves = h.leaves_scratch.data();
+              const bool ok = p.type == ElementType::kFloat64
+                                  ? priority_leaves(static_cast<const double*>(p.data), k, s.alpha, s.eps, leaves, largest)
+                                  : priority_leaves(static_cast<const float*>(p.data), k, s.alpha, s.eps, leaves, largest);
+              if (!ok) return false;
+              try {
+                h.tree.update(index, leaves, k);  // checks again, refuses a total that overflows
+              } catch (const std::invalid_argument&) {
+                return false;
+              }
+              return true;
+            });
+            if (!done) return py::none();
+            return py::float_(largest);
+          },
+          py::arg("indices"), py::arg("priorities"), py::arg("size"),
+          "update_priorities: leaves (p + eps) ** alpha at int64 `indices` (each below `size`) for "
+          "float64/float32 priorities (finite, >= 0), all checked before the tree changes; the largest "
+          "priority (-inf for none), or None (nothing done) for arguments that are not plain or input "
+          "the buffer must refuse.");
 
   py::class_<SoftmaxHandle> softmax(m, "SoftmaxTree", "Scores s with p = softmax(s / T).");
   softmax.def(py::init<uint64_t, int64_t, double>(), py::arg("stream_seed"), py::arg("capacity"), py::arg("temperature"))

@@ -219,18 +219,29 @@ class PythonArrays {
   // element type but complex: its address, rows (shape[0]), bytes per row and DLPack
   // description. False for anything else (no Python error set).
   bool rows(PyObject* object, const void*& data, int64_t& count, size_t& row_bytes, dlpack::Tensor& description) const {
+    if (!compact(object, data, description) || description.ndim < 1) return false;
+    const dlpack::Tensor& t = description;
+    size_t row = t.dtype.bits / 8;
+    for (int32_t d = 1; d < t.ndim; ++d) row *= size_t(t.shape[d]);
+    count = t.shape[0];
+    row_bytes = row;
+    return true;
+  }
+
+  // A C-contiguous CPU torch tensor (exactly that type) of any shape, 0-d included, and any
+  // element type but complex: its address (byte offset applied) and DLPack description (whose
+  // shape lives as long as the tensor). False for anything else (no Python error set).
+  bool compact(PyObject* object, const void*& data, dlpack::Tensor& description) const {
     if (api_ == nullptr || Py_TYPE(object) != tensor_type_) return false;
     dlpack::Tensor& t = description;
     if (api_->dltensor_from_py_object_no_sync(object, &t) != 0) {
       PyErr_Clear();
       return false;
     }
-    if (t.device.device_type != dlpack::kCpu || t.ndim < 1 || t.dtype.lanes != 1 || t.dtype.bits % 8 != 0 ||
+    if (t.device.device_type != dlpack::kCpu || t.ndim < 0 || t.dtype.lanes != 1 || t.dtype.bits % 8 != 0 ||
         t.dtype.code == kComplex) {
       return false;
     }
-    size_t item = t.dtype.bits / 8, row = item;
-    for (int32_t d = 1; d < t.ndim; ++d) row *= size_t(t.shape[d]);
     if (t.strides != nullptr) {  // row-major and compact, ignoring dimensions of one element
       int64_t expected = 1;
       for (int32_t d = t.ndim - 1; d >= 0; --d) {
@@ -240,10 +251,11 @@ class PythonArrays {
     }
     if (!not_negated(object)) return false;
     data = static_cast<const char*>(t.data) + t.byte_offset;
-    count = t.shape[0];
-    row_bytes = row;
     return true;
   }
+
+  bool is_tensor(PyObject* object) const { return tensor_type_ != nullptr && Py_TYPE(object) == tensor_type_; }
+  bool is_array(PyObject* object) const { return array_type_ != nullptr && Py_TYPE(object) == array_type_; }
 
  private:
   static size_t round_up(size_t bytes) { return (bytes + 63) / 64 * 64; }

@@ -1,5 +1,9 @@
 #include "sum_tree.h"
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -33,6 +37,35 @@ void check_count(int64_t k, const char* what) {
   if (k < 0) throw std::invalid_argument(std::string(what) + " must be >= 0, got " + std::to_string(k));
 }
 
+// The smallest of a block's 16 values; of a leaf block (Leaves), the smallest positive one,
+// zeros counting as +inf (they are never drawn). Blocks are 64-byte aligned; no value is NaN.
+template <bool Leaves>
+inline double block_min(const double* c) {
+#if defined(__SSE2__)
+  const __m128d infinity = _mm_set1_pd(std::numeric_limits<double>::infinity()), zero = _mm_setzero_pd();
+  __m128d m[2] = {infinity, infinity};
+  for (int j = 0; j < kFanout; j += 4) {
+    for (int h = 0; h < 2; ++h) {
+      __m128d v = _mm_load_pd(c + j + 2 * h);
+      if (Leaves) {
+        const __m128d positive = _mm_cmpgt_pd(v, zero);
+        v = _mm_or_pd(_mm_and_pd(positive, v), _mm_andnot_pd(positive, infinity));
+      }
+      m[h] = _mm_min_pd(m[h], v);
+    }
+  }
+  const __m128d both = _mm_min_pd(m[0], m[1]);
+  return std::min(_mm_cvtsd_f64(both), _mm_cvtsd_f64(_mm_unpackhi_pd(both, both)));
+#else
+  double m = std::numeric_limits<double>::infinity();
+  for (int j = 0; j < kFanout; ++j) {
+    const double v = Leaves && !(c[j] > 0.0) ? std::numeric_limits<double>::infinity() : c[j];
+    m = v < m ? v : m;
+  }
+  return m;
+#endif
+}
+
 }  // namespace
 
 SumTree::SumTree(int64_t capacity) {
@@ -52,7 +85,71 @@ SumTree::SumTree(int64_t capacity) {
 }
 
 size_t SumTree::nbytes() const {
-  return (leaves_.size() + internal_.size()) * sizeof(double);
+  return (leaves_.size() + internal_.size() + min_internal_.size()) * sizeof(double);
+}
+
+void SumTree::track_min() {
+  if (tracks_min()) return;
+  const double bytes = double(layout_.internal_slots) * sizeof(double);
+  check_fits_in_memory(bytes, "the min over children of a tree of capacity " + std::to_string(layout_.capacity));
+  try {
+    min_internal_ = AlignedBuffer(size_t(layout_.internal_slots));
+  } catch (const std::bad_alloc&) {
+    throw OutOfMemory("could not allocate " + format_bytes(bytes) + " for the min over children of a tree of capacity " +
+                      std::to_string(layout_.capacity));
+  }
+  rebuild_min();
+}
+
+double SumTree::min_positive() const {
+  if (!tracks_min()) throw std::logic_error("min_positive() needs track_min() first");
+  return min_internal_[0];  // the root
+}
+
+void SumTree::rebuild_min() {
+  if (!tracks_min()) return;
+  double* m = min_internal_.data();
+  std::fill(m, m + layout_.internal_slots, std::numeric_limits<double>::infinity());  // padding: +inf
+  for (int64_t p = 0; p < layout_.level_nodes[1]; ++p) m[layout_.level_offset[1] + p] = block_min<true>(leaves_.data() + p * kFanout);
+  for (int level = 2; level <= layout_.levels; ++level) {
+    const double* below = m + layout_.level_offset[level - 1];
+    double* out = m + layout_.level_offset[level];
+    for (int64_t p = 0; p < layout_.level_nodes[level]; ++p) out[p] = block_min<false>(below + p * kFanout);
+  }
+}
+
+// Level by level, as propagate(), in chunks of leaves so that nothing is allocated (this runs
+// between writing leaves and returning, where an allocation failure would leave the tree
+// half updated). Each chunk leaves every ancestor of its leaves re-computed from children
+// that are final, so after the last chunk every touched node is.
+void SumTree::propagate_min(const int64_t* leaf_indices, int64_t k) {
+  constexpr int64_t kMinChunk = 256;
+  int64_t nodes[kMinChunk];
+  double* m = min_internal_.data();
+  for (int64_t start = 0; start < k; start += kMinChunk) {
+    const int64_t c = std::min(kMinChunk, k - start);
+    const int64_t* children = leaf_indices + start;
+    for (int level = 1; level <= layout_.levels; ++level) {
+      double* out = m + layout_.level_offset[level];
+      const double* below = level == 1 ? leaves_.data() : m + layout_.level_offset[level - 1];
+      if (c >= layout_.level_nodes[level]) {  // as many leaves as nodes: every node of the rest
+        for (int rest = level; rest <= layout_.levels; ++rest) {
+          double* to = m + layout_.level_offset[rest];
+          const double* from = rest == 1 ? leaves_.data() : m + layout_.level_offset[rest - 1];
+          for (int64_t p = 0; p < layout_.level_nodes[rest]; ++p) {
+            to[p] = rest == 1 ? block_min<true>(from + p * kFanout) : block_min<false>(from + p * kFanout);
+          }
+        }
+        break;
+      }
+      for (int64_t j = 0; j < c; ++j) {
+        const int64_t node = children[j] >> kFanoutLog2;
+        nodes[j] = node;
+        out[node] = level == 1 ? block_min<true>(below + node * kFanout) : block_min<false>(below + node * kFanout);
+      }
+      children = nodes;
+    }
+  }
 }
 
 void SumTree::check_indices(const int64_t* indices, int64_t k) const {
@@ -120,6 +217,7 @@ void SumTree::rebuild_internal() {
   });
   rebuild_above_level1();
   num_positive_ = positive[0] + positive[1];
+  rebuild_min();
 }
 
 void SumTree::load(const double* weights) {
@@ -130,6 +228,7 @@ void SumTree::load(const double* weights) {
   });
   rebuild_above_level1();
   num_positive_ = positive[0] + positive[1];
+  rebuild_min();
 }
 
 void SumTree::rebuild_above_level1() {
@@ -141,10 +240,12 @@ void SumTree::rebuild_above_level1() {
 void SumTree::propagate(const int64_t* leaf_indices, int64_t k) {
   node_scratch_.resize(size_t(k));
   cpu_kernels().propagate(layout_, internal_.data(), leaves_.data(), leaf_indices, k, node_scratch_.data());
+  if (tracks_min()) propagate_min(leaf_indices, k);
 }
 
 void SumTree::propagate_one(int64_t leaf) {
   cpu_kernels().propagate_one(layout_, internal_.data(), leaves_.data(), leaf);
+  if (tracks_min()) propagate_min(&leaf, 1);
 }
 
 void SumTree::write_unchecked(const int64_t* indices, const double* weights, int64_t k) {
@@ -198,6 +299,7 @@ void SumTree::assign(const double* weights) {
   leaves_.swap(fresh.leaves_);
   internal_.swap(fresh.internal_);
   num_positive_ = fresh.num_positive_;
+  rebuild_min();
 }
 
 void SumTree::get(const int64_t* indices, int64_t k, double* out) const {

@@ -16,6 +16,8 @@
 //                       exponential race for large k/n; both give successive sampling
 //   assign / build      O(n), one pass over the weights to check them and one to load them,
 //                       each on two threads above 2^20 items
+//   min_positive        O(1) once track_min() was called: a min over children beside the
+//                       sums (same layout, 8/15 bytes per item), re-computed with them
 #pragma once
 
 #include <cstdint>
@@ -44,6 +46,15 @@ class SumTree {
   size_t nbytes() const;
   const double* leaves() const { return leaves_.data(); }
   const double* internal() const { return internal_.data(); }
+
+  // Keep, from now on, the smallest positive weight (a prioritized replay buffer normalises
+  // its importance weights by it): a min over children beside the sums, where a zero weight
+  // counts as +inf. Every call that changes weights then updates it with the sums.
+  void track_min();
+  bool tracks_min() const { return min_internal_.size() != 0; }
+  // The smallest positive weight, +inf when none is positive; track_min() first (else
+  // std::logic_error).
+  double min_positive() const;
 
   // Set w[indices[j]] = weights[j]. Weights must be finite and >= 0, and the new total
   // must stay finite.
@@ -99,6 +110,9 @@ class SumTree {
   // Re-sum the ancestors of the k leaves, level by level.
   void propagate(const int64_t* leaf_indices, int64_t k);
   void propagate_one(int64_t leaf);
+  // The min over children (when tracked): every node, or the ancestors of k leaves.
+  void rebuild_min();
+  void propagate_min(const int64_t* leaf_indices, int64_t k);
   // Descend m <= kChunk targets in place: on return node[j] is the leaf of target[j].
   void descend_chunk(double* target, int64_t* node, int m) const;
   // The leaf holding mass u * total of a tree whose total is tiny (descend.h).
@@ -111,9 +125,13 @@ class SumTree {
   TreeLayout layout_;
   AlignedBuffer leaves_;
   AlignedBuffer internal_;
+  // Node j of level l holds the smallest positive leaf below it (+inf for none), at the same
+  // offset as its sum in internal_; the padding of each level is +inf. Empty: not tracked.
+  AlignedBuffer min_internal_;
   int64_t num_positive_ = 0;
   // Per-call scratch, kept to avoid allocating on every call.
   std::vector<int64_t> node_scratch_;
+  std::vector<int64_t> min_scratch_;
   std::vector<double> value_scratch_;
   std::vector<int64_t> set_scratch_;
   std::vector<double> race_keys_;

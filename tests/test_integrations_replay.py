@@ -552,3 +552,197 @@ def test_the_drop_in_loop_runs_on_both_buffers_in_a_real_gymnasium_episode(one_t
     assert len(ours) == 200 and ours.fields["done"] == ((), torch.float32) and ours.fields["act"] == ((), torch.int64)
     p = ours.priorities()
     assert bool(torch.isfinite(p).all()) and int((p != 1.0).sum()) > 50  # the loop's |TD| reached the tree
+
+
+# -- the core's one-call paths: the same results as the general paths -------------------------------
+
+
+def general_path_twin(rb: PrioritizedReplayBuffer) -> PrioritizedReplayBuffer:
+    """A copy of `rb` whose calls all take the general (Python) paths: the core's one-call
+    store switched off, as for fields the core does not write."""
+    twin = copy.deepcopy(rb)
+    twin._store = None
+    return twin
+
+
+def test_the_core_paths_are_taken_where_they_apply():
+    """Negative control for the comparisons below: they would compare a path with itself if
+    the core's store were never made."""
+    rb, _ = filled(10)
+    assert rb._store is not None
+    half = PrioritizedReplayBuffer(4, seed=0)
+    half.add(x=np.float16(1.0))  # float16 fields are written by torch / numpy only
+    assert half.fields["x"][1] == torch.float16 and half._store is None
+    half.add(x=np.float16(2.5))
+    assert half.sample(64)["x"].unique().tolist() == [1.0, 2.5] and half.get_stored_size() == 2
+
+
+@pytest.mark.parametrize("normalize", ["batch", "buffer", None])
+def test_core_and_general_paths_draw_weight_and_update_alike(normalize):
+    rb, _ = filled(40, normalize=normalize, seed=3)
+    twin = general_path_twin(rb)
+    rng = np.random.default_rng(5)
+    for step in range(20):
+        beta = float(rng.random())
+        a, b = rb.sample(33, beta=beta), twin.sample(33, beta=beta)
+        assert list(a) == list(b) == ["obs", "act", "indices", "weights"]
+        for key in a:
+            assert a[key].dtype == b[key].dtype and torch.equal(a[key], b[key]), (step, key)
+        # weights() of the drawn items gives the bits sample() gave
+        assert torch.equal(rb.weights(a["indices"], beta=beta), a["weights"])
+        td = np.abs(rng.standard_normal(33)).astype(np.float32 if step % 2 else np.float64) * (rng.random(33) < 0.9)
+        rb.update_priorities(a["indices"], td)
+        twin.update_priorities(b["indices"], td)
+        obs = np.full(1, 100 + step, dtype=np.float32)
+        rb.add(obs=obs, act=step)
+        twin.add(obs=obs, act=step)
+        assert rb.max_priority == twin.max_priority
+        assert torch.equal(rb.state_dict()["tree"]["weights"], twin.state_dict()["tree"]["weights"])
+    assert all(torch.equal(x, y) for x, y in zip(rb.state_dict()["storage"].values(), twin.state_dict()["storage"].values()))
+
+
+def test_core_leaves_are_python_floats_to_the_alpha():
+    """(p + eps) ** alpha in float64, as Python computes it, whatever the priorities' dtype."""
+    rb = PrioritizedReplayBuffer(8, alpha=0.6, eps=1e-4, seed=0)
+    rb.add({"x": torch.zeros(8)})
+    for p in (np.array([0.3, 2.0, 7.5], dtype=np.float32), np.array([0.3, 2.0, 7.5]), torch.tensor([1e-3, 5.0, 0.0])):
+        rb.update_priorities(torch.tensor([1, 4, 6]), p)
+        expected = [(float(v) + 1e-4) ** 0.6 for v in np.asarray(p, dtype=np.float64)]
+        assert rb.state_dict()["tree"]["weights"][[1, 4, 6]].tolist() == expected
+
+
+@pytest.mark.parametrize(
+    "indices, priorities, error, match",
+    [
+        (torch.tensor([0, 5]), np.array([1.0, 2.0]), IndexError, "hold no item"),
+        (np.array([-1, 0]), np.array([1.0, 2.0], dtype=np.float32), IndexError, "hold no item"),
+        (torch.tensor([0, 1]), np.array([1.0, np.nan], dtype=np.float32), ValueError, "finite and >= 0"),
+        (torch.tensor([0, 1]), torch.tensor([-1.0, 1.0]), ValueError, "finite and >= 0"),
+        (torch.tensor([0, 1]), np.array([np.inf, 1.0]), ValueError, "finite and >= 0"),
+        (torch.tensor([0, 1]), np.array([1e200, 1.0]), ValueError, "overflows float64"),  # leaf (1e200)^2
+        (torch.tensor([0, 1]), np.array([1e154, 1e154]), ValueError, "overflow float64: rescale"),  # the total
+        (torch.tensor([0, 1]), np.array([1.0, 2.0, 3.0]), ValueError, "one per item"),
+    ],
+)
+def test_plain_arrays_the_core_refuses_change_nothing_and_say_why(indices, priorities, error, match):
+    rb = PrioritizedReplayBuffer(8, alpha=2.0, eps=0.0, normalize="buffer", seed=0)
+    rb.add({"obs": torch.zeros(3, 2)}, priorities=[1.0, 2.0, 3.0])
+    assert rb._store is not None
+    before = snapshot(rb)
+    with pytest.raises(error, match=match):
+        rb.update_priorities(indices, priorities)
+    assert_same(before, snapshot(rb))
+
+
+def test_one_item_adds_through_the_core_store_what_torch_stores():
+    """Every kind of value the core takes (Python numbers, numpy arrays and scalars, CPU
+    tensors) against the batch path (torch's casts), into fields of many dtypes."""
+    layout = {
+        "f32": np.zeros(2, dtype=np.float32), "f64": 0.0 + np.zeros(()), "i64": 0, "i32": np.int32(0),
+        "u8": np.zeros(3, dtype=np.uint8), "b": False, "i16": torch.zeros((), dtype=torch.int16),
+    }
+    values = [
+        dict(f32=np.array([0.1, 2.5]), f64=np.float32(0.3), i64=-(2**62), i32=np.int16(-7), u8=np.array([1, 2, 255], dtype=np.uint8), b=True, i16=np.int8(-3)),
+        dict(f32=torch.tensor([1.5, -2.0], dtype=torch.float64), f64=3, i64=np.int64(2**40), i32=np.int32(2**31 - 1), u8=torch.tensor([7, 8, 9], dtype=torch.uint8), b=np.bool_(True), i16=True),
+        dict(f32=np.array([1e40, -1e-50]), f64=2**53, i64=True, i32=False, u8=np.zeros(3, dtype=np.uint8), b=torch.tensor(False), i16=torch.tensor(-5, dtype=torch.int8)),
+    ]
+    fast = PrioritizedReplayBuffer(8, seed=0)
+    slow = PrioritizedReplayBuffer(8, seed=0)
+    for buffer in (fast, slow):
+        buffer.add({k: as_tensor_batch(v) for k, v in layout.items()})
+    assert fast._store is not None
+    fast._fields.prepare_one = lambda fields: pytest.fail(f"the core did not take {fields}")
+    slow._store = None
+    for item in values:
+        assert fast.add(**item).tolist() == slow.add({k: as_tensor_batch(v) for k, v in item.items()}).tolist()
+    for name, stored in fast.state_dict()["storage"].items():
+        assert torch.equal(stored, slow.state_dict()["storage"][name]), name
+    assert fast.state_dict()["storage"]["f32"][3].tolist() == [math.inf, -0.0]  # float32 rounding, as torch's
+
+
+def test_values_the_core_does_not_take_go_the_general_way():
+    """Not plain (strided, big-endian, a subclass, an int beyond 2^53 into a float field) or
+    refused (a wrong shape, a dtype that does not cast): stored, or refused, as before."""
+    rb = PrioritizedReplayBuffer(8, seed=0)
+    rb.add(obs=np.zeros(2, dtype=np.float32), rew=0.0, act=0)
+    rb.add(obs=np.arange(4.0, dtype=np.float32)[::2], rew=2**60, act=np.array(3, dtype=">i8"))
+    rb.add(obs=torch.nn.Parameter(torch.ones(2)), rew=np.float16(0.5), act=torch.tensor(4))
+    stored = rb.get_all_transitions()
+    assert stored["obs"].tolist() == [[0.0, 0.0], [0.0, 2.0], [1.0, 1.0]]
+    assert stored["rew"].tolist() == [0.0, float(np.float32(2**60)), 0.5] and stored["act"].tolist() == [0, 3, 4]
+    before = snapshot(rb)
+    for bad, error in ((dict(obs=np.zeros(3, dtype=np.float32), rew=0.0, act=0), ValueError),
+                       (dict(obs=np.zeros(2, dtype=np.float32), rew=0.0, act=0.5), TypeError),
+                       (dict(obs=np.zeros(2, dtype=np.float32), rew=0.0, act=2**63), ValueError),
+                       (dict(obs=np.zeros(2, dtype=np.float32), rew=0.0), KeyError)):
+        with pytest.raises(error):
+            rb.add(**bad)
+    assert_same(before, snapshot(rb))
+
+
+def test_a_loaded_or_cleared_buffer_keeps_its_core_paths_right():
+    rb, _ = filled(12, normalize="buffer", seed=2)
+    twin = PrioritizedReplayBuffer(12, normalize="buffer", seed=9)
+    twin.load_state_dict(rb.state_dict())
+    assert twin._store is not None and twin._store is not rb._store
+    a, b = rb.sample(50), twin.sample(50)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    twin.update_priorities(b["indices"][:3], np.array([0.5, 40.0, 1e-3]))
+    assert twin.max_priority == 40.0 and rb.max_priority < 40.0
+    twin.clear()
+    assert twin.add(obs=np.array([5.0], dtype=np.float32), act=7).tolist() == [0]
+    batch = twin.sample(8)
+    assert batch["obs"].tolist() == [[5.0]] * 8 and batch["weights"].tolist() == [1.0] * 8
+
+
+# -- SumTree(track_min=True): the smallest positive weight in the core -----------------------------------
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 300, 5000])
+def test_the_tracked_minimum_follows_every_change_exactly(n):
+    """Updates (zeros, repeats, whole levels), assign, removal sampling (which zeroes and
+    restores leaves), state loading: min_positive always equals the numpy minimum."""
+    import isample
+
+    rng = np.random.default_rng(n)
+    tree = isample.SumTree(n, seed=0, track_min=True)
+
+    def expected() -> float:
+        w = tree.get().numpy()
+        return float(w[w > 0].min()) if (w > 0).any() else math.inf
+
+    assert tree.min_positive == math.inf
+    for step in range(60):
+        k = int(rng.integers(1, 2 * n + 2))
+        index = rng.integers(0, n, k)
+        values = rng.exponential(1.0, k) * (rng.random(k) < 0.8)
+        tree.update(index, values)
+        assert tree.min_positive == expected(), step
+        if step % 10 == 0 and tree.num_positive >= 3:
+            # one item holding nearly all the mass: the draws repeat it, so the removal method
+            # zeroes drawn leaves in the tree and restores them
+            tree.update([int(index[0])], [1e12])
+            low = expected()
+            tree.sample(3, replace=False, method="removal")
+            assert tree.min_positive == expected() == low
+    tree.assign(rng.random(n))
+    assert tree.min_positive == expected()
+    tree.update(np.arange(n), np.zeros(n))
+    assert tree.min_positive == math.inf
+    twin = copy.deepcopy(tree)
+    twin.load_state_dict({**tree.state_dict(), "weights": torch.from_numpy(rng.random(n) + 0.5)})
+    assert twin.min_positive == float(twin.get().min()) and tree.min_positive == math.inf
+
+
+def test_track_min_is_opt_in_and_cpu_only():
+    import isample
+
+    plain, tracked = isample.SumTree(1000, seed=0), isample.SumTree(1000, seed=0, track_min=True)
+    assert tracked.nbytes - plain.nbytes == plain.nbytes - 8 * 1008  # the internal nodes once more
+    with pytest.raises(ValueError, match="track_min=True"):
+        plain.min_positive
+    with pytest.raises(TypeError, match="track_min"):
+        isample.SumTree(10, track_min="yes")
+    if isample.build_info()["gpu_on_host"]:
+        with pytest.raises(ValueError, match="CPU trees only"):
+            isample.SumTree(10, track_min=True, _implementation="gpu_on_host")

@@ -2,11 +2,14 @@
 
 The first ``add`` defines the fields (names, item shapes, dtypes). Every later value is
 checked against them before anything is written: same names and shapes, a dtype that casts
-safely (``torch.can_cast``), and integers that fit a narrower integer field. On the CPU each
-field also keeps a numpy view of its tensor (same memory), because numpy's scalar writes
-and row gathers cost a fraction of torch's for the small items of a replay buffer; the
-one-transition ``add`` takes a path whose checks are a few type and shape comparisons per
-field (``prepare_one``), with everything else going through the general checks.
+safely (``torch.can_cast``), and integers that fit a narrower integer field.
+
+On the CPU the compiled core writes one item and gathers the rows of a batch in the same
+call as the tree's work (``isample._core.ReplayStore``, given ``core_fields``: which values
+each field takes as they are). For values it does not take, each field keeps a numpy view
+of its tensor (same memory): the one-transition ``add`` then takes a path whose checks are
+a few type and shape comparisons per field (``prepare_one``), with everything else going
+through the general checks. All three store the same bits.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple
 import numpy as np
 import torch
 
+from .._backend import take_rows
 from ..sampler import allocate, check_fits
 
 __all__ = ["FieldStorage", "as_field", "RESERVED"]
@@ -30,6 +34,13 @@ _NUMPY_DTYPES = tuple(
               np.float16, np.float32, np.float64, np.complex64, np.complex128)
 )
 _TORCH_OF_NUMPY = {d: torch.from_numpy(np.zeros(0, d)).dtype for d in _NUMPY_DTYPES}
+#: field dtypes the core's one-call replay paths write and gather (csrc/replay_fields.h)
+_CORE_DTYPES = frozenset(
+    (torch.bool, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8, torch.uint16, torch.uint32,
+     torch.uint64, torch.float32, torch.float64)
+)
+#: the core's codes for the Python numbers a field takes as they are
+_PYTHON_KIND_CODES = {bool: 1, int: 2, float: 4}
 
 
 def _is_integer(dtype: torch.dtype) -> bool:
@@ -234,11 +245,23 @@ class FieldStorage:
             self.storage[name][slots] = v[skip:] if batched else v.unsqueeze(0)
 
     def gather(self, indices: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Each field's items at `indices` (int64 (k,) on the fields' device), new tensors."""
-        if self._fast:
-            rows = indices.numpy()
-            return {spec.name: torch.from_numpy(spec.view.take(rows, axis=0)) for spec in self._specs}
-        return {name: store.index_select(0, indices) for name, store in self.storage.items()}
+        """Each field's items at `indices` (int64 (k,) on the fields' device), new tensors
+        (on the CPU read by the core in one call)."""
+        return dict(zip(self.storage, take_rows(list(self.storage.values()), indices)))
+
+    def core_fields(self) -> Optional[List[Tuple[str, torch.Tensor, List[str], int]]]:
+        """What the core's one-call paths (``isample._core.ReplayStore.add_field``) need of each
+        field: its name, its storage, the numpy dtype names it takes as they are and the Python
+        numbers it takes (codes: bool 1, int 2, float 4). None when some field lives off the
+        CPU or has a dtype the core does not write (float16, bfloat16, complex)."""
+        out = []
+        for spec in self._specs:
+            store = self.storage[spec.name]
+            if spec.view is None or store.dtype not in _CORE_DTYPES or not store.is_contiguous():
+                return None
+            python = sum(_PYTHON_KIND_CODES[kind] for kind in spec.python_ok)
+            out.append((spec.name, store, sorted(d.name for d in spec.numpy_ok), python))
+        return out
 
     def head(self, size: int) -> Dict[str, torch.Tensor]:
         """Copies of the first `size` items of each field (for ``state_dict``)."""

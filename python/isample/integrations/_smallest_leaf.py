@@ -1,13 +1,13 @@
-"""The smallest positive leaf of a replay buffer's sum tree, for ``normalize="buffer"``.
+"""The smallest positive leaf of a replay buffer's sum tree on a GPU, for ``normalize="buffer"``.
 
 cpprb and OpenAI baselines divide the importance weights by the largest weight any stored
-item could get, (N p_min)^-beta, and keep a min tree beside the sum tree for p_min. isample's
-core tree keeps sums only, so this keeps a copy of the leaves (8 bytes per slot) and their
-minimum. An update that lowers a leaf lowers the minimum at once; an update that overwrites
-the slot holding the minimum marks it stale, and the next read rescans the copy (O(n), one
-numpy reduction, about 5 µs per 50k slots). In prioritized replay the smallest-priority item
-is the least likely to be drawn and updated, so rescans are rare; a min over children in the
-core tree would make every read O(1).
+item could get, (N p_min)^-beta, and keep a min tree beside the sum tree for p_min. On the
+CPU isample's tree keeps that minimum itself (``SumTree(track_min=True)``); the GPU trees
+keep sums only, so a buffer on a GPU keeps a copy of the leaves (8 bytes per slot) and their
+minimum here. An update that lowers a leaf lowers the minimum at once; an update that
+overwrites the slot holding the minimum marks it stale, and the next read rescans the copy
+(O(n), one reduction). In prioritized replay the smallest-priority item is the least likely
+to be drawn and updated, so rescans are rare.
 """
 
 from __future__ import annotations

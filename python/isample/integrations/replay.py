@@ -20,12 +20,17 @@ Moving from cpprb (``docs/adapters.md`` has the full diff)::
     rb.update_priorities(batch["indexes"], np.abs(td))      # numpy or torch
     rb.get_stored_size()                                      # == len(rb)
 
-Cost, on the CPU: ``sample(k)`` is one O(k log n) tree descent, one gather per field and the
-weights; ``update_priorities(k)`` re-sums the touched ancestors, O(k log n); ``add`` of one
-transition checks each field's type and shape and writes it in place. ``normalize="buffer"``
-needs the smallest priority: it is kept beside the tree (8 bytes per slot) and recomputed,
-O(n), only after an update overwrote the slot that held it. Memory: the fields' storage plus
-8.5 bytes per slot for the tree (16.5 with ``normalize="buffer"``).
+Cost, on the CPU: each of ``add`` (one transition), ``sample`` and ``update_priorities`` is
+one call into the compiled core, which checks everything before it changes anything:
+``sample(k)`` is one O(k log n) tree descent, the drawn leaves, the weights and a gather per
+field; ``update_priorities(k)`` checks the slots and priorities, computes the leaves and
+re-sums the touched ancestors, O(k log n); ``add`` checks and converts each field's value
+and sets one leaf. Arguments the core does not read as they are (lists, uint64 indices,
+non-contiguous or big-endian arrays, float16 fields, ...) take a general Python path with
+the same results. ``normalize="buffer"`` needs the smallest priority: the tree keeps it, as
+a min over children beside the sums (O(1) to read, updated with the sums). Memory: the
+fields' storage plus 8.5 bytes per slot for the tree (9.1 with ``normalize="buffer"``; on a
+GPU that buffer keeps a copy of the leaves instead, 16.5).
 """
 
 from __future__ import annotations
@@ -37,9 +42,10 @@ from typing import Any, Dict, Mapping, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from .. import _backend, _core
 from .._backend import DeviceLike, check_count, resolve_device
 from ..tree import SumTree
-from ._replay_fields import RESERVED, FieldStorage, as_field
+from ._replay_fields import FieldStorage, as_field
 from ._smallest_leaf import SmallestLeaf
 
 __all__ = ["PrioritizedReplayBuffer", "ReplayBatch"]
@@ -47,6 +53,8 @@ __all__ = ["PrioritizedReplayBuffer", "ReplayBatch"]
 _FORMAT = "isample.PrioritizedReplayBuffer"
 _VERSION = 1
 _STATE_KEYS = ("format", "version", "config", "beta", "size", "position", "max_priority", "storage", "tree")
+#: the core's codes for ``normalize`` (csrc/replay.h)
+_NORMALIZE_CODES = {None: 0, "batch": 1, "buffer": 2}
 
 
 class ReplayBatch(dict):
@@ -77,9 +85,9 @@ class PrioritizedReplayBuffer:
         eps: added to every priority (default 1e-6) so that an item with priority 0 can
             still be drawn; with ``eps=0`` such an item is never drawn.
         normalize: ``"batch"`` (default): divide the weights by the batch's largest;
-            ``"buffer"``: by the largest weight of any stored item (cpprb's choice; keeps a
-            copy of the leaves, 8 bytes per slot, and rescans it, O(n), after an update
-            overwrote the smallest priority); ``None``: raw (N P(i))^-beta.
+            ``"buffer"``: by the largest weight of any stored item (cpprb's choice; the tree
+            keeps the smallest priority, 0.53 bytes per slot more, at the same speed);
+            ``None``: raw (N P(i))^-beta.
         bool_as_float: store a field whose first value is bool (gymnasium's ``terminated``)
             as float32 0/1, so that ``1 - batch["done"]`` works as with cpprb (default False:
             every field keeps its first value's dtype).
@@ -127,9 +135,17 @@ class PrioritizedReplayBuffer:
         self.bool_as_float = bool_as_float
         self.device = resolve_device(device)
         self._cpu = self.device.type == "cpu"
-        self._tree = SumTree(capacity, device=self.device, seed=seed)
-        self._smallest = SmallestLeaf(capacity, self.device, zeros_possible=eps == 0.0 and alpha > 0.0) if normalize == "buffer" else None
+        # normalize="buffer" needs the smallest priority: a CPU tree keeps it (a min over children
+        # beside the sums); on a GPU a copy of the leaves beside the tree does
+        self._tree = self._new_tree(seed)
+        self._smallest = (
+            SmallestLeaf(capacity, self.device, zeros_possible=eps == 0.0 and alpha > 0.0)
+            if normalize == "buffer" and not self._cpu
+            else None
+        )
         self._fields: Optional[FieldStorage] = None
+        # the core's one-call add / sample / update_priorities (CPU; None until the fields exist)
+        self._store: Any = None
         self._size = 0
         self._position = 0  # next slot to write
         self._set_max_priority(1.0)
@@ -179,6 +195,25 @@ class PrioritizedReplayBuffer:
     def fields(self) -> Dict[str, Tuple[Tuple[int, ...], torch.dtype]]:
         """Each field's item shape and dtype (empty before the first ``add``)."""
         return {} if self._fields is None else self._fields.layout
+
+    def _new_tree(self, seed: Optional[int]) -> SumTree:
+        track_min = self.normalize == "buffer" and self._cpu
+        return SumTree(self.capacity, device=self.device, seed=seed, track_min=track_min)
+
+    def _make_store(self) -> None:
+        """The core's one-call paths for the current tree and fields, where the buffer lives
+        on the CPU, the fields all have a dtype the core writes, and the core makes tensors."""
+        self._store = None
+        fields, handle = self._fields, self._tree._fast
+        if fields is None or handle is None or not _backend.FAST_TENSORS:
+            return
+        described = fields.core_fields()
+        if described is None:
+            return
+        store = _core.ReplayStore(handle, np.generic, self.alpha, self.eps, _NORMALIZE_CODES[self.normalize])
+        for name, storage, sources, python in described:
+            store.add_field(name, storage, sources, python)
+        self._store = store
 
     # -- checks ---------------------------------------------------------------------------
     @staticmethod
@@ -337,8 +372,8 @@ class PrioritizedReplayBuffer:
         if not self._cpu:
             return (p + self.eps) ** self.alpha, largest
         leaves, buffer = self._scratch(count)
-        np.add(p, self.eps, out=buffer, dtype=np.float64)  # in float64 whatever p's dtype
-        np.power(buffer, self.alpha, out=buffer)
+        buffer[:] = p  # in float64 whatever p's dtype; then (p + eps) ** alpha as the core's paths compute it
+        _core.proportional_leaves(leaves.data_ptr(), count, self.alpha, self.eps, leaves.data_ptr())
         return leaves, largest
 
     # -- the tree -------------------------------------------------------------------------
@@ -375,6 +410,13 @@ class PrioritizedReplayBuffer:
         but numbers; a rejected call changes nothing. An item overwritten since it was
         sampled gets the priority all the same (as in cpprb without ``check_for_update``).
         """
+        store = self._store
+        if store is not None:  # one core call: checks, leaves, the tree; None: not plain or refused
+            largest = store.update(indices, priorities, self._size)
+            if largest is not None:
+                if largest > self._max_priority:
+                    self._set_max_priority(largest)
+                return
         slots = self._slots(indices)
         leaves, largest = self._leaves(priorities, slots.shape[0])
         if not slots.shape[0]:
@@ -432,15 +474,15 @@ class PrioritizedReplayBuffer:
             reference = leaves.min() if self.normalize == "batch" else self._smallest.value if self.normalize else None
             w = (leaves * (self._size / self._tree.total)) ** -beta if reference is None else (reference / leaves) ** beta
             return w.to(torch.float32)
+        reference = self._tree.min_positive if self.normalize == "buffer" else self._size / self._tree.total
+        weights = _core.replay_weights(leaves, beta, _NORMALIZE_CODES[self.normalize], reference)
+        if weights is not None:  # the core's arithmetic: the bits sample() gives
+            return weights
         x = leaves.numpy()
-        # the ratio in float64, its power straight into float32 (one rounding of the ratio, < 1e-7)
         if self.normalize == "batch":
-            w = np.power(x.min() / x, beta, dtype=np.float32)
-        elif self.normalize == "buffer":
-            w = np.power(self._smallest.value / x, beta, dtype=np.float32)
-        else:
-            w = np.power(x * (self._size / self._tree.total), -beta, dtype=np.float32)
-        return torch.from_numpy(w)
+            reference = x.min()
+        ratio = reference / x if self.normalize else x * reference
+        return torch.from_numpy(np.power(ratio, beta if self.normalize else -beta).astype(np.float32))
 
     # -- adding ---------------------------------------------------------------------------
     def add(self, batch: Optional[Mapping[str, Any]] = None, /, *, priorities: Any = None, **fields: Any) -> torch.Tensor:
@@ -456,10 +498,20 @@ class PrioritizedReplayBuffer:
         entries along dim 0, without such priorities, are refused as ambiguous (the error
         shows the dict form). A call that does not fit the fields raises and changes nothing.
         """
-        if batch is None and priorities is None and self._fields is not None:
-            ready = self._fields.prepare_one(fields)
-            if ready is not None:
-                return self._add_one(ready)
+        if batch is None and priorities is None:
+            store = self._store
+            if store is not None:  # one core call: check the values, set the leaf, write them
+                slots = store.add_one(fields, self._position, self._new_leaf)
+                if slots is not None:
+                    position = self._position + 1
+                    self._position = position if position < self.capacity else 0
+                    if self._size < self.capacity:
+                        self._size += 1
+                    return slots
+            if self._fields is not None:
+                ready = self._fields.prepare_one(fields)
+                if ready is not None:
+                    return self._add_one(ready)
         return self._add(batch, priorities, fields)
 
     def _add_one(self, ready: list) -> torch.Tensor:
@@ -532,7 +584,9 @@ class PrioritizedReplayBuffer:
         # that overflows), and it keeps its leaves when it does
         self._write_tree(slots, leaves)
         storage.write(slots, converted, batched, skip)
-        self._fields = storage
+        if self._fields is not storage:
+            self._fields = storage
+            self._make_store()
         if self._smallest is not None and slots.shape[0]:
             self._smallest.set(slots, leaves)  # distinct slots: the leaves are what the tree holds
         if largest > self._max_priority:
@@ -551,15 +605,20 @@ class PrioritizedReplayBuffer:
         ``"weights"`` (float32 (batch_size,): multiply the per-item losses by them).
         ``beta`` overrides the buffer's for this call. Raises ValueError on an empty buffer.
         """
+        beta = self.beta if beta is None else self._check_beta(beta)
+        store = self._store
+        if store is not None:  # one core call: draws, their weights and the fields' rows
+            out = ReplayBatch()
+            if store.sample_into(out, batch_size, beta, self._size):
+                return out
         if type(batch_size) is not int or batch_size < 0:
             batch_size = check_count(batch_size, "batch_size")
-        beta = self.beta if beta is None else self._check_beta(beta)
         if self._size == 0:
             raise ValueError("the buffer is empty: add items before sampling")
-        slots = self._tree.sample(batch_size)
+        slots, leaves = self._tree.sample_with_weights(batch_size)
         out = ReplayBatch(self._fields.gather(slots))
         out["indices"] = slots
-        out["weights"] = self._weights_of(self._tree.get(slots), beta)
+        out["weights"] = self._weights_of(leaves, beta)
         return out
 
     def clear(self) -> None:
@@ -617,7 +676,7 @@ class PrioritizedReplayBuffer:
             raise ValueError(f"state['max_priority'] must be finite and >= 0, got {max_priority!r}")
         self._leaf_of(max_priority)
         beta = self._check_beta(state["beta"])
-        tree = SumTree(self.capacity, device=self.device, seed=0)
+        tree = self._new_tree(seed=0)
         tree.load_state_dict(state["tree"])  # checks the weights and the stream
         leaves = tree.get()
         if size < self.capacity and bool((leaves[size:] != 0).any()):
@@ -628,6 +687,7 @@ class PrioritizedReplayBuffer:
         self._set_max_priority(max_priority)
         if self._smallest is not None:
             self._smallest.reset(leaves)
+        self._make_store()
 
     # -- copies ---------------------------------------------------------------------------
     def __getstate__(self) -> Dict[str, Any]:
