@@ -3,6 +3,7 @@ recipe of docs/backend_protocol.md run as written."""
 
 from __future__ import annotations
 
+import math
 import pathlib
 import re
 
@@ -45,6 +46,47 @@ def test_weighted_loss_by_hand():
 
     total = weighted_loss(sampler, index, losses.detach(), reduction="sum")
     torch.testing.assert_close(total, (losses.detach().double() * weights).sum().float())
+
+
+class ProtocolOnly:
+    """A sampler that has only what SamplerProtocol asks for (weights without ``scale``)."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+
+    def weights(self, indices, *, dtype=None, device=None):
+        return self.sampler.weights(indices, dtype=dtype, device=device)
+
+    def update(self, indices, losses, **extra):
+        self.sampler.update(indices, losses, **extra)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("kind", ["int64 tensor", "int32 tensor", "list", "protocol-only sampler"])
+def test_every_path_of_weighted_loss_gives_the_same_loss_gradient_and_scores(kind, reduction):
+    """The one-expression fast path (isample sampler, tensor indices: scaled weights, one dot
+    product) against the general paths (other index types, a sampler with SamplerProtocol's
+    calls only), by hand."""
+    sampler, scores, index = drawn()
+    weights = 1.0 / (N * torch.softmax(scores, 0)[index])
+    given = {"int64 tensor": index, "int32 tensor": index.int(), "list": index.tolist(), "protocol-only sampler": index}[kind]
+    target = ProtocolOnly(sampler) if kind == "protocol-only sampler" else sampler
+    losses = torch.rand(BATCH, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    loss = weighted_loss(target, given, losses, reduction=reduction)
+    expected = (losses.detach().double() * weights).sum() / (BATCH if reduction == "mean" else 1)
+    torch.testing.assert_close(loss, expected.float())
+    loss.backward()
+    torch.testing.assert_close(losses.grad, (weights / (BATCH if reduction == "mean" else 1)).float())
+    torch.testing.assert_close(sampler.scores()[index], losses.detach().double())
+    assert not sampler.scores().requires_grad
+
+
+def test_an_empty_batch_weighs_to_what_torch_gives_for_nothing():
+    sampler, scores, _ = drawn()
+    empty = torch.zeros(0, dtype=torch.int64)
+    assert math.isnan(weighted_loss(sampler, empty, torch.zeros(0)).item())  # the mean of nothing, as torch's
+    assert weighted_loss(sampler, empty, torch.zeros(0), reduction="sum").item() == 0.0
+    assert torch.equal(sampler.scores(), scores)
 
 
 def test_weights_follow_the_losses_dtype_and_device_and_update_can_be_skipped():

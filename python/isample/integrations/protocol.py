@@ -20,11 +20,18 @@ once::
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Optional, Protocol, Sequence, Tuple, Union, runtime_checkable
+from typing import Any, Mapping, Optional, Protocol, Tuple, runtime_checkable
 
 import torch
 
+from ..sampler import EpochSampler
+
 __all__ = ["SamplerProtocol", "weighted_loss", "split_batch", "check_per_example_losses", "MISSING_INDEX_HELP"]
+
+#: loss dtypes the weights come in as they are (float16 / bfloat16 losses get float32 weights)
+_WEIGHT_DTYPES = frozenset((torch.float32, torch.float64))
+#: index dtypes the one-expression check of weighted_loss lets through (the sampler checks values)
+_INDEX_DTYPES = frozenset((torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8))
 
 #: how to make a dataset yield its indices; every adapter's error for a batch without them ends with it
 MISSING_INDEX_HELP = (
@@ -123,8 +130,9 @@ def weighted_loss(
         indices: the batch's dataset indices, int (b,) (tensor, array or sequence).
         losses: per-example losses, float (b,), with grad (``reduction="none"``).
         reduction: ``"mean"`` (default): mean of w_i * L_i over the batch; ``"sum"``: their sum.
-        update: hand the (detached) losses to ``sampler.update`` (default True); False only
-            weights, e.g. for a micro-batch whose scores another call reports.
+        update: hand the losses to ``sampler.update`` (default True: isample's samplers read
+            them as they are and keep no graph; any other sampler gets them detached); False
+            only weights, e.g. for a micro-batch whose scores another call reports.
         extra: passed to ``sampler.update`` (``logits=``, ``targets=`` for ``GradNormBound``),
             detached.
 
@@ -134,23 +142,53 @@ def weighted_loss(
         ``backward()`` on.
 
     The weights come from the probabilities the items were drawn with (``sampler.weights``),
-    never from the current scores. The scores change at once; the probabilities at the next
+    never from the current scores. With an isample sampler they come scaled by 1/b for the
+    mean, and the loss is ``losses @ weights``: one autograd node. The scores change at once; the probabilities at the next
     epoch. Raises ValueError for a scalar or wrongly shaped loss (use ``reduction="none"``),
     TypeError for a first argument that is not a sampler (a LightningModule's
     ``training_step`` calls ``isample.integrations.lightning.weighted_loss(self, ...)``
     instead), TypeError for indices that are not integers, and the sampler's ValueError for an index
     its current epoch did not draw. A rejected call leaves the sampler unchanged.
     """
+    if (
+        type(losses) is torch.Tensor
+        and type(indices) is torch.Tensor
+        and isinstance(sampler, EpochSampler)
+        and losses.dim() == 1
+        and indices.dim() == 1
+        and indices.shape[0] == losses.shape[0] > 0
+        and losses.dtype in _WEIGHT_DTYPES
+        and indices.dtype in _INDEX_DTYPES
+        and (reduction == "mean" or reduction == "sum")
+        and not extra
+    ):
+        # The common case, checked in one expression (a training step runs this with cold
+        # caches, where every Python statement counts). isample's samplers scale the weights
+        # in the core (1/b for the mean), so the loss is one dot product (one autograd node
+        # instead of two), and read losses that require grad without a detached copy.
+        # Weights first: they raise for an item the epoch did not draw, before any score changes.
+        weights = sampler.weights(
+            indices, dtype=losses.dtype, device=losses.device, scale=1.0 / losses.shape[0] if reduction == "mean" else 1.0
+        )
+        if update:
+            sampler.update(indices, losses)
+        return losses @ weights
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     _check_sampler(sampler)
     losses = check_per_example_losses(losses)
     _check_indices(indices, losses.shape[0])
-    dtype = losses.dtype if losses.dtype in (torch.float32, torch.float64) else torch.float32
-    # weights first: it raises for an item the epoch did not draw, before any score changes
+    dtype = losses.dtype if losses.dtype in _WEIGHT_DTYPES else torch.float32
+    detached = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in extra.items()}
+    b = losses.shape[0]
+    if isinstance(sampler, EpochSampler) and b:  # as above: scaled weights, one dot product
+        weights = sampler.weights(indices, dtype=dtype, device=losses.device, scale=1.0 / b if reduction == "mean" else 1.0)
+        if update:
+            sampler.update(indices, losses, **detached)
+        return (losses if losses.dtype is dtype else losses.to(dtype)) @ weights
+    # any other sampler (SamplerProtocol asks for no `scale`), or an empty batch (whose mean is NaN)
     weights = sampler.weights(indices, dtype=dtype, device=losses.device)
     if update:
-        detached = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in extra.items()}
         sampler.update(indices, losses.detach(), **detached)
     weighted = (losses if losses.dtype is dtype else losses.to(dtype)) * weights
     return weighted.mean() if reduction == "mean" else weighted.sum()
