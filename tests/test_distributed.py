@@ -1156,7 +1156,7 @@ def _records(run: Path) -> List[Dict[str, Any]]:
     import json
 
     return [
-        {k: v for k, v in json.loads(line).items() if k != "seconds"}
+        {k: v for k, v in json.loads(line).items() if k not in ("seconds", "cpu_seconds")}  # timings differ
         for line in (run / "metrics.jsonl").read_text().splitlines()
     ]
 
