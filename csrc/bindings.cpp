@@ -152,12 +152,16 @@ using DeviceHandle = Handle<std::unique_ptr<DeviceTreeApi>>;
 // must refuse; the Python layer then takes its general path, which says why.
 struct ReplayStore {
   ReplayStore(py::object tree_object, py::handle generic, double alpha, double eps, int normalize)
-      : owner(std::move(tree_object)), handle(owner.cast<SumHandle*>()), fields(arrays, generic.ptr()),
-        alpha(alpha), eps(eps), how(Normalize(normalize)) {
+      : owner(std::move(tree_object)), handle(handle_of(owner)), fields(arrays, generic.ptr()), alpha(alpha), eps(eps),
+        how(Normalize(normalize)) {
     if (normalize < 0 || normalize > 2) throw std::invalid_argument("normalize must be 0 (none), 1 (batch) or 2 (buffer)");
     if (how == Normalize::kBuffer && !handle->tree.tracks_min()) {
       throw std::invalid_argument("normalize='buffer' needs a tree that tracks its smallest weight (track_min)");
     }
+  }
+  static SumHandle* handle_of(const py::object& tree) {
+    if (!py::isinstance<SumHandle>(tree)) throw py::type_error("tree must be an isample._core.SumTree");
+    return tree.cast<SumHandle*>();
   }
   py::object owner;
   SumHandle* handle;
@@ -170,6 +174,292 @@ PyObject* interned(const char* text) {
   PyObject* s = PyUnicode_InternFromString(text);
   if (s == nullptr) throw py::error_already_set();
   return s;  // kept for the process's lifetime
+}
+
+// -- ReplayStore's Python type ------------------------------------------------------------------
+// A plain CPython type rather than a pybind11 class: its three per-step methods are
+// METH_FASTCALL functions. In a training loop each is called once per step with caches
+// the forward and backward passes have just swept, and there pybind11's generic dispatch
+// costs several times a builtin's (measured in a DQN loop: a no-op pybind11 call ~3 us,
+// a builtin ~1 us). Errors from the core become the exceptions pybind11 would raise.
+
+struct ReplayStoreObject {
+  PyObject_HEAD
+  ReplayStore* store;
+};
+
+template <class F>
+PyObject* translated(F f) {
+  try {
+    return f();
+  } catch (py::error_already_set& e) {
+    e.restore();
+  } catch (const OutOfMemory& e) {
+    PyErr_SetString(PyExc_MemoryError, e.what());
+  } catch (const std::bad_alloc&) {
+    PyErr_NoMemory();
+  } catch (const std::out_of_range& e) {
+    PyErr_SetString(PyExc_IndexError, e.what());
+  } catch (const std::invalid_argument& e) {
+    PyErr_SetString(PyExc_ValueError, e.what());
+  } catch (const py::type_error& e) {
+    PyErr_SetString(PyExc_TypeError, e.what());
+  } catch (const std::exception& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what());
+  }
+  return nullptr;
+}
+
+ReplayStore& store_of(PyObject* self) { return *reinterpret_cast<ReplayStoreObject*>(self)->store; }
+
+bool argument_count(const char* name, Py_ssize_t nargs, Py_ssize_t expected) {
+  if (nargs == expected) return true;
+  PyErr_Format(PyExc_TypeError, "ReplayStore.%s takes %zd arguments, got %zd", name, expected, nargs);
+  return false;
+}
+
+PyObject* new_value(bool value) {
+  PyObject* result = value ? Py_True : Py_False;
+  Py_INCREF(result);
+  return result;
+}
+
+PyObject* replay_store_new(PyTypeObject* type, PyObject*, PyObject*) {
+  PyObject* self = type->tp_alloc(type, 0);
+  if (self != nullptr) reinterpret_cast<ReplayStoreObject*>(self)->store = nullptr;
+  return self;
+}
+
+// __init__(tree, generic, alpha, eps, normalize); a second call replaces the store.
+int replay_store_init(PyObject* self, PyObject* args, PyObject* kwargs) {
+  static const char* keywords[] = {"tree", "generic", "alpha", "eps", "normalize", nullptr};
+  PyObject *tree = nullptr, *generic = nullptr;
+  double alpha = 0.0, eps = 0.0;
+  int normalize = 0;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOddi", const_cast<char**>(keywords), &tree, &generic, &alpha, &eps,
+                                   &normalize)) {
+    return -1;
+  }
+  PyObject* done = translated([&]() -> PyObject* {
+    auto* made = new ReplayStore(py::reinterpret_borrow<py::object>(tree), generic, alpha, eps, normalize);
+    delete reinterpret_cast<ReplayStoreObject*>(self)->store;
+    reinterpret_cast<ReplayStoreObject*>(self)->store = made;
+    Py_RETURN_NONE;
+  });
+  if (done == nullptr) return -1;
+  Py_DECREF(done);
+  return 0;
+}
+
+// The same as a method, so that ReplayStore.__init__ carries its signature (as pybind11's do).
+PyObject* replay_store_init_method(PyObject* self, PyObject* args, PyObject* kwargs) {
+  if (replay_store_init(self, args, kwargs) != 0) return nullptr;
+  Py_RETURN_NONE;
+}
+
+// A store made by __new__ alone has no core object yet.
+bool has_store(PyObject* self) {
+  if (reinterpret_cast<ReplayStoreObject*>(self)->store != nullptr) return true;
+  PyErr_SetString(PyExc_RuntimeError, "ReplayStore.__init__ was not called");
+  return false;
+}
+
+void replay_store_dealloc(PyObject* self) {
+  delete reinterpret_cast<ReplayStoreObject*>(self)->store;
+  PyTypeObject* type = Py_TYPE(self);
+  type->tp_free(self);
+  Py_DECREF(type);  // a heap type: its instances hold a reference to it
+}
+
+PyObject* replay_add_field(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  if (!argument_count("add_field", nargs, 4)) return nullptr;
+  if (!has_store(self)) return nullptr;
+  return translated([&]() -> PyObject* {
+    ReplayStore& s = store_of(self);
+    const auto sources = py::cast<std::vector<std::string>>(py::handle(args[2]));
+    const auto python = py::cast<unsigned>(py::handle(args[3]));
+    s.fields.add(args[0], args[1], sources, python);
+    if (s.fields.field(s.fields.size() - 1).rows != s.handle->tree.capacity()) {
+      throw std::invalid_argument("a replay field must have one row per slot of the tree");
+    }
+    Py_RETURN_NONE;
+  });
+}
+
+// add_one(values: dict, slot: int, leaf: float) -> the slot as an int64 tensor (1,), or None
+PyObject* replay_add_one(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  if (!argument_count("add_one", nargs, 3)) return nullptr;
+  if (!has_store(self)) return nullptr;
+  const long long slot_value = PyLong_AsLongLong(args[1]);
+  if (slot_value == -1 && PyErr_Occurred()) return nullptr;
+  const double leaf = PyFloat_AsDouble(args[2]);
+  if (leaf == -1.0 && PyErr_Occurred()) return nullptr;
+  return translated([&]() -> PyObject* {
+    ReplayStore& s = store_of(self);
+    SumTree& tree = s.handle->tree;
+    int64_t slot = slot_value;
+    std::vector<ReadyValue> ready;
+    if (!arrays.makes_tensors() || !s.fields.prepare(args[0], ready) || slot < 0 || slot >= tree.capacity() ||
+        !(leaf >= 0.0 && leaf <= std::numeric_limits<double>::max())) {
+      Py_RETURN_NONE;
+    }
+    void* data = nullptr;
+    py::object out = py::reinterpret_steal<py::object>(arrays.new_tensor(1, ElementType::kInt64, data));
+    if (!out) throw py::error_already_set();
+    *static_cast<int64_t*>(data) = slot;
+    const bool written = s.handle->locked(1, [&] {
+      try {
+        tree.update(&slot, &leaf, 1);  // first: only the tree can still refuse (a total that overflows)
+      } catch (const std::invalid_argument&) {
+        return false;
+      }
+      s.fields.write(slot, ready);
+      return true;
+    });
+    if (!written) Py_RETURN_NONE;
+    return out.release().ptr();
+  });
+}
+
+// sample_into(out: dict, k: int, beta: float, size: int) -> bool
+PyObject* replay_sample_into(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  if (!argument_count("sample_into", nargs, 4)) return nullptr;
+  if (!has_store(self)) return nullptr;
+  const double beta = PyFloat_AsDouble(args[2]);
+  if (beta == -1.0 && PyErr_Occurred()) return nullptr;
+  const long long size = PyLong_AsLongLong(args[3]);
+  if (size == -1 && PyErr_Occurred()) return nullptr;
+  static PyObject* const indices_key = interned("indices");
+  static PyObject* const weights_key = interned("weights");
+  return translated([&]() -> PyObject* {
+    ReplayStore& s = store_of(self);
+    PyObject* out = args[0];
+    int64_t k = 0;
+    if (!arrays.makes_tensors() || !PyDict_Check(out) || !plain_count(args[1], kFastDrawLimit, k) || size <= 0 ||
+        size > s.handle->tree.capacity() || !(beta >= 0.0 && beta <= 1.0)) {
+      return new_value(false);
+    }
+    void *drawn = nullptr, *weights = nullptr;
+    py::object index = py::reinterpret_steal<py::object>(arrays.new_tensor(k, ElementType::kInt64, drawn));
+    if (!index) throw py::error_already_set();
+    py::object weight = py::reinterpret_steal<py::object>(arrays.new_tensor(k, ElementType::kFloat32, weights));
+    if (!weight) throw py::error_already_set();
+    std::vector<PyObject*> made;
+    std::vector<char*> rows;
+    if (!s.fields.allocate_rows(k, made, rows)) throw py::error_already_set();
+    std::vector<py::object> columns;
+    for (PyObject* column : made) columns.push_back(py::reinterpret_steal<py::object>(column));
+    SumHandle& h = *s.handle;
+    h.locked(k, [&] {
+      SumTree& tree = h.tree;
+      int64_t* items = static_cast<int64_t*>(drawn);
+      tree.sample_with_replacement(h.key_of(std::nullopt), k, items);  // throws for an all-zero tree
+      h.leaves_scratch.resize(size_t(k));
+      tree.get(items, k, h.leaves_scratch.data());
+      const double reference = s.how == Normalize::kNone     ? double(size) / tree.total()
+                               : s.how == Normalize::kBuffer ? tree.min_positive()
+                                                             : 0.0;
+      importance_weights(h.leaves_scratch.data(), k, beta, s.how, reference, static_cast<float*>(weights));
+      s.fields.gather(items, k, rows);
+      h.advance(std::nullopt);
+    });
+    for (size_t i = 0; i < columns.size(); ++i) {
+      if (PyDict_SetItem(out, s.fields.field(i).name, columns[i].ptr()) != 0) throw py::error_already_set();
+    }
+    if (PyDict_SetItem(out, indices_key, index.ptr()) != 0 || PyDict_SetItem(out, weights_key, weight.ptr()) != 0) {
+      throw py::error_already_set();
+    }
+    return new_value(true);
+  });
+}
+
+// update(indices, priorities, size: int) -> the largest priority (-inf for none), or None
+PyObject* replay_update(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  if (!argument_count("update", nargs, 3)) return nullptr;
+  if (!has_store(self)) return nullptr;
+  const long long size = PyLong_AsLongLong(args[2]);
+  if (size == -1 && PyErr_Occurred()) return nullptr;
+  return translated([&]() -> PyObject* {
+    ReplayStore& s = store_of(self);
+    ArrayView i, p;
+    if (!int64_array(args[0], i) || !real_array(args[1], i.length, p)) Py_RETURN_NONE;
+    const int64_t k = i.length;
+    const int64_t* index = static_cast<const int64_t*>(i.data);
+    double largest = -std::numeric_limits<double>::infinity();
+    SumHandle& h = *s.handle;
+    const bool done = h.locked(k, [&] {
+      uint64_t outside = 0;  // also catches negative indices
+      for (int64_t j = 0; j < k; ++j) outside |= uint64_t(uint64_t(index[j]) >= uint64_t(size));
+      if (outside != 0) return false;
+      h.leaves_scratch.resize(size_t(k));
+      double* leaves = h.leaves_scratch.data();
+      const bool ok = p.type == ElementType::kFloat64
+                          ? priority_leaves(static_cast<const double*>(p.data), k, s.alpha, s.eps, leaves, largest)
+                          : priority_leaves(static_cast<const float*>(p.data), k, s.alpha, s.eps, leaves, largest);
+      if (!ok) return false;
+      try {
+        h.tree.update(index, leaves, k);  // checks again, refuses a total that overflows
+      } catch (const std::invalid_argument&) {
+        return false;
+      }
+      return true;
+    });
+    if (!done) Py_RETURN_NONE;
+    return PyFloat_FromDouble(largest);
+  });
+}
+
+PyMethodDef replay_store_init_def = {
+    "__init__", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(replay_store_init_method)),
+    METH_VARARGS | METH_KEYWORDS,
+    "__init__(self: isample._core.ReplayStore, tree: isample._core.SumTree, generic: type, alpha: float, eps: float, "
+    "normalize: int) -> None\n\nFor a SumTree handle (normalize 0: none, 1: batch, 2: buffer, which needs "
+    "track_min) and numpy.generic."};
+
+PyMethodDef replay_store_methods[] = {
+    {"add_field", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(replay_add_field)), METH_FASTCALL,
+     "add_field(self: isample._core.ReplayStore, name: str, storage: object, sources: list[str], python: int) -> None"
+     "\n\nA field, its storage (C-contiguous CPU tensor, one row per slot), the numpy dtype names it takes "
+     "unchecked, and the Python numbers it takes (1 bool, 2 int, 4 float)."},
+    {"add_one", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(replay_add_one)), METH_FASTCALL,
+     "add_one(self: isample._core.ReplayStore, values: dict, slot: int, leaf: float) -> object\n\nStore one item (a dict: field -> value) in `slot` with tree leaf `leaf`; "
+     "the slot as an int64 tensor (1,), or None (nothing done) for values that are not plain or a leaf the "
+     "tree refuses."},
+    {"sample_into", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(replay_sample_into)), METH_FASTCALL,
+     "sample_into(self: isample._core.ReplayStore, out: dict, k: object, beta: float, size: int) -> bool\n\n"
+     "Draw k items with replacement into the dict `out`: each field's rows, "
+     "'indices' (int64) and 'weights' (float32, normalised as configured; `size` items stored). False "
+     "(nothing done) for arguments that are not plain."},
+    {"update", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(replay_update)), METH_FASTCALL,
+     "update(self: isample._core.ReplayStore, indices: object, priorities: object, size: int) -> object\n\n"
+     "Leaves (p + eps) ** alpha at int64 `indices` (each below `size`) "
+     "for float64/float32 priorities (finite, >= 0), all checked before the tree changes; the largest "
+     "priority (-inf for none), or None (nothing done) for arguments that are not plain or input the buffer "
+     "must refuse."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+py::object make_replay_store_type() {
+  static PyType_Slot slots[] = {
+      {Py_tp_new, reinterpret_cast<void*>(replay_store_new)},
+      {Py_tp_init, reinterpret_cast<void*>(replay_store_init)},
+      {Py_tp_dealloc, reinterpret_cast<void*>(replay_store_dealloc)},
+      {Py_tp_methods, replay_store_methods},
+      {Py_tp_doc, const_cast<char*>(
+                      "ReplayStore(tree, generic, alpha, eps, normalize): a prioritized replay buffer's add / sample "
+                      "/ update_priorities on the CPU, one core call each, for a SumTree handle (normalize 0: none, "
+                      "1: batch, 2: buffer, which needs track_min) and numpy.generic.")},
+      {0, nullptr},
+  };
+  static PyType_Spec spec = {"isample._core.ReplayStore", sizeof(ReplayStoreObject), 0, Py_TPFLAGS_DEFAULT, slots};
+  py::object type = py::reinterpret_steal<py::object>(PyType_FromSpec(&spec));
+  if (!type) throw py::error_already_set();
+  // __init__ as a method with its signature in the docstring, as pybind11's classes have
+  // (the stub test reads it); construction goes through it (not hot).
+  py::object init = py::reinterpret_steal<py::object>(
+      PyDescr_NewMethod(reinterpret_cast<PyTypeObject*>(type.ptr()), &replay_store_init_def));
+  if (!init || PyObject_SetAttrString(type.ptr(), "__init__", init.ptr()) != 0) throw py::error_already_set();
+  return type;
 }
 
 int cuda_devices() {
@@ -843,129 +1133,7 @@ PYBIND11_MODULE(_core, m) {
                              "The smallest positive weight (inf when none); needs track_min().");
   bind_common(sum);
 
-  static PyObject* const indices_key = interned("indices");
-  static PyObject* const weights_key = interned("weights");
-  py::class_<ReplayStore>(m, "ReplayStore",
-      "A prioritized replay buffer's add / sample / update_priorities on the CPU, one core call each.")
-      .def(py::init<py::object, py::handle, double, double, int>(), py::arg("tree"), py::arg("generic"),
-           py::arg("alpha"), py::arg("eps"), py::arg("normalize"))
-      .def(
-          "add_field",
-          [](ReplayStore& s, py::handle name, py::handle storage, const std::vector<std::string>& sources, unsigned python) {
-            s.fields.add(name.ptr(), storage.ptr(), sources, python);
-            if (s.fields.field(s.fields.size() - 1).rows != s.handle->tree.capacity()) {
-              throw std::invalid_argument("a replay field must have one row per slot of the tree");
-            }
-          },
-          py::arg("name"), py::arg("storage"), py::arg("sources"), py::arg("python"),
-          "Add a field: its name, its storage (C-contiguous CPU tensor, capacity rows), the numpy "
-          "dtype names it takes unchecked, and the Python numbers it takes (1 bool, 2 int, 4 float).")
-      .def(
-          "add_one",
-          [](ReplayStore& s, py::handle values, int64_t slot, double leaf) -> py::object {
-            std::vector<ReadyValue> ready;
-            SumTree& tree = s.handle->tree;
-            if (!arrays.makes_tensors() || !s.fields.prepare(values.ptr(), ready) || slot < 0 || slot >= tree.capacity() ||
-                !(leaf >= 0.0 && leaf <= std::numeric_limits<double>::max())) {
-              return py::none();
-            }
-            void* data = nullptr;
-            py::object out = py::reinterpret_steal<py::object>(arrays.new_tensor(1, ElementType::kInt64, data));
-            if (!out) throw py::error_already_set();
-            *static_cast<int64_t*>(data) = slot;
-            const bool written = s.handle->locked(1, [&] {
-              try {
-                tree.update(&slot, &leaf, 1);  // first: only the tree can still refuse (a total that overflows)
-              } catch (const std::invalid_argument&) {
-                return false;
-              }
-              s.fields.write(slot, ready);
-              return true;
-            });
-            return written ? out : py::none();
-          },
-          py::arg("values"), py::arg("slot"), py::arg("leaf"),
-          "Store one item (a dict: field -> value) in `slot` with tree leaf `leaf`; the slot as an int64 "
-          "tensor (1,), or None (nothing done) for values that are not plain or a leaf the tree refuses.")
-      .def(
-          "sample_into",
-          [](ReplayStore& s, py::handle out, py::handle k_object, double beta, int64_t size) -> bool {
-            int64_t k = 0;
-            if (!arrays.makes_tensors() || !PyDict_Check(out.ptr()) || !plain_count(k_object, kFastDrawLimit, k) ||
-                size <= 0 || size > s.handle->tree.capacity() || !(beta >= 0.0 && beta <= 1.0)) {
-              return false;
-            }
-            void *drawn = nullptr, *weights = nullptr;
-            py::object index = py::reinterpret_steal<py::object>(arrays.new_tensor(k, ElementType::kInt64, drawn));
-            if (!index) throw py::error_already_set();
-            py::object weight = py::reinterpret_steal<py::object>(arrays.new_tensor(k, ElementType::kFloat32, weights));
-            if (!weight) throw py::error_already_set();
-            std::vector<PyObject*> made;
-            std::vector<char*> rows;
-            if (!s.fields.allocate_rows(k, made, rows)) throw py::error_already_set();
-            std::vector<py::object> columns;
-            for (PyObject* column : made) columns.push_back(py::reinterpret_steal<py::object>(column));
-            SumHandle& h = *s.handle;
-            h.locked(k, [&] {
-              SumTree& tree = h.tree;
-              int64_t* items = static_cast<int64_t*>(drawn);
-              tree.sample_with_replacement(h.key_of(std::nullopt), k, items);  // throws for an all-zero tree
-              h.leaves_scratch.resize(size_t(k));
-              tree.get(items, k, h.leaves_scratch.data());
-              const double reference = s.how == Normalize::kNone     ? double(size) / tree.total()
-                                       : s.how == Normalize::kBuffer ? tree.min_positive()
-                                                                     : 0.0;
-              importance_weights(h.leaves_scratch.data(), k, beta, s.how, reference, static_cast<float*>(weights));
-              s.fields.gather(items, k, rows);
-              h.advance(std::nullopt);
-            });
-            for (size_t i = 0; i < columns.size(); ++i) {
-              if (PyDict_SetItem(out.ptr(), s.fields.field(i).name, columns[i].ptr()) != 0) throw py::error_already_set();
-            }
-            if (PyDict_SetItem(out.ptr(), indices_key, index.ptr()) != 0 ||
-                PyDict_SetItem(out.ptr(), weights_key, weight.ptr()) != 0) {
-              throw py::error_already_set();
-            }
-            return true;
-          },
-          py::arg("out"), py::arg("k"), py::arg("beta"), py::arg("size"),
-          "Draw k items with replacement into the dict `out`: each field's rows, 'indices' (int64) and "
-          "'weights' (float32, normalised as configured; `size` items stored). False (nothing done) "
-          "for arguments that are not plain.")
-      .def(
-          "update",
-          [](ReplayStore& s, py::handle indices, py::handle priorities, int64_t size) -> py::object {
-            ArrayView i, p;
-            if (!int64_array(indices, i) || !real_array(priorities, i.length, p)) return py::none();
-            const int64_t k = i.length;
-            const int64_t* index = static_cast<const int64_t*>(i.data);
-            double largest = -std::numeric_limits<double>::infinity();
-            SumHandle& h = *s.handle;
-            const bool done = h.locked(k, [&] {
-              uint64_t outside = 0;  // also catches negative indices
-              for (int64_t j = 0; j < k; ++j) outside |= uint64_t(uint64_t(index[j]) >= uint64_t(size));
-              if (outside != 0) return false;
-              h.leaves_scratch.resize(size_t(k));
-              double* leaves = h.leaves_scratch.data();
-              const bool ok = p.type == ElementType::kFloat64
-                                  ? priority_leaves(static_cast<const double*>(p.data), k, s.alpha, s.eps, leaves, largest)
-                                  : priority_leaves(static_cast<const float*>(p.data), k, s.alpha, s.eps, leaves, largest);
-              if (!ok) return false;
-              try {
-                h.tree.update(index, leaves, k);  // checks again, refuses a total that overflows
-              } catch (const std::invalid_argument&) {
-                return false;
-              }
-              return true;
-            });
-            if (!done) return py::none();
-            return py::float_(largest);
-          },
-          py::arg("indices"), py::arg("priorities"), py::arg("size"),
-          "update_priorities: leaves (p + eps) ** alpha at int64 `indices` (each below `size`) for "
-          "float64/float32 priorities (finite, >= 0), all checked before the tree changes; the largest "
-          "priority (-inf for none), or None (nothing done) for arguments that are not plain or input "
-          "the buffer must refuse.");
+  m.add_object("ReplayStore", make_replay_store_type());
 
   py::class_<SoftmaxHandle> softmax(m, "SoftmaxTree", "Scores s with p = softmax(s / T).");
   softmax.def(py::init<uint64_t, int64_t, double>(), py::arg("stream_seed"), py::arg("capacity"), py::arg("temperature"))
