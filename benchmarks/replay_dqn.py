@@ -21,13 +21,11 @@ import importlib.util
 import json
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import types
 from typing import Any, Callable, Dict, List, Optional
 
-import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,17 +53,6 @@ def _replay_at(revision: str) -> types.ModuleType:
     return module
 
 
-def _lscpu() -> Dict[str, str]:
-    try:
-        text = subprocess.run(["lscpu"], check=True, capture_output=True, text=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return {"model": platform.processor()}
-    fields = dict(line.split(":", 1) for line in text.splitlines() if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
-    keep = ("Model name", "CPU(s)", "L1d cache", "L1i cache", "L2 cache", "L3 cache")
-    return {k: fields[k] for k in keep if k in fields}
-
-
 def _git(*args: str) -> str:
     try:
         return subprocess.run(["git", *args], cwd=ROOT, check=True, capture_output=True, text=True).stdout.strip()
@@ -84,10 +71,13 @@ def _versions() -> Dict[str, str]:
         except PackageNotFoundError:
             return "not installed"
 
+    from isample.bench.machine import machine_summary
+
     changed = _git("status", "--porcelain", "--", "python/isample", "csrc")
+    summary = machine_summary()
+    summary.pop("cpu")
     return {
-        "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-        "gymnasium": of("gymnasium"), "cpprb": of("cpprb"), "isample": of("isample"),
+        "python": platform.python_version(), **summary, "gymnasium": of("gymnasium"),
         "isample_commit": _git("rev-parse", "--short", "HEAD"),
         "uncommitted_package_files": [line[3:] for line in changed.splitlines()] if changed != "unknown" else "unknown",
     }
@@ -203,10 +193,12 @@ def main() -> None:
             runs.append({"variant": name, **result})
             print("   ", {k: round(v, 1) for k, v in result["median_us"].items()},
                   f"wall {result['wall_s']:.1f} s, return {result['last20_mean_return']:.1f}", flush=True)
+    from isample.bench.machine import cpu_description
+
     result = {
         "command": "python " + " ".join(sys.argv),
         "machine": {
-            **_lscpu(),
+            "cpu": cpu_description(),
             "load_average_before": [round(x, 2) for x in load_before],
             "load_average_after": [round(x, 2) for x in os.getloadavg()],
             "note": "development VM, 2 cores shared with other jobs running at the same time; torch on one thread",

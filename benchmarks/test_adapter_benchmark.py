@@ -23,7 +23,12 @@ Groups (each with a ``without_isample`` baseline: cpprb in the replay groups):
   callback, DataLoader included;
 - replay: each call alone (add one transition, sample 64, update_priorities 64) in a full
   buffer of 50k, against cpprb (the baseline there); ``benchmarks/replay_dqn.py`` measures
-  the same calls inside a real DQN loop.
+  the same calls inside a real DQN loop;
+- replay step: issue 18's cell, sample 128 and update their priorities in a buffer of 100k
+  CartPole transitions, against cpprb (the baseline) and TorchRL's PrioritizedReplayBuffer.
+
+Every benchmark's extra_info also records the CPU (lscpu: model, caches) and the versions of
+numpy, torch, isample and the peers (``isample.bench.machine.machine_summary``).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import isample
+from isample.bench.machine import machine_summary
 from isample.integrations.protocol import weighted_loss
 
 torch.set_num_threads(1)
@@ -48,6 +54,11 @@ warnings.filterwarnings("ignore")
 
 N, BATCH, DIM, CLASSES = 8192, 128, 64, 10
 BASELINE = "without_isample"
+
+
+@pytest.fixture(autouse=True)
+def _machine(benchmark):
+    benchmark.extra_info.update(machine_summary())
 
 
 def interleaved(benchmark, fns: Dict[str, Callable[[], object]], pairs: int, *, steps: int = 1, warmup: int = 3) -> None:
@@ -328,6 +339,70 @@ def test_replay_call(benchmark, call):
     interleaved(benchmark, {name: step(name, b) for name, b in buffers.items()}, pairs=3000, warmup=50)
 
 
+STEP_CAPACITY, STEP_BATCH = 100_000, 128
+
+
+def test_replay_step(benchmark):
+    """Issue 18's replay cell: sample 128 and update their priorities (numpy float32 |TD|), in
+    a full buffer of 100k CartPole-sized transitions; cpprb is the baseline, TorchRL's
+    PrioritizedReplayBuffer (LazyTensorStorage, its sample and update_priority) the other peer
+    where it imports."""
+    import numpy as np
+
+    cpprb = pytest.importorskip("cpprb", reason="cpprb is not installed")
+    from isample.integrations.replay import PrioritizedReplayBuffer
+
+    benchmark.group = (
+        f"replay step, against cpprb (the baseline column): sample {STEP_BATCH} + update their priorities, "
+        f"{STEP_CAPACITY:,} stored"
+    )
+    rng = np.random.default_rng(0)
+    n = STEP_CAPACITY
+    obs = rng.standard_normal((n, 4)).astype(np.float32)
+    act, rew, done = rng.integers(0, 2, n), np.ones(n, dtype=np.float32), (rng.random(n) < 0.05).astype(np.float32)
+    priorities = rng.exponential(1.0, n)
+    td = np.abs(rng.standard_normal(STEP_BATCH)).astype(np.float32)
+    env_dict = {"obs": {"shape": 4}, "act": {"dtype": np.int64}, "rew": {}, "next_obs": {"shape": 4}, "done": {}}
+    theirs = cpprb.PrioritizedReplayBuffer(n, env_dict, alpha=0.6, eps=1e-6)
+    theirs.add(obs=obs, act=act, rew=rew, next_obs=obs, done=done, priorities=priorities)
+
+    def cpprb_step():
+        batch = theirs.sample(STEP_BATCH, beta=0.4)
+        theirs.update_priorities(batch["indexes"], td)
+
+    steps: Dict[str, Callable[[], object]] = {BASELINE: cpprb_step}
+    for normalize in ("buffer", "batch"):
+        ours = PrioritizedReplayBuffer(n, alpha=0.6, eps=1e-6, normalize=normalize, seed=0)
+        ours.add(obs=obs, act=act, rew=rew, next_obs=obs, done=done, priorities=priorities)
+
+        def step(ours=ours):
+            batch = ours.sample(STEP_BATCH, beta=0.4)
+            ours.update_priorities(batch["indexes"], td)
+
+        steps[f"isample, normalize={normalize!r}"] = step
+    try:
+        from tensordict import TensorDict
+        from torchrl.data import LazyTensorStorage
+        from torchrl.data import PrioritizedReplayBuffer as TorchRLBuffer
+    except Exception as error:  # noqa: BLE001 - torchrl missing or not loadable with this torch
+        benchmark.extra_info["torchrl"] = f"not measured: {type(error).__name__}: {error}"
+    else:
+        torchrl_buffer = TorchRLBuffer(alpha=0.6, beta=0.4, eps=1e-6, storage=LazyTensorStorage(n), batch_size=STEP_BATCH)
+        t = torch.from_numpy
+        torchrl_buffer.extend(
+            TensorDict({"obs": t(obs), "act": t(act), "rew": t(rew), "next_obs": t(obs), "done": t(done)}, batch_size=[n])
+        )
+        torchrl_buffer.update_priority(torch.arange(n), t(priorities.astype(np.float32)))
+        torchrl_td = t(td)
+
+        def torchrl_step():
+            _, info = torchrl_buffer.sample(return_info=True)
+            torchrl_buffer.update_priority(info["index"], torchrl_td)
+
+        steps["TorchRL PrioritizedReplayBuffer"] = torchrl_step
+    interleaved(benchmark, steps, pairs=1500, warmup=50)
+
+
 # -- report ------------------------------------------------------------------------------------
 
 
@@ -336,14 +411,21 @@ def report(path: str) -> str:
     variant's overhead (median of paired differences) in µs and % of the baseline."""
     with open(path) as f:
         data = json.load(f)
-    lines = ["| workload | without isample (µs/step) | with isample (µs/step) | overhead |", "|---|---:|---:|---:|"]
+    lines = [
+        "| workload | without isample (µs/step) | with isample (µs/step) | overhead | ratio |",
+        "|---|---:|---:|---:|---:|",
+    ]
     for bench in data["benchmarks"]:
         extra = bench.get("extra_info", {})
         medians, overheads = extra.get("median_us_per_step", {}), extra.get("overhead_us_per_step", {})
         base = medians.get(BASELINE)
         for name, over in overheads.items():
             label = bench["group"] if name == "isample" else f"{bench['group']}: {name}"
-            lines.append(f"| {label} | {base:,.1f} | {medians[name]:,.1f} | {over:+,.1f} µs ({over / base:+.1%}) |")
+            ratio = medians[name] / base
+            lines.append(f"| {label} | {base:,.1f} | {medians[name]:,.1f} | {over:+,.1f} µs ({over / base:+.1%}) | {ratio:.2f}× |")
+    cpu = data["benchmarks"][0].get("extra_info", {}).get("cpu", {}) if data["benchmarks"] else {}
+    if cpu:
+        lines += ["", f"CPU: {cpu.get('model')}, L2 {cpu.get('l2_cache')}, L3 {cpu.get('l3_cache')}"]
     return "\n".join(lines)
 
 
