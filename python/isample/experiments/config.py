@@ -262,6 +262,25 @@ SCIENCE_SETTINGS: Dict[str, Any] = {
 }
 
 STUDIES: Dict[str, Study] = {
+    # The main job (README, "Set up and run"): the seed paper's grid (its presets uniform,
+    # last loss and running loss, with and without augmentation, 3 seeds) reduced to fit 2 CPU
+    # cores: Fashion-MNIST, the small CNN, a stratified 10,000 training images, at most 20
+    # epochs with the learning rate x0.1 at epochs 8 and 15, early stopping after 8 (the paper:
+    # CIFAR-10, ResNet18, 15 / 30 / 15). The same runs as
+    #     isample train --grid paper --dataset fashion-mnist --model small_cnn --seeds 3 \
+    #       --train-subset 10000 --max-epochs 20 --lr-milestones 8 15 --patience 8
+    # (tests/test_study_paper.py checks it), reported against a target accuracy of 85%.
+    "paper": Study(
+        results="docs/results/paper-fmnist",
+        presets=PAPER_PRESETS,
+        variants=({"augment": True}, {"augment": False}),
+        settings={"dataset": "fashion-mnist", "model": "small_cnn", "train_subset": 10_000, "max_epochs": 20,
+                  "lr_milestones": (8, 15), "patience": 8},
+        seeds=3,
+        report={"target_accuracy": 0.85},
+        description="the seed paper's grid reduced for a CPU: uniform / last loss / running loss x augmentation, "
+                    "Fashion-MNIST, small CNN, 3 seeds",
+    ),
     # When does importance sampling pay off? Every policy of the library against uniform
     # sampling on real Fashion-MNIST, balanced and long-tailed (ratios 10 and 100), with the
     # small CNN, sized to finish in about an hour on 2 CPU cores. Every run gets the same
