@@ -52,8 +52,6 @@ except ImportError:  # the plugin is in the [test] extra; without it the blocks 
 # (a block that starts to pass fails the suite until its entry goes). (file, the block's first
 # line, or its start) -> what it needs.
 KNOWN_FAILURES: Dict[Tuple[str, str], str] = {
-    ("README.md", "tree = isample.SoftmaxTree(50_000"):
-        "uses isample and torch from the quick start: make it ```python continuation (or import them)",
     ("docs/adapters.md", "from isample.integrations.replay import PrioritizedReplayBuffer"):
         "uses obs, act, rew, next_obs, done, O, A, R, O2, D, q and target without defining them",
     ("docs/backend_protocol.md", "w = sampler.weights(index, dtype=losses.dtype, device=losses.device)"):
