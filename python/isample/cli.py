@@ -2,6 +2,7 @@
 
     isample train --preset last_loss --dataset fashion-mnist --model small_cnn --seeds 3
     isample train --grid paper --dataset cifar10 --data-dir data/     # the seed paper's study
+    torchrun --nproc_per_node 3 -m isample.cli train --preset grad_norm_proportional --scorer-ranks 1
     isample plot runs/* --out figures/
     isample report runs/*
     isample study science                     # a named study: runs, report, figures, metrics
@@ -146,8 +147,21 @@ def _train(args: argparse.Namespace) -> int:
         configs = _configs(
             parser, lambda: [preset(n, augment=a, seed=s, **overrides) for n in names for a in augment for s in seeds]
         )
+    _check_scorer_ranks(parser, configs, args.scorer_ranks)
     _check_data(parser, configs)
     return _run_all(configs, out, args)
+
+
+def _check_scorer_ranks(parser: argparse.ArgumentParser, configs: list, scorer_ranks: int) -> None:
+    """--scorer-ranks fits the processes torchrun started and every run (each rank checks the
+    same, so all of them refuse together)."""
+    from .experiments.world import check_scorer_ranks, world_size
+
+    for config in configs:
+        try:
+            check_scorer_ranks(config, scorer_ranks, world_size())
+        except ValueError as error:
+            parser.error(f"{config.name}: {error}" if len(configs) > 1 else str(error))
 
 
 def _lead() -> bool:
@@ -176,6 +190,7 @@ def _run_all(configs: list, out: Path, args: argparse.Namespace) -> int:
         summary = train(
             config, out / config.name, resume=not args.restart, progress=not args.no_progress,
             checkpoint_seconds=args.checkpoint_seconds, max_wall_seconds=args.max_wall_seconds,
+            scorer_ranks=getattr(args, "scorer_ranks", 0),
         )
         if not done_before:
             trained.append(time.monotonic() - start)
@@ -393,6 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seeds", type=_positive_int, default=1, help="number of seeds (default 1)")
     t.add_argument("--seed", type=_count, default=0, help="first seed (default 0)")
     _add_run_options(t)
+    t.add_argument("--scorer-ranks", type=_count, default=0, metavar="K",
+                   help="under torchrun: the last K ranks serve fresh scores to the others, which train (the second "
+                        "seed's scoring workers as ranks; methods grad_norm and last_loss, e.g. --preset "
+                        "grad_norm_proportional; not with --scorers)")
     t.add_argument("--out", default="runs", help="folder of the run folders (default runs/)")
     t.set_defaults(handler=_train, parser=t)  # errors name the subcommand
 

@@ -1,4 +1,5 @@
-"""Scoring workers in the runner: a ``ScorerPool`` beside the training loop (``RunConfig.scorers``).
+"""Scoring workers in the runner: a ``ScorerPool`` beside the training loop (``RunConfig.scorers``,
+or under torchrun the job's last ranks, ``--scorer-ranks``).
 
 The second seed's system (Alain et al. 2015, ``isample.scoring``): ``config.scorers`` worker
 processes sweep the run's training images over and over, each scoring every item with the
@@ -13,6 +14,11 @@ module adapts the pool to the runner:
   workers alive and refused messages, and the CPU seconds the workers used, read from
   ``/proc`` so that the wall-clock of the trainer and the extra hardware of the workers are
   reported apart.
+
+Under torchrun with scorer ranks (``distributed_run``) ``RunScorers`` opens the same pool with
+``ranks=`` on every trainer; the scorer ranks serve ``RunImages`` of the same data. Its
+records then say how many ``scorer_ranks`` served, and ``cpu_seconds`` is None: those
+processes are not this one's children, perhaps not on this machine.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import torch
 
 from .augment import normalize
 from .config import RunConfig
+from .data import Dataset
 
 __all__ = ["RunImages", "RunScorers", "process_cpu_seconds"]
 
@@ -44,6 +51,11 @@ class RunImages(torch.utils.data.Dataset):
         self.images = images.cpu()
         self.labels = labels.cpu()
         self.mean, self.std = tuple(mean), tuple(std)
+
+    @classmethod
+    def of(cls, data: Dataset) -> "RunImages":
+        """The training split of a run's data set."""
+        return cls(data.train_images, data.train_labels, data.mean, data.std)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -74,19 +86,25 @@ class RunScorers:
         config: the run (``scorers`` workers, ``publish_every``, the method's score).
         images: the workers' data set (``RunImages``).
         model: the model being trained (the workers get a copy, then published parameters).
-        sampler: the run's ``ImportanceSampler``; the pool writes the scores into it.
+        sampler: the run's ``ImportanceSampler`` (``DistributedImportanceSampler`` with
+            ranks); the pool writes the scores into it.
         state: the pool's saved state (``state_dict``) when the run resumes.
+        ranks: a ``ScorerRanks`` on a trainer rank: the scorers are the job's scorer ranks
+            instead of ``config.scorers`` local processes.
     """
 
     def __init__(self, config: RunConfig, images: RunImages, model: torch.nn.Module, sampler: Any,
-                 state: Optional[Dict[str, Any]] = None) -> None:
+                 state: Optional[Dict[str, Any]] = None, ranks: Any = None) -> None:
         from ..scoring import ScorerPool
 
-        self.pool = ScorerPool(sampler, model, images, score=POOL_SCORES[config.method], workers=config.scorers,
-                               publish_every=config.publish_every, seed=config.seed)
+        self.ranks = ranks
+        workers = {} if ranks is not None else {"workers": config.scorers}
+        self.pool = ScorerPool(sampler, model, images, score=POOL_SCORES[config.method], publish_every=config.publish_every,
+                               seed=config.seed, ranks=ranks, **workers)
         if state is not None:
             self.pool.load_state_dict(state["pool"])
-        self._cpu_before = 0.0 if state is None else float(state["cpu_seconds"])  # earlier sessions' workers
+        # earlier sessions' workers (None: scorer ranks, whose CPU time is not read here)
+        self._cpu_before = 0.0 if state is None or state["cpu_seconds"] is None else float(state["cpu_seconds"])
         self._cpu: Dict[int, float] = {}  # last reading of each worker process of this session
         started = time.perf_counter()
         self.pool.start()
@@ -96,8 +114,11 @@ class RunScorers:
         """After every optimizer step: publish when due, apply the scores that arrived."""
         self.pool.step(model)
 
-    def cpu_seconds(self) -> float:
-        """CPU seconds the workers have used in this run so far (all sessions of a resumed run)."""
+    def cpu_seconds(self) -> Optional[float]:
+        """CPU seconds the workers have used in this run so far (all sessions of a resumed run);
+        None with scorer ranks (other processes, perhaps on other machines)."""
+        if self.ranks is not None:
+            return None
         for pid in self.pool.worker_pids:
             if pid is not None:
                 seconds = process_cpu_seconds(pid)
@@ -107,13 +128,18 @@ class RunScorers:
 
     def record(self) -> Dict[str, Any]:
         """The epoch record's ``scorers`` entry. A worker found dead (killed, say) is started
-        again here, once an epoch, at most MAX_RESTARTS times a session; then the run fails."""
+        again here, once an epoch, at most MAX_RESTARTS times a session; then the run fails.
+        (A scorer rank is not restarted here: one that fails raises ScorerError on every
+        trainer, and one that dies is torchrun's business.) With ranks, a collective of the
+        trainers."""
         stats = self.pool.stats()
-        if stats["workers_alive"] < stats["workers"]:
+        if self.ranks is None and stats["workers_alive"] < stats["workers"]:
             if self.pool.stats()["restarts"] >= MAX_RESTARTS:
                 raise RuntimeError(f"the scoring workers died {MAX_RESTARTS + 1} times in this run; see the warnings above")
             self.pool.restart()
+        ranks = {} if self.ranks is None else {"scorer_ranks": stats["workers"]}
         return {
+            **ranks,
             "coverage": stats["coverage"],
             "staleness": stats["staleness"],
             "items_per_second": stats["items_per_second"],

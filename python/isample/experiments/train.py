@@ -12,9 +12,10 @@ and saves a checkpoint (atomically) from which ``resume=True`` continues, mid-ep
 Timing: on a GPU the sampler's calls are bracketed by synchronisations so the sampling share
 is the sampler's own time (the syncs slow training a little; the share is what matters).
 
-Under ``torchrun`` with several processes (``WORLD_SIZE > 1``) the same loop runs in the
-world of :mod:`isample.experiments.distributed_run` (DistributedImportanceSampler, DDP,
-rank 0 writes); in one process its ``OneProcess`` world communicates nothing.
+Everything that differs between one process and several the loop asks of its *world*
+(:mod:`isample.experiments.world`): in one process ``OneProcess``, which communicates nothing;
+under ``torchrun`` (``WORLD_SIZE > 1``) ``distributed_run.DistributedWorld``
+(DistributedImportanceSampler, DDP, rank 0 writes; optionally scorer ranks).
 """
 
 from __future__ import annotations
@@ -39,20 +40,13 @@ from ..checkpoint import load_checkpoint, save_checkpoint
 from .augment import normalize, random_crop_flip
 from .config import RunConfig
 from .data import Dataset, load_dataset, long_tailed, subset
+from .evaluation import class_accuracy, evaluate
 from .models import build_model
+from .world import OneProcess, make_world, resolve_device
 
 __all__ = ["train", "evaluate", "class_accuracy", "load_run_data", "resolve_device"]
 
 CHECKPOINT = "checkpoint.pt"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was asked for, but torch sees no GPU")
-    return device
 
 
 def load_run_data(config: RunConfig) -> Dataset:
@@ -63,79 +57,6 @@ def load_run_data(config: RunConfig) -> Dataset:
     if config.train_subset or config.test_subset:
         data = subset(data, config.train_subset, config.test_subset, seed=config.seed)
     return data
-
-
-def class_accuracy(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Per-class accuracy, float64 (C,): correct / present for each class (NaN if absent)."""
-    correct = torch.bincount(labels[predictions == labels], minlength=num_classes).double()
-    present = torch.bincount(labels, minlength=num_classes).double()
-    return correct / present
-
-
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    data: Dataset,
-    *,
-    batch_size: int,
-    autocast: Callable[[], Any],
-    channels_last: bool,
-) -> Dict[str, Any]:
-    """Loss and accuracy on a whole split: eval mode, no augmentation, every example once.
-
-    (The seed paper's presentation had a bug exactly here; tests check this against hand-made
-    cases.) Returns loss, accuracy, balanced accuracy (mean over classes present), the worst
-    class's accuracy and the per-class accuracies.
-    """
-    total_loss, predictions = predict_range(model, images, labels, data, 0, labels.shape[0], batch_size=batch_size,
-                                            autocast=autocast, channels_last=channels_last)
-    per_class = class_accuracy(predictions, labels, data.num_classes)
-    return evaluation_record(float(total_loss) / labels.shape[0], float((predictions == labels).double().mean()), per_class)
-
-
-@torch.no_grad()
-def predict_range(
-    model: torch.nn.Module,
-    images: torch.Tensor,
-    labels: torch.Tensor,
-    data: Dataset,
-    lo: int,
-    hi: int,
-    *,
-    batch_size: int,
-    autocast: Callable[[], Any],
-    channels_last: bool,
-):
-    """The summed loss (float64) and the predictions on items lo..hi-1, in eval mode."""
-    was_training = model.training
-    model.eval()
-    total_loss = torch.zeros((), dtype=torch.float64, device=images.device)
-    predictions = torch.empty_like(labels[lo:hi])
-    for start in range(lo, hi, batch_size):
-        stop = min(start + batch_size, hi)
-        x = normalize(images[start:stop], data.mean, data.std)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast():
-            logits = model(x)
-        total_loss += F.cross_entropy(logits.float(), labels[start:stop], reduction="sum").double()
-        predictions[start - lo : stop - lo] = logits.argmax(1)
-    model.train(was_training)
-    return total_loss, predictions
-
-
-def evaluation_record(loss: float, accuracy: float, per_class: torch.Tensor) -> Dict[str, Any]:
-    """The evaluation record from the mean loss, the accuracy and the per-class accuracies."""
-    present = per_class[~torch.isnan(per_class)]
-    return {
-        "loss": loss,
-        "accuracy": accuracy,
-        "balanced_accuracy": float(present.mean()),
-        "worst_class_accuracy": float(present.min()),
-        "per_class_accuracy": [None if math.isnan(a) else float(a) for a in per_class.tolist()],
-    }
 
 
 def make_sampler(
@@ -287,72 +208,6 @@ def _progress(total: int, description: str, enabled: bool):
     return tqdm(total=total, desc=description, leave=False, dynamic_ncols=True, file=sys.stderr)
 
 
-class OneProcess:
-    """The world of a run in one process. The training loop in `train` asks its world for
-    everything that differs under torchrun (see distributed_run.DistributedWorld, which has
-    the same methods); here each answer is the plain one, so nothing is communicated."""
-
-    rank, size, lead = 0, 1, True  # lead: this process writes the run folder, logs and shows progress
-    where = ""  # appended to the "resumed at" line
-
-    def setup(self, config: RunConfig) -> torch.device:
-        return resolve_device(config.device)
-
-    def on_lead(self, work: Callable[[], Any]) -> Any:
-        """work() run by the lead process, its result (or error) on every process."""
-        return work()
-
-    def checkpoint_location(self, device: torch.device) -> Any:
-        return device
-
-    def batch_size(self, config: RunConfig) -> int:
-        """This process's share of a step's batch."""
-        return config.batch_size
-
-    def make_sampler(self, config: RunConfig, num_items: int, device: torch.device) -> Optional[isample.EpochSampler]:
-        return make_sampler(config, num_items, device)
-
-    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
-        """The module the training steps call (under torchrun, DistributedDataParallel)."""
-        return model
-
-    def shard(self, order: torch.Tensor) -> torch.Tensor:
-        """This process's part of a uniform epoch's shuffled order."""
-        return order
-
-    def sum(self, values: torch.Tensor) -> torch.Tensor:
-        """`values` summed over the processes."""
-        return values
-
-    def agree(self, *flags: bool) -> List[bool]:
-        """Each flag, true everywhere when it is true on any process (so all stop or save together)."""
-        return list(flags)
-
-    def evaluate(self, model: torch.nn.Module, data: Dataset, **options: Any) -> Dict[str, Any]:
-        return evaluate(model, data.test_images, data.test_labels, data, **options)
-
-    def lead_seconds(self, seconds: Dict[str, float]) -> Dict[str, float]:
-        """The lead process's wall-clock split (the one the records keep)."""
-        return dict(seconds)
-
-    def random_state(self, saved: Dict[str, Any]) -> Dict[str, Any]:
-        """This process's random-number state ("augment_generator", "torch_rng") in a checkpoint."""
-        return saved
-
-    def gather_random_state(self, mine: Dict[str, Any]) -> Dict[str, Any]:
-        """The checkpoint entries that keep every process's random-number state."""
-        return mine
-
-    def checkpoint_tag(self) -> Dict[str, Any]:
-        return {}  # a checkpoint without a world_size is a single-process one
-
-    def summary_extras(self) -> Dict[str, Any]:
-        return {}
-
-    def finish(self) -> None:
-        """Called once the run folder is complete."""
-
-
 def _open_run(config: RunConfig, run_dir: Path, resume: bool, world: OneProcess, device: torch.device):
     """Check and prepare the run folder: ("done", summary), ("resume", checkpoint) or ("fresh", None)."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -368,7 +223,10 @@ def _open_run(config: RunConfig, run_dir: Path, resume: bool, world: OneProcess,
         return "done", json.loads(summary_path.read_text())
     if resume and checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path, map_location=world.checkpoint_location(device))
-        saved_by = state.get("world_size", 1)
+        saved_by, saved_scorers = state.get("world_size", 1), state.get("scorer_ranks", 0)
+        if saved_scorers != world.scorer_ranks:
+            raise ValueError(f"{checkpoint_path} was saved with {saved_scorers} scorer rank(s); resume it with "
+                             f"--scorer-ranks {saved_scorers} (this is {world.scorer_ranks}), or pass --restart")
         if saved_by != world.size:
             if saved_by == 1:
                 raise ValueError(f"{checkpoint_path} comes from a single-process run: resume it without torchrun, "
@@ -388,6 +246,7 @@ def train(
     checkpoint_seconds: float = 300.0,
     log: Callable[[str], None] = print,
     max_wall_seconds: Optional[float] = None,
+    scorer_ranks: int = 0,
 ) -> Dict[str, Any]:
     """Run (or continue) one training run in `run_dir`; returns its summary.
 
@@ -402,18 +261,16 @@ def train(
         log: where the one-line-per-epoch report goes.
         max_wall_seconds: stop (after a checkpoint) once this much wall-clock has passed in
             this call; the run is then incomplete and ``resume=True`` continues it.
+        scorer_ranks: under torchrun, the job's last this many ranks serve scores to the
+            others (the second seed's scoring workers as ranks: methods grad_norm and
+            last_loss, no local ``scorers``); 0: every rank trains.
 
     Under torchrun with WORLD_SIZE > 1 every process calls this with the same arguments and
     gets the same summary; the loop then runs in a ``distributed_run.DistributedWorld`` and
     rank 0 writes.
     """
     started = time.perf_counter()
-    if _world_size() > 1:
-        from .distributed_run import DistributedWorld
-
-        world: OneProcess = DistributedWorld()
-    else:
-        world = OneProcess()
+    world = make_world(scorer_ranks)
     device = world.setup(config)
     run_dir = Path(run_dir)
     outcome, saved = world.on_lead(lambda: _open_run(config, run_dir, resume, world, device))
@@ -430,20 +287,19 @@ def train(
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if on_gpu and config.amp else _nullcontext
+    if world.serves:  # a scorer rank: its parameters come from the lead's publishes
+        return world.serve(config, data, model)
     if saved is not None:
         model.load_state_dict(saved["model"])  # before wrapping: DDP starts every rank from rank 0's weights
     net = world.wrap(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(config.lr_milestones), gamma=config.lr_gamma)
     sampler_device = device if on_gpu and isample.cuda_available() else torch.device("cpu")
-    sampler = world.make_sampler(config, n, sampler_device)
+    sampler = make_sampler(config, n, sampler_device, importance_sampler=world.importance_sampler(config))
     # Each process augments its own items, so each has its own stream (rank 0's is the
     # single-process one); the shuffle is one global order, so its seed is shared.
     augment_generator = torch.Generator(device=device).manual_seed(config.seed + 1_000_003 + 7_919 * world.rank)
     shuffle_generator = torch.Generator().manual_seed(config.seed + 2_000_003)
-    if config.scorers and world.size > 1:
-        raise ValueError("scoring workers (scorers > 0) run beside a single-process trainer; under torchrun the "
-                         "scorers are ranks (--scorer-ranks), which this runner does not offer yet")
     # uniform sampling with epoch_steps: one shuffled stream cut into epochs of that many steps
     stream = UniformStream(n, epoch_draws(config, n), shuffle_generator) if sampler is None and config.epoch_steps else None
     snapshots = set(config.snapshot_steps)
@@ -537,12 +393,7 @@ def train(
     stop_reason = None
     last_checkpoint = time.perf_counter()
     images, labels = data.train_images, data.train_labels
-    scorers = None
-    if config.scorers:
-        from .scorers import RunImages, RunScorers
-
-        scorers = RunScorers(config, RunImages(data.train_images, data.train_labels, data.mean, data.std), model,
-                             sampler, scorer_state)
+    scorers = world.make_scorers(config, data, model, sampler, scorer_state)
     stopped_mid_epoch = False  # the last epoch ended before its last batch (a step budget)
     try:
         while epoch < config.max_epochs and stop_reason is None:
@@ -654,7 +505,9 @@ def train(
                     save(state)
                     if world.lead:
                         log(f"[{config.name}] stopped after {max_wall_seconds:.0f} s in epoch {epoch}; resume to continue")
-                    return {"complete": False, "epoch": epoch}
+                    if scorers is not None:
+                        scorers.close()  # before finish: scorer ranks return only once the pool is closed
+                    return world.finish({"complete": False, "epoch": epoch})
             if bar is not None:
                 bar.close()
             stopped_mid_epoch = state.rank_seen < epoch_length
@@ -720,8 +573,7 @@ def train(
     summary.update(world.summary_extras())
     if world.lead:
         _write_text(run_dir / "summary.json", json.dumps(summary, indent=2))
-    world.finish()
-    return summary
+    return world.finish(summary)
 
 
 def _drawn_from(sampler: Any) -> Optional[torch.Tensor]:
@@ -794,14 +646,6 @@ def summarize(config: RunConfig, history: List[Dict[str, Any]], stop_reason: str
         "seconds": seconds,
         "sampling_share": seconds["sampling"] / total if total else 0.0,
     }
-
-
-def _world_size() -> int:
-    """The number of processes torchrun started (its WORLD_SIZE; 1 when unset or not a number)."""
-    try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        return 1
 
 
 def _cpu_name() -> str:
