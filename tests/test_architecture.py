@@ -130,6 +130,17 @@ def test_the_library_never_imports_the_runner():
             assert not runner, f"{module} imports {runner}"
 
 
+def test_the_training_loop_and_the_distributed_world_do_not_import_each_other():
+    """Issue 20's cycle stays broken: train.py and distributed_run.py both import the world
+    abstraction (experiments/world.py) and neither imports the other; only world.make_world
+    names the distributed world, lazily."""
+    found = {module: {target for _, target in imports(module, path)} for module, path in modules()}
+    train, distributed, world = ("isample.experiments." + name for name in ("train", "distributed_run", "world"))
+    assert world in found[train] and world in found[distributed]
+    assert distributed not in found[train] and train not in found[distributed]
+    assert train not in found[world]
+
+
 def test_a_new_module_must_be_given_a_layer():
     with pytest.raises(KeyError, match="LAYER_OF"):
         layer("isample.newmodule")
