@@ -2,7 +2,7 @@
 
     from isample.distributed import DistributedImportanceSampler
 
-    sampler = DistributedImportanceSampler(len(train_set), score="running_loss", seed=0)
+    sampler = DistributedImportanceSampler(len(train_set), seed=0)   # ImportanceSampler's defaults
     loader = DataLoader(isample.IndexedDataset(train_set), batch_size=128, sampler=sampler)
     for epoch in range(epochs):
         sampler.set_epoch(epoch)
@@ -108,7 +108,7 @@ from torch.utils.data import Sampler
 
 from . import _backend
 from ._backend import DeviceLike
-from .sampler import Epoch, ImportanceSampler, ScoreUpdate, _as_losses, _continues, derive_seed
+from .sampler import Epoch, ImportanceSampler, ScoreUpdate, _as_losses, _continues, derive_seed, paper_options
 from .scores import ScorePolicy
 from .transforms import Transform
 from .tree import SoftmaxTree, SumTree, uniforms
@@ -1787,8 +1787,10 @@ class DistributedImportanceSampler(Sampler[int]):
     The other arguments (``score``, ``transform``, ``samples_per_epoch``, ``replacement``,
     ``warmup_epochs``, ``weighting``, ``uniform_mix``, ``weight_exponent``,
     ``normalize_weights``, ``initial_score``, ``nonfinite``, ``clamp_value``, ``seed``,
-    ``device``) are as for ImportanceSampler; ``samples_per_epoch`` is the size of the
-    global sample.
+    ``device``) and their defaults are ImportanceSampler's (the recipe: the last loss, in
+    proportion, 20% uniform, with replacement, unbiased weights, one warm-up epoch);
+    ``samples_per_epoch`` is the size of the global sample. ``DistributedImportanceSampler.paper``
+    builds the seed paper's method, as ``ImportanceSampler.paper`` does.
 
     Costs per call are in the module docstring and ``docs/distributed.md``.
     """
@@ -1804,12 +1806,12 @@ class DistributedImportanceSampler(Sampler[int]):
         rank: Optional[int] = None,
         group: Optional["ProcessGroup"] = None,
         score: Union[str, ScorePolicy] = "last_loss",
-        transform: Union[str, Transform] = "softmax",
+        transform: Union[str, Transform] = "proportional",
         samples_per_epoch: Optional[int] = None,
         replacement: bool = True,
-        warmup_epochs: int = 0,
+        warmup_epochs: int = 1,
         weighting: str = "auto",
-        uniform_mix: float = 0.0,
+        uniform_mix: float = 0.2,
         weight_exponent: Union[float, Callable[[int], float]] = 1.0,
         normalize_weights: Optional[str] = None,
         initial_score: float = 0.0,
@@ -1868,6 +1870,43 @@ class DistributedImportanceSampler(Sampler[int]):
         )
         self._comm = comm
         self._config_digest = _fingerprint(config)
+
+    @classmethod
+    def paper(
+        cls,
+        num_items: int,
+        *,
+        score: str = "last_loss",
+        samples_per_epoch: Optional[int] = None,
+        warmup_epochs: Optional[int] = None,
+        beta: Optional[float] = None,
+        temperature: float = 1.0,
+        replacement: bool = False,
+        nonfinite: str = "raise",
+        clamp_value: float = 1e4,
+        seed: int = 0,
+        device: DeviceLike = "cpu",
+        sharded: bool = False,
+        exchange: Union[str, int] = "epoch",
+        drop_last: bool = False,
+        num_replicas: Optional[int] = None,
+        rank: Optional[int] = None,
+        group: Optional["ProcessGroup"] = None,
+    ) -> "DistributedImportanceSampler":
+        """The seed paper's method across the ranks: the arguments of
+        ``ImportanceSampler.paper`` (softmax of the scores, Appendix A's |Z| drawn without
+        replacement, 1 / (N p) weights, no uniform mixture) and this class's own (``sharded``,
+        which needs ``replacement=True``, ``exchange``, ``drop_last``, ``num_replicas``,
+        ``rank``, ``group``). ``samples_per_epoch`` is the size of the global sample. What the
+        paper-study runner builds under torchrun."""
+        options = paper_options(
+            num_items, score=score, samples_per_epoch=samples_per_epoch, warmup_epochs=warmup_epochs,
+            beta=beta, temperature=temperature, replacement=replacement,
+        )
+        return cls(
+            num_items, **options, nonfinite=nonfinite, clamp_value=clamp_value, seed=seed, device=device,
+            sharded=sharded, exchange=exchange, drop_last=drop_last, num_replicas=num_replicas, rank=rank, group=group,
+        )
 
     # -- what DistributedSampler has ------------------------------------------------------
     @property
