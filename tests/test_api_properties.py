@@ -737,7 +737,7 @@ def test_a_checkpoint_loads_back_or_is_refused_at_save_time(state, poison):
 
 @given(data=st.data())
 def test_damaged_checkpoint_bytes_are_refused_cleanly(data):
-    sampler = isample.ImportanceSampler(20, transform="rank", samples_per_epoch=7, seed=1)
+    sampler = isample.ImportanceSampler(20, uniform_mix=0.0, warmup_epochs=0, transform="rank", samples_per_epoch=7, seed=1)
     sampler.update(range(20), np.linspace(0.0, 2.0, 20))
     list(iter(sampler))
     with tempfile.TemporaryDirectory() as directory:
@@ -756,6 +756,6 @@ def test_damaged_checkpoint_bytes_are_refused_cleanly(data):
         except Exception as error:  # noqa: BLE001
             assert isinstance(error, ValueError), f"{type(error).__name__}: {error}"
         else:  # a change that left the file valid (a byte equal to the one it replaced)
-            fresh = isample.ImportanceSampler(20, transform="rank", samples_per_epoch=7, seed=1)
+            fresh = isample.ImportanceSampler(20, uniform_mix=0.0, warmup_epochs=0, transform="rank", samples_per_epoch=7, seed=1)
             fresh.load_state_dict(loaded)
             same(fresh.state_dict(), sampler.state_dict())

@@ -603,7 +603,7 @@ def test_cuda_bad_input_is_deferred_then_raised():
 @pytest.mark.parametrize("transform", ["softmax", "proportional"])
 def test_sampler_steps_do_not_synchronise_on_cuda(transform):
     n = 100_000
-    sampler = isample.ImportanceSampler(n, transform=transform, score="running_loss", samples_per_epoch=4096,
+    sampler = isample.ImportanceSampler(n, uniform_mix=0.0, warmup_epochs=0, transform=transform, score="running_loss", samples_per_epoch=4096,
                                         nonfinite="skip", device="cuda", seed=0)
     order = torch.tensor(list(iter(sampler)), device="cuda")
     losses = torch.rand(4096, device="cuda")
@@ -624,7 +624,7 @@ def test_sampler_steps_do_not_synchronise_on_cuda(transform):
 @pytest.mark.cuda
 @cuda
 def test_sampler_reports_rejected_batches_at_the_next_epoch():
-    sampler = isample.ImportanceSampler(1000, samples_per_epoch=100, device="cuda", seed=0)
+    sampler = isample.ImportanceSampler(1000, transform="softmax", uniform_mix=0.0, warmup_epochs=0, samples_per_epoch=100, device="cuda", seed=0)
     items = torch.tensor(list(iter(sampler)), device="cuda")
     sampler.update(items[:10], torch.full((10,), float("nan"), device="cuda"))
     with pytest.raises(ValueError):

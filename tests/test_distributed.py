@@ -32,6 +32,16 @@ from conftest import run_processes
 RUN_TIMEOUT_S = 120  # one two-process run, start-up included; a hang fails after this
 PG_TIMEOUT_S = 30  # any collective of the runs
 SHORT_TIMEOUT_S = 3  # the process group of the hang test
+# ImportanceSampler's defaults before issue 24 (softmax, no uniform mixture, no warm-up),
+# which the configurations below were written for; _old_defaults fills them in
+OLD_DEFAULTS = {"transform": "softmax", "uniform_mix": 0.0, "warmup_epochs": 0}
+
+
+def _old_defaults(configs: List[Dict[str, Any]]) -> None:
+    """Give every configuration the OLD_DEFAULTS it does not set itself."""
+    for config in configs:
+        for name, value in OLD_DEFAULTS.items():
+            config.setdefault(name, value)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -144,6 +154,7 @@ REPLICATED_CONFIGS = [
         seed=3,
     ),
 ]
+_old_defaults(REPLICATED_CONFIGS)
 
 
 def _scenario_replicated(rank: int, world: int, out: Path) -> Dict[str, Any]:
@@ -158,7 +169,7 @@ def _scenario_replicated(rank: int, world: int, out: Path) -> Dict[str, Any]:
         log, _ = _train(sampler, rank, 6, check=True)
         runs.append({"log": log, "scores": sampler.scores(), "len": len(sampler), "counters": dict(sampler.counters)})
     results["runs"] = runs
-    s = D(60, score="running_loss", initial_score=1.0, seed=14)
+    s = D(60, transform="softmax", uniform_mix=0.0, warmup_epochs=0, score="running_loss", initial_score=1.0, seed=14)
     results["overlap"] = {**_overlapping_updates(s, rank), "scores": s.scores()}
 
     # Exact resume: after a flush on every rank, rank 0 saves mid-epoch and every rank loads
@@ -208,7 +219,7 @@ def _scenario_replicated(rank: int, world: int, out: Path) -> Dict[str, Any]:
 
     # Bad input on one rank, exchange="step": every rank raises the same class at once, and
     # nothing of that step is applied anywhere.
-    s = D(20, score="running_loss", seed=1, exchange="step")
+    s = D(20, transform="softmax", uniform_mix=0.0, warmup_epochs=0, score="running_loss", seed=1, exchange="step")
     s.update(torch.arange(20), torch.linspace(0.0, 2.0, 20, dtype=torch.float64))
     before = s.scores().clone()
     nan = torch.tensor([1.0, math.nan], dtype=torch.float64)
@@ -226,13 +237,13 @@ def _scenario_replicated(rank: int, world: int, out: Path) -> Dict[str, Any]:
     s.check_consistency()
     results["after_bad"] = s.scores()
     results["bad_construction"] = {
-        "different_seeds": _outcome(lambda: D(20, seed=rank)),
-        "bad_argument_on_rank1": _outcome(lambda: D(20, samples_per_epoch=0 if rank == 1 else 5)),
+        "different_seeds": _outcome(lambda: D(20, transform="softmax", uniform_mix=0.0, warmup_epochs=0, seed=rank)),
+        "bad_argument_on_rank1": _outcome(lambda: D(20, transform="softmax", uniform_mix=0.0, warmup_epochs=0, samples_per_epoch=0 if rank == 1 else 5)),
     }
 
     # A rank that never calls flush: the other fails after the group's timeout, not forever.
     short = dist.new_group([0, 1], timeout=datetime.timedelta(seconds=SHORT_TIMEOUT_S))
-    s = D(20, group=short, seed=0)
+    s = D(20, transform="softmax", uniform_mix=0.0, warmup_epochs=0, group=short, seed=0)
     if rank == 0:
         started = time.monotonic()
         results["hang"] = _outcome(s.flush)
@@ -254,7 +265,7 @@ def _scenario_sharded(rank: int, world: int, out: Path) -> Dict[str, Any]:
     scores = 3.0 * (torch.arange(n, dtype=torch.float64) / (n - 1)) ** 2  # shard 1 holds most mass
 
     # Softmax: updates cross to the other rank's shard; one epoch of 20,000 draws per rank.
-    s = D(n, sharded=True, samples_per_epoch=40_000, seed=11)
+    s = D(n, transform="softmax", uniform_mix=0.0, warmup_epochs=0, sharded=True, samples_per_epoch=40_000, seed=11)
     theirs = torch.arange(n // 2, n) if rank == 0 else torch.arange(0, n // 2)
     s.update(theirs, scores[theirs])
     items = list(s)  # iter() first routes the updates to their owners
@@ -268,7 +279,7 @@ def _scenario_sharded(rank: int, world: int, out: Path) -> Dict[str, Any]:
 
     # Proportional with a uniform mixture and max-normalised weights.
     s = D(
-        n,
+        n, warmup_epochs=0,
         sharded=True,
         transform="proportional",
         uniform_mix=0.2,
@@ -286,15 +297,16 @@ def _scenario_sharded(rank: int, world: int, out: Path) -> Dict[str, Any]:
     }
 
     # Warm-up: each rank shuffles its own shard, padded to equal lengths.
-    s = D(61, sharded=True, warmup_epochs=1, seed=13)
+    s = D(61, transform="softmax", uniform_mix=0.0, sharded=True, warmup_epochs=1, seed=13)
     results["warmup"] = {"items": list(s), "shard": s.shard_range}
 
     # Routing: running loss with the same item updated by both ranks in one step.
-    s = D(n, sharded=True, score="running_loss", initial_score=1.0, seed=14)
+    s = D(n, transform="softmax", uniform_mix=0.0, warmup_epochs=0, sharded=True, score="running_loss", initial_score=1.0, seed=14)
     results["overlap"] = {**_overlapping_updates(s, rank), "scores": _gather_scores(s)}
 
     # Many training steps, then an exact resume where every rank saves and loads its own state.
-    config = dict(num_items=90, sharded=True, score="running_loss", samples_per_epoch=70, warmup_epochs=1, seed=5)
+    config = dict(num_items=90, sharded=True, score="running_loss", samples_per_epoch=70, warmup_epochs=1, seed=5,
+                  transform="softmax", uniform_mix=0.0)
     full, _ = _train(D(**config), rank, 5, check=True)
     head, state = _train(D(**config), rank, 5, stop=9, flush_at_stop=False)  # pending updates in it
     torch.save(state, out / f"sharded_state_{rank}.pt")
@@ -307,7 +319,7 @@ def _scenario_sharded(rank: int, world: int, out: Path) -> Dict[str, Any]:
     results["resume"] = {"full": full, "head": head, "tail": tail}
 
     # Bad input on one rank, exchange="step".
-    s = D(20, sharded=True, score="running_loss", seed=1, exchange="step")
+    s = D(20, transform="softmax", uniform_mix=0.0, warmup_epochs=0, sharded=True, score="running_loss", seed=1, exchange="step")
     s.update(torch.arange(20), torch.linspace(0.0, 2.0, 20, dtype=torch.float64))
     before = _gather_scores(s)
     good = torch.tensor([1.0, 2.0], dtype=torch.float64)
@@ -320,7 +332,7 @@ def _scenario_sharded(rank: int, world: int, out: Path) -> Dict[str, Any]:
     results["bad_unchanged"] = torch.equal(_gather_scores(s), before)
     s.update([5, 15], good)
     results["after_bad"] = _gather_scores(s)
-    results["unsupported"] = _outcome(lambda: D(20, sharded=True, replacement=False))
+    results["unsupported"] = _outcome(lambda: D(20, transform="softmax", uniform_mix=0.0, warmup_epochs=0, sharded=True, replacement=False))
     return results
 
 
@@ -371,6 +383,7 @@ MODE_CASES = [
     ("skip", dict(num_items=40, score="running_loss", nonfinite="skip", seed=26), "odd"),
     ("clamp", dict(num_items=40, nonfinite="clamp", clamp_value=50.0, seed=27), "odd"),
 ]
+_old_defaults([options for _, options, _ in MODE_CASES])
 SHARDED_MODE_CASES = ["last_loss", "running_loss", "grad_norm", "set_scores", "skip"]
 MODES: List[Any] = ["step", "epoch", 2]
 MODE_EPOCHS = 4
@@ -461,7 +474,7 @@ def _scenario_faults(rank: int, world: int, out: Path) -> Dict[str, Any]:
     nan = torch.tensor([1.0, math.nan], dtype=torch.float64)
     for layout in (False, True):
         # exchange="epoch": rank 1's second call holds a NaN; flush() raises on both ranks
-        s = D(20, score="running_loss", sharded=layout, seed=1)
+        s = D(20, transform="softmax", uniform_mix=0.0, warmup_epochs=0, score="running_loss", sharded=layout, seed=1)
         calls = [([0, 11], good), ([2, 13], nan if rank == 1 else good), ([4, 15], good * 3)]
         results[(layout, "epoch_calls")] = [_outcome(lambda c=c: s.update(*c)) for c in calls]
         started = time.monotonic()
@@ -475,7 +488,7 @@ def _scenario_faults(rank: int, world: int, out: Path) -> Dict[str, Any]:
 
         # exchange=2: rank 0's first call passes float indices (refused when recorded); it is
         # reported where that window is applied, two boundaries later, on both ranks.
-        s = D(20, score="running_loss", sharded=layout, seed=1, exchange=2)
+        s = D(20, transform="softmax", uniform_mix=0.0, warmup_epochs=0, score="running_loss", sharded=layout, seed=1, exchange=2)
         outcomes = []
         for k in range(7):
             idx = torch.tensor([3.0, 4.0]) if (rank == 0 and k == 0) else [k, 19 - k]
@@ -484,7 +497,7 @@ def _scenario_faults(rank: int, world: int, out: Path) -> Dict[str, Any]:
         results[(layout, "k_flush")] = _outcome(s.flush)
 
         # set_scores: a negative score on rank 1; iter() raises on both ranks, then draws next time
-        s = D(20, sharded=layout, seed=2)
+        s = D(20, transform="softmax", uniform_mix=0.0, warmup_epochs=0, sharded=layout, seed=2)
         s.set_scores([1, 12], [0.5, -1.0] if rank == 1 else [0.5, 1.0])
         s.set_scores([2, 13], [2.0, 3.0])
         results[(layout, "set_iter")] = _outcome(lambda: iter(s))
@@ -492,18 +505,18 @@ def _scenario_faults(rank: int, world: int, out: Path) -> Dict[str, Any]:
         results[(layout, "set_iter_again")] = _outcome(lambda: list(s))
 
     # A state saved with pending updates resumes only on the rank that saved it.
-    s = D(20, score="running_loss", seed=3)
+    s = D(20, transform="softmax", uniform_mix=0.0, warmup_epochs=0, score="running_loss", seed=3)
     list(s)
     s.update([rank, 10 + rank], good)
     state = s.state_dict()
     results["pending_state"] = state["pending"]
     torch.save(state, out / f"faults_state_{rank}.pt")
     dist.barrier()
-    other = D(20, score="running_loss", seed=3)
+    other = D(20, transform="softmax", uniform_mix=0.0, warmup_epochs=0, score="running_loss", seed=3)
     theirs = torch.load(out / f"faults_state_{1 - rank}.pt", weights_only=False)
     results["load_theirs"] = _outcome(lambda: other.load_state_dict(theirs))
-    results["load_theirs_state_unchanged"] = _same(other.state_dict(), D(20, score="running_loss", seed=3).state_dict())
-    step_mode = D(20, score="running_loss", seed=3, exchange="step")
+    results["load_theirs_state_unchanged"] = _same(other.state_dict(), D(20, transform="softmax", uniform_mix=0.0, warmup_epochs=0, score="running_loss", seed=3).state_dict())
+    step_mode = D(20, transform="softmax", uniform_mix=0.0, warmup_epochs=0, score="running_loss", seed=3, exchange="step")
     mine = torch.load(out / f"faults_state_{rank}.pt", weights_only=False)
     results["load_into_step_mode"] = _outcome(lambda: step_mode.load_state_dict(mine))
     other.load_state_dict(mine)
@@ -737,7 +750,7 @@ def test_sharded_warmup_covers_every_item_from_its_own_shard(sharded):
 
 
 def _check_overlapping_updates(results: List[Dict[str, Any]]) -> None:
-    reference = isample.ImportanceSampler(60, score="running_loss", initial_score=1.0, seed=14)
+    reference = isample.ImportanceSampler(60, transform="softmax", uniform_mix=0.0, warmup_epochs=0, score="running_loss", initial_score=1.0, seed=14)
     for step in zip(*(r["overlap"]["steps"] for r in results)):
         reference.update(sum((idx for idx, _ in step), []), sum((loss for _, loss in step), []))
     for r in results:
@@ -886,7 +899,7 @@ def test_refused_calls_are_kept_and_raised_on_every_rank_at_the_exchange(faults)
             assert r[(layout, "epoch_seconds")] < 10  # nobody waited for a timeout
             assert r[(layout, "epoch_flush_again")] == ("none", "")
         # every accepted call applied, in (step, rank) order; rank 1's second call changed nothing
-        reference = ImportanceSampler(20, score="running_loss", seed=1)
+        reference = ImportanceSampler(20, transform="softmax", uniform_mix=0.0, warmup_epochs=0, score="running_loss", seed=1)
         calls = [f[(layout, "epoch_calls_made")] for f in faults]
         for k in range(3):
             idx = sum((c[k][0] for rank, c in enumerate(calls) if not (rank == 1 and k == 1)), [])
@@ -931,6 +944,7 @@ EQUIVALENCE_CONFIGS = [
     dict(transform="proportional", uniform_mix=0.3, weight_exponent=0.5, normalize_weights="mean"),
     dict(transform=isample.Softmax(temperature=0.5), normalize_weights="max", samples_per_epoch=333),
 ]
+_old_defaults(EQUIVALENCE_CONFIGS)
 
 
 def _single_process_log(sampler: Any, epochs: int = 4) -> List[Any]:
@@ -1033,7 +1047,7 @@ def test_the_default_update_and_set_scores_read_no_tensor_on_the_host(one_proces
     if not sharded_mode:
         cases.append((dict(score=isample.EarlyImportance(30, 2), transform="proportional"), dict(logits=logits, targets=targets)))
     for options, extra in cases:
-        s = D(30, sharded=sharded_mode, seed=5, **options)
+        s = D(30, sharded=sharded_mode, seed=5, **{**OLD_DEFAULTS, **options})
         list(s)
         losses = torch.rand(6, dtype=torch.float32, requires_grad=True) * 2  # as a loss comes: float32, with grad
         with _NoHostReads():
@@ -1044,7 +1058,7 @@ def test_the_default_update_and_set_scores_read_no_tensor_on_the_host(one_proces
         s.flush()
         assert s.counters["updates"] == 6 and s.stats["pending_steps"] == 0
     # the negative control: the per-step exchange reads sizes on the host
-    s = D(30, sharded=sharded_mode, exchange="step")
+    s = D(30, transform="softmax", uniform_mix=0.0, warmup_epochs=0, sharded=sharded_mode, exchange="step")
     with pytest.raises(AssertionError, match="read on the host"):
         with _NoHostReads():
             s.update(idx, torch.ones(6))
@@ -1057,7 +1071,7 @@ def test_len_and_step_counts_never_draw_and_absurd_epochs_are_refused(sharded_mo
     from isample.distributed import DistributedImportanceSampler as D
 
     def run(ask: bool) -> List[int]:
-        s = D(50, sharded=sharded_mode, score="running_loss", samples_per_epoch=30, seed=8)
+        s = D(50, transform="softmax", uniform_mix=0.0, warmup_epochs=0, sharded=sharded_mode, score="running_loss", samples_per_epoch=30, seed=8)
         for epoch in range(2):
             items = list(s)
             if ask:
@@ -1067,7 +1081,7 @@ def test_len_and_step_counts_never_draw_and_absurd_epochs_are_refused(sharded_mo
         return list(s)
 
     assert run(True) == run(False)
-    s = D(50, sharded=sharded_mode, seed=8)
+    s = D(50, transform="softmax", uniform_mix=0.0, warmup_epochs=0, sharded=sharded_mode, seed=8)
     before = s.state_dict()
     for bad, kind in ((2**70, ValueError), (2**63, ValueError), (-1, ValueError), (1.5, TypeError), ("3", TypeError)):
         with pytest.raises(kind, match="epoch"):
@@ -1094,25 +1108,25 @@ def test_single_process_errors_and_state():
     from isample.distributed import DistributedImportanceSampler
 
     with pytest.raises(RuntimeError, match="init_process_group"):
-        DistributedImportanceSampler(10, num_replicas=2, rank=0)
+        DistributedImportanceSampler(10, transform="softmax", uniform_mix=0.0, warmup_epochs=0, num_replicas=2, rank=0)
     with pytest.raises(ValueError, match="replacement"):
-        DistributedImportanceSampler(10, sharded=True, replacement=False)
+        DistributedImportanceSampler(10, transform="softmax", uniform_mix=0.0, warmup_epochs=0, sharded=True, replacement=False)
     with pytest.raises(ValueError, match="global ranks"):
-        DistributedImportanceSampler(10, sharded=True, transform="rank")
-    s = DistributedImportanceSampler(10, samples_per_epoch=6, seed=0)
+        DistributedImportanceSampler(10, uniform_mix=0.0, warmup_epochs=0, sharded=True, transform="rank")
+    s = DistributedImportanceSampler(10, transform="softmax", uniform_mix=0.0, warmup_epochs=0, samples_per_epoch=6, seed=0)
     with pytest.raises(RuntimeError, match="iterate"):
         s.weights([0])
     it = iter(s)
     head = list(itertools.islice(it, 2))
     state = s.state_dict(consumed=2)
     rest = list(it)
-    other = DistributedImportanceSampler(10, samples_per_epoch=6, seed=0)
+    other = DistributedImportanceSampler(10, transform="softmax", uniform_mix=0.0, warmup_epochs=0, samples_per_epoch=6, seed=0)
     other.load_state_dict(state)
     assert head + list(iter(other)) == head + rest
     with pytest.raises(ValueError, match="different arguments"):
-        DistributedImportanceSampler(10, samples_per_epoch=7, seed=0).load_state_dict(state)
+        DistributedImportanceSampler(10, transform="softmax", uniform_mix=0.0, warmup_epochs=0, samples_per_epoch=7, seed=0).load_state_dict(state)
     with pytest.raises(ValueError, match="sharded"):
-        DistributedImportanceSampler(10, samples_per_epoch=6, seed=0, sharded=True).load_state_dict(state)
+        DistributedImportanceSampler(10, transform="softmax", uniform_mix=0.0, warmup_epochs=0, samples_per_epoch=6, seed=0, sharded=True).load_state_dict(state)
     assert s.total_steps(3, 4) == 3 * 2 and s.steps_per_epoch(4) == 2
 
 
@@ -1120,7 +1134,7 @@ def test_progress_counts_what_this_rank_was_yielded():
     from isample.distributed import DistributedImportanceSampler
 
     for sharded in (False, True):
-        s = DistributedImportanceSampler(10, samples_per_epoch=6, sharded=sharded, seed=0)
+        s = DistributedImportanceSampler(10, transform="softmax", uniform_mix=0.0, warmup_epochs=0, samples_per_epoch=6, sharded=sharded, seed=0)
         assert s.progress is None
         it = iter(s)
         list(itertools.islice(it, 2))

@@ -47,6 +47,10 @@ CONFIGS: Dict[str, Dict[str, Any]] = {
     "proportional_skip": dict(transform="proportional", replacement=False, samples_per_epoch=10, nonfinite="skip", seed=4),
     "sharded_clamp": dict(score="running_loss", nonfinite="clamp", clamp_value=20.0, seed=5, sharded=True),
 }
+# the defaults before issue 24 (softmax, no uniform mixture, no warm-up), which these configurations were written for
+for _config in CONFIGS.values():
+    for _name, _value in (("transform", "softmax"), ("uniform_mix", 0.0), ("warmup_epochs", 0)):
+        _config.setdefault(_name, _value)
 
 DOCUMENTED = (ValueError, IndexError, TypeError, RuntimeError)
 

@@ -210,8 +210,8 @@ def test_softmax_bad_input_is_refused_and_changes_nothing():
 def test_sampler_runs_on_the_host_build(rng):
     """The ImportanceSampler on a device tree (swapped in by hand: the sampler picks CUDA
     trees by its device): its epochs equal those on the CPU tree."""
-    cpu = isample.ImportanceSampler(300, samples_per_epoch=100, replacement=True, seed=2)
-    host = isample.ImportanceSampler(300, samples_per_epoch=100, replacement=True, seed=2)
+    cpu = isample.ImportanceSampler(300, transform="softmax", uniform_mix=0.0, warmup_epochs=0, samples_per_epoch=100, replacement=True, seed=2)
+    host = isample.ImportanceSampler(300, transform="softmax", uniform_mix=0.0, warmup_epochs=0, samples_per_epoch=100, replacement=True, seed=2)
     host._tree = isample.SoftmaxTree(300, seed=isample.sampler.derive_seed(2, "tree"), **HOST)
     scores = torch.from_numpy(rng.normal(size=300))
     for sampler in (cpu, host):

@@ -39,6 +39,10 @@ class Synthetic(Dataset):
         return {"input_ids": self.input_ids[i], "attention_mask": torch.ones(LENGTH, dtype=torch.long), "labels": self.labels[i]}
 
 
+# ImportanceSampler's defaults before issue 24 (softmax, no uniform mixture, no warm-up): the
+# helpers below keep them, so their first epoch is importance-sampled with the weights these tests check
+OLD_DEFAULTS = {"transform": "softmax", "uniform_mix": 0.0, "warmup_epochs": 0}
+
 def tiny_bert() -> BertForSequenceClassification:
     torch.manual_seed(0)
     config = BertConfig(
@@ -65,7 +69,7 @@ def sgd_trainer(model, args, dataset, **kwargs) -> ImportanceTrainer:
 
 
 def skewed_sampler(**kwargs) -> isample.ImportanceSampler:
-    sampler = isample.ImportanceSampler(N, seed=3, **kwargs)
+    sampler = isample.ImportanceSampler(N, seed=3, **{**OLD_DEFAULTS, **kwargs})
     sampler.update(torch.arange(N), torch.linspace(0.0, 3.0, N))
     return sampler
 
@@ -74,7 +78,7 @@ def test_one_step_applies_the_draw_time_weights_and_updates_the_scores(tmp_path)
     data = Synthetic()
     sampler = skewed_sampler()
     scores = sampler.scores()
-    twin = isample.ImportanceSampler(N, seed=3)
+    twin = isample.ImportanceSampler(N, transform="softmax", uniform_mix=0.0, warmup_epochs=0, seed=3)
     twin.load_state_dict(sampler.state_dict())
     first = torch.tensor(list(iter(twin))[:BATCH])
 
@@ -111,7 +115,7 @@ def test_one_step_applies_the_draw_time_weights_and_updates_the_scores(tmp_path)
 
 def test_epochs_follow_the_trainer_and_evaluation_is_unweighted(tmp_path):
     data = isample.IndexedDataset(Synthetic())
-    sampler = isample.ImportanceSampler(N, warmup_epochs=1, seed=0)
+    sampler = isample.ImportanceSampler(N, transform="softmax", uniform_mix=0.0, warmup_epochs=1, seed=0)
     trainer = sgd_trainer(tiny_bert(), arguments(tmp_path, num_train_epochs=2), data, sampler=sampler)
     trainer.train()
     assert [h["epoch"] for h in sampler.history][:2] == [0, 1]
@@ -131,7 +135,7 @@ def test_checkpoint_part_way_through_an_epoch_resumes_it(tmp_path):
     folder = tmp_path / "checkpoint-3"
     assert (folder / SAMPLER_FILE).is_file()
 
-    resumed_sampler = isample.ImportanceSampler(N, seed=3)
+    resumed_sampler = isample.ImportanceSampler(N, transform="softmax", uniform_mix=0.0, warmup_epochs=0, seed=3)
     seen = []
     resumed = sgd_trainer(tiny_bert(), arguments(tmp_path, max_steps=N // BATCH), data, sampler=resumed_sampler)
     original = resumed.compute_loss
@@ -155,7 +159,7 @@ def test_the_sampler_file_is_an_atomic_checked_checkpoint(tmp_path):
     assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]  # no temporary left
     with pytest.raises(ValueError, match=f"{N} items, but {N + 1} were expected"):
         load_sampler_state(path, N + 1)
-    other = isample.ImportanceSampler(N + 1, seed=3)
+    other = isample.ImportanceSampler(N + 1, transform="softmax", uniform_mix=0.0, warmup_epochs=0, seed=3)
     before = other.scores()
     with pytest.raises(ValueError):  # a sampler of another size refuses it, unchanged
         other.load_state_dict(load_sampler_state(path, other.num_items))
@@ -191,6 +195,7 @@ def test_the_trainer_exposes_its_sampler(tmp_path):
         trainer.sampler = isample.ImportanceSampler(N)  # read-only: the loader and checkpoints use the first
     default = sgd_trainer(tiny_bert(), args, isample.IndexedDataset(Synthetic()))
     assert isinstance(default.sampler, isample.ImportanceSampler) and default.sampler.num_items == N
+    assert default.sampler._config() == isample.ImportanceSampler(N, seed=args.seed)._config()  # the library's defaults
     updates = sampler.counters["updates"]
     trainer.train()
     assert trainer.sampler.counters["updates"] == updates + 1

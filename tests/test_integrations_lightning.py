@@ -29,6 +29,10 @@ pytestmark = [
 ]
 
 
+# ImportanceSampler's defaults before issue 24 (softmax, no uniform mixture, no warm-up): the
+# helpers below keep them, so their first epoch is importance-sampled with the weights these tests check
+OLD_DEFAULTS = {"transform": "softmax", "uniform_mix": 0.0, "warmup_epochs": 0}
+
 def data() -> TensorDataset:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(N, DIM, generator=g)
@@ -86,7 +90,7 @@ def loader(sampler, dataset=None) -> DataLoader:
 
 def skewed_sampler(**kwargs) -> isample.ImportanceSampler:
     """A sampler whose first epoch is importance-sampled from unequal scores, so weights != 1."""
-    sampler = isample.ImportanceSampler(N, seed=3, **kwargs)
+    sampler = isample.ImportanceSampler(N, seed=3, **{**OLD_DEFAULTS, **kwargs})
     sampler.update(torch.arange(N), torch.linspace(0.0, 3.0, N))
     return sampler
 
@@ -94,7 +98,7 @@ def skewed_sampler(**kwargs) -> isample.ImportanceSampler:
 def test_one_step_applies_the_draw_time_weights_and_updates_the_scores():
     sampler = skewed_sampler()
     scores = sampler.scores()
-    twin = isample.ImportanceSampler(N, seed=3)
+    twin = isample.ImportanceSampler(N, transform="softmax", uniform_mix=0.0, warmup_epochs=0, seed=3)
     twin.load_state_dict(sampler.state_dict())
     first = torch.tensor(list(iter(twin))[:BATCH])  # the batch the Trainer will see
 
@@ -131,7 +135,7 @@ def test_one_step_applies_the_draw_time_weights_and_updates_the_scores():
 
 def test_epochs_follow_the_trainer_and_their_lengths_change():
     # epoch 0: uniform warm-up over all N; then importance epochs of N / 2 draws
-    sampler = isample.ImportanceSampler(N, warmup_epochs=1, samples_per_epoch=N // 2, seed=0)
+    sampler = isample.ImportanceSampler(N, transform="softmax", uniform_mix=0.0, warmup_epochs=1, samples_per_epoch=N // 2, seed=0)
     callback = ImportanceSamplingCallback(sampler, log_weights=True)
     model = Tiny()
     fit = trainer([callback], max_epochs=3)
@@ -150,10 +154,10 @@ def test_epochs_follow_the_trainer_and_their_lengths_change():
 
 
 def test_an_epoch_longer_than_lightning_counted_asks_for_reloading():
-    sampler = isample.ImportanceSampler(N, warmup_epochs=1, samples_per_epoch=2 * N, seed=0)
+    sampler = isample.ImportanceSampler(N, transform="softmax", uniform_mix=0.0, warmup_epochs=1, samples_per_epoch=2 * N, seed=0)
     with pytest.raises(ValueError, match="reload_dataloaders_every_n_epochs=1"):
         trainer([ImportanceSamplingCallback(sampler)], max_epochs=2).fit(Tiny(), loader(sampler))
-    sampler = isample.ImportanceSampler(N, warmup_epochs=1, samples_per_epoch=2 * N, seed=0)
+    sampler = isample.ImportanceSampler(N, transform="softmax", uniform_mix=0.0, warmup_epochs=1, samples_per_epoch=2 * N, seed=0)
     fit = trainer([ImportanceSamplingCallback(sampler)], max_epochs=2, reload_dataloaders_every_n_epochs=1)
     fit.fit(Tiny(), loader(sampler))
     assert fit.global_step == N // BATCH + 2 * N // BATCH
@@ -175,7 +179,7 @@ def test_checkpoint_part_way_through_an_epoch_resumes_it(tmp_path):
     (state,) = [v for k, v in saved.items() if k.startswith("ImportanceSamplingCallback")]
     assert state["sampler"]["current"]["position"] == 3 * BATCH  # what was trained on, not prefetched
 
-    resumed_sampler = isample.ImportanceSampler(N, seed=3)
+    resumed_sampler = isample.ImportanceSampler(N, transform="softmax", uniform_mix=0.0, warmup_epochs=0, seed=3)
     resumed = Tiny()
     fit = trainer([ImportanceSamplingCallback(resumed_sampler)], max_epochs=1)
     fit.fit(resumed, loader(resumed_sampler), ckpt_path=path)
@@ -183,7 +187,7 @@ def test_checkpoint_part_way_through_an_epoch_resumes_it(tmp_path):
     assert torch.equal(torch.cat(resumed.seen), order[3 * BATCH :])
     assert fit.global_step == N // BATCH
     with pytest.raises(ValueError, match="configured differently"):
-        ImportanceSamplingCallback(isample.ImportanceSampler(N, seed=4)).load_state_dict(state)
+        ImportanceSamplingCallback(isample.ImportanceSampler(N, transform="softmax", uniform_mix=0.0, warmup_epochs=0, seed=4)).load_state_dict(state)
 
 
 @pytest.mark.parametrize(
@@ -279,7 +283,7 @@ def one_process_group(tmp_path):
 def test_the_callback_takes_the_distributed_sampler_and_lightning_keeps_it(one_process_group):
     from isample.distributed import DistributedImportanceSampler
 
-    sampler = DistributedImportanceSampler(N, samples_per_epoch=N // 2, warmup_epochs=1, seed=0)
+    sampler = DistributedImportanceSampler(N, transform="softmax", uniform_mix=0.0, samples_per_epoch=N // 2, warmup_epochs=1, seed=0)
     assert sampler.progress is None
     callback = ImportanceSamplingCallback(sampler)
     model = Tiny()
@@ -292,7 +296,7 @@ def test_the_callback_takes_the_distributed_sampler_and_lightning_keeps_it(one_p
     assert torch.unique(torch.cat(model.seen[: N // BATCH])).numel() == N
     assert sampler.progress == (1, N // 2)
     # use_distributed_sampler=True would replace it: the callback says so before training
-    other = DistributedImportanceSampler(N, seed=0)
+    other = DistributedImportanceSampler(N, transform="softmax", uniform_mix=0.0, warmup_epochs=0, seed=0)
     with pytest.raises(ValueError, match="use_distributed_sampler=False"):
         trainer([ImportanceSamplingCallback(other)], max_steps=1, strategy="ddp", use_distributed_sampler=True).fit(
             Tiny(), loader(other)
@@ -303,8 +307,8 @@ def test_the_callback_refuses_a_sharded_sampler():
     from isample.distributed import DistributedImportanceSampler
 
     with pytest.raises(ValueError, match="sharded=False"):
-        ImportanceSamplingCallback(DistributedImportanceSampler(N, sharded=True))
-    ImportanceSamplingCallback(DistributedImportanceSampler(10))  # no process group: one process
+        ImportanceSamplingCallback(DistributedImportanceSampler(N, transform="softmax", uniform_mix=0.0, warmup_epochs=0, sharded=True))
+    ImportanceSamplingCallback(DistributedImportanceSampler(10, transform="softmax", uniform_mix=0.0, warmup_epochs=0))  # no process group: one process
 
 
 def _ddp_worker(out: str) -> None:
@@ -321,7 +325,7 @@ def _ddp_worker(out: str) -> None:
     rank = dist.get_rank()
 
     def build():
-        return DistributedImportanceSampler(N, samples_per_epoch=N // 2, warmup_epochs=1, seed=0)
+        return DistributedImportanceSampler(N, transform="softmax", uniform_mix=0.0, samples_per_epoch=N // 2, warmup_epochs=1, seed=0)
 
     sampler = build()
     callback = ImportanceSamplingCallback(sampler)

@@ -15,13 +15,17 @@ from torch.utils.data import DataLoader, TensorDataset
 import isample
 from isample.integrations.protocol import SamplerProtocol, check_per_example_losses, split_batch, weighted_loss
 
+# ImportanceSampler's defaults before issue 24 (softmax, no uniform mixture, no warm-up): the
+# helpers below keep them, so their first epoch is importance-sampled with the weights these tests check
+OLD_DEFAULTS = {"transform": "softmax", "uniform_mix": 0.0, "warmup_epochs": 0}
+
 N, BATCH = 64, 16
 DOCS = pathlib.Path(__file__).resolve().parents[1] / "docs" / "backend_protocol.md"
 
 
 def drawn(seed: int = 0, **kwargs) -> tuple:
     """A sampler whose epoch 0 was drawn from unequal scores, and that epoch's first batch."""
-    sampler = isample.ImportanceSampler(N, seed=seed, **kwargs)
+    sampler = isample.ImportanceSampler(N, seed=seed, **{**OLD_DEFAULTS, **kwargs})
     sampler.update(torch.arange(N), torch.linspace(0.0, 2.0, N))
     scores = sampler.scores()
     batch = torch.tensor(list(iter(sampler))[:BATCH])
@@ -98,7 +102,7 @@ def test_weights_follow_the_losses_dtype_and_device_and_update_can_be_skipped():
 
 
 def test_extra_tensors_reach_the_score_policy_detached():
-    sampler = isample.ImportanceSampler(N, score="grad_norm", seed=0)
+    sampler = isample.ImportanceSampler(N, transform="softmax", uniform_mix=0.0, warmup_epochs=0, score="grad_norm", seed=0)
     index = torch.tensor(list(iter(sampler))[:BATCH])
     g = torch.Generator().manual_seed(2)
     # logits and targets of each item, so that repeated draws of one item agree

@@ -25,7 +25,7 @@ from conftest import run_threads
 
 def _state(seed: int = 0):
     tree = isample.SoftmaxTree.from_scores(torch.randn(1000, generator=torch.Generator().manual_seed(seed)), seed=seed)
-    sampler = isample.ImportanceSampler(500, score="running_loss", samples_per_epoch=100, seed=seed)
+    sampler = isample.ImportanceSampler(500, transform="softmax", uniform_mix=0.0, warmup_epochs=0, score="running_loss", samples_per_epoch=100, seed=seed)
     list(iter(sampler))
     return {"tree": tree.state_dict(), "sampler": sampler.state_dict(), "step": seed, "note": "x" * 10}
 
@@ -35,7 +35,7 @@ def test_checkpoint_round_trip(tmp_path):
     save_checkpoint(tmp_path / "ck.pt", state)
     loaded = load_checkpoint(tmp_path / "ck.pt")
     assert torch.equal(loaded["tree"]["scores"], state["tree"]["scores"]) and loaded["step"] == 0
-    other = isample.ImportanceSampler(500, score="running_loss", samples_per_epoch=100, seed=0)
+    other = isample.ImportanceSampler(500, transform="softmax", uniform_mix=0.0, warmup_epochs=0, score="running_loss", samples_per_epoch=100, seed=0)
     other.load_state_dict(loaded["sampler"])
     assert torch.equal(other.scores(), torch.zeros(500, dtype=torch.float64))
     assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]  # no temporary file left behind
@@ -85,7 +85,7 @@ def test_a_checkpoint_of_another_size_changes_nothing(tmp_path):
     ValueError and leaves the sampler's state_dict exactly as it was."""
     path = tmp_path / "ck.pt"
     save_checkpoint(path, _state())  # its sampler has 500 items
-    sampler = isample.ImportanceSampler(400, score="running_loss", samples_per_epoch=100, seed=1)
+    sampler = isample.ImportanceSampler(400, transform="softmax", uniform_mix=0.0, warmup_epochs=0, score="running_loss", samples_per_epoch=100, seed=1)
     sampler.update(range(400), torch.rand(400, generator=torch.Generator().manual_seed(1)))
     it = iter(sampler)
     for _ in range(30):
@@ -230,7 +230,7 @@ def test_sampler_memory_stays_flat_over_many_steps(kind, one_torch_thread):
     if kind == "soft_pruning":
         sampler = isample.SoftPruningSampler(n, num_epochs=10**6, nonfinite="clamp", seed=0)
     else:
-        sampler = isample.ImportanceSampler(n, score="running_loss", transform=kind, samples_per_epoch=50 * 128,
+        sampler = isample.ImportanceSampler(n, uniform_mix=0.0, warmup_epochs=0, score="running_loss", transform=kind, samples_per_epoch=50 * 128,
                                             nonfinite="clamp", seed=0)
     _drive(sampler, 2_000)  # warm up: caches, allocator pools
     before = _rss_bytes()
@@ -301,7 +301,7 @@ def test_a_sampler_used_from_several_threads_loses_no_update(kind, eager_thread_
     def make():
         if kind == "soft_pruning":
             return isample.SoftPruningSampler(n, num_epochs=10**6, score=policy, initial_score=0.0, seed=0)
-        return isample.ImportanceSampler(n, score=policy, transform=kind, samples_per_epoch=128, seed=0)
+        return isample.ImportanceSampler(n, uniform_mix=0.0, warmup_epochs=0, score=policy, transform=kind, samples_per_epoch=128, seed=0)
 
     sampler = make()
     index = torch.arange(items)
@@ -350,12 +350,12 @@ def test_a_sampler_used_from_several_threads_loses_no_update(kind, eager_thread_
 def test_a_sampler_built_from_numpy_numbers_saves_a_checkpoint_that_loads(tmp_path):
     """Issue 19 item 2: numbers are normalised on the way in, so weights-only loading reads
     the saved configuration back."""
-    sampler = isample.ImportanceSampler(20, weight_exponent=np.float64(0.5), uniform_mix=np.float32(0.25), seed=0)
+    sampler = isample.ImportanceSampler(20, transform="softmax", warmup_epochs=0, weight_exponent=np.float64(0.5), uniform_mix=np.float32(0.25), seed=0)
     list(iter(sampler))
     save_checkpoint(tmp_path / "ck.pt", sampler.state_dict())
     loaded = load_checkpoint(tmp_path / "ck.pt")
     assert loaded["config"]["weight_exponent"] == 0.5 and type(loaded["config"]["uniform_mix"]) is float
-    isample.ImportanceSampler(20, weight_exponent=0.5, uniform_mix=float(np.float32(0.25)), seed=0).load_state_dict(loaded)
+    isample.ImportanceSampler(20, transform="softmax", warmup_epochs=0, weight_exponent=0.5, uniform_mix=float(np.float32(0.25)), seed=0).load_state_dict(loaded)
 
 
 def test_what_could_not_be_read_back_is_refused_at_save_time(tmp_path):

@@ -28,10 +28,10 @@ def drain(sampler) -> list:
 
 
 def test_last_loss_and_running_loss_by_hand():
-    s = isample.ImportanceSampler(4, score="last_loss", seed=0)
+    s = isample.ImportanceSampler(4, transform="softmax", uniform_mix=0.0, warmup_epochs=0, score="last_loss", seed=0)
     s.update([1, 2], torch.tensor([0.5, 2.0]))
     assert s.scores().tolist() == [0.0, 0.5, 2.0, 0.0]
-    r = isample.ImportanceSampler(4, score=isample.RunningLoss(beta=0.2), initial_score=1.0, seed=0)
+    r = isample.ImportanceSampler(4, transform="softmax", uniform_mix=0.0, warmup_epochs=0, score=isample.RunningLoss(beta=0.2), initial_score=1.0, seed=0)
     r.update([1, 2], [0.5, 2.0])
     r.update([1], [3.0])
     expected_1 = 0.2 * (0.2 * 1.0 + 0.8 * 0.5) + 0.8 * 3.0
@@ -41,7 +41,7 @@ def test_last_loss_and_running_loss_by_hand():
 @pytest.mark.parametrize("transform", ["softmax", "proportional"])
 def test_running_loss_with_a_repeated_index_uses_the_score_before_the_call(transform):
     # Both storage paths (SoftmaxTree in C++, a score tensor in Python) must agree.
-    r = isample.ImportanceSampler(3, score="running_loss", transform=transform, initial_score=2.0, seed=0)
+    r = isample.ImportanceSampler(3, uniform_mix=0.0, warmup_epochs=0, score="running_loss", transform=transform, initial_score=2.0, seed=0)
     r.update([0, 0, 1], [10.0, 4.0, 1.0])
     np.testing.assert_allclose(r.scores().numpy(), [0.2 * 2 + 0.8 * 4, 0.2 * 2 + 0.8 * 1, 2.0], rtol=1e-15)
 
@@ -54,7 +54,7 @@ def test_grad_norm_bound_by_hand():
         math.sqrt((p[0, 0] - 1) ** 2 + p[0, 1] ** 2 + p[0, 2] ** 2),
         math.sqrt((1 / 3) ** 2 * 2 + (1 / 3 - 1) ** 2),
     ]
-    s = isample.ImportanceSampler(5, score="grad_norm", seed=0)
+    s = isample.ImportanceSampler(5, transform="softmax", uniform_mix=0.0, warmup_epochs=0, score="grad_norm", seed=0)
     s.update([3, 1], torch.tensor([9.0, 9.0]), logits=logits, targets=targets)
     np.testing.assert_allclose(s.scores()[[3, 1]].numpy(), expected, rtol=1e-14)
     with pytest.raises(TypeError, match="logits"):
@@ -65,7 +65,7 @@ def test_grad_norm_bound_by_hand():
 
 def test_reducible_loss_by_hand():
     irreducible = torch.tensor([0.5, 1.0, 0.25, 0.0])
-    s = isample.ImportanceSampler(4, score=isample.ReducibleLoss(irreducible), seed=0)
+    s = isample.ImportanceSampler(4, transform="softmax", uniform_mix=0.0, warmup_epochs=0, score=isample.ReducibleLoss(irreducible), seed=0)
     s.update([2, 1], [1.0, 0.5])
     assert s.scores().tolist() == [0.0, -0.5, 0.75, 0.0]
     with pytest.raises(ValueError):
@@ -86,18 +86,18 @@ def test_unknown_names_are_refused():
 
 def test_transform_probabilities_by_hand():
     scores = torch.tensor([0.0, 1.0, 3.0, -2.0], dtype=torch.float64)
-    soft = isample.ImportanceSampler(4, transform=isample.Softmax(temperature=2.0), seed=0)
+    soft = isample.ImportanceSampler(4, uniform_mix=0.0, warmup_epochs=0, transform=isample.Softmax(temperature=2.0), seed=0)
     soft.update(range(4), scores)
     np.testing.assert_allclose(soft.probabilities().numpy(), torch.softmax(scores / 2, 0).numpy(), rtol=1e-14)
-    prop = isample.ImportanceSampler(4, transform=isample.Proportional(alpha=2.0, eps=0.5), seed=0)
+    prop = isample.ImportanceSampler(4, uniform_mix=0.0, warmup_epochs=0, transform=isample.Proportional(alpha=2.0, eps=0.5), seed=0)
     prop.update(range(4), scores)
     w = np.array([0.5**2, 1.5**2, 3.5**2, 0.5**2])  # negative scores clip to 0
     np.testing.assert_allclose(prop.probabilities().numpy(), w / w.sum(), rtol=1e-14)
-    rank = isample.ImportanceSampler(4, transform=isample.RankBased(alpha=1.0), seed=0)
+    rank = isample.ImportanceSampler(4, uniform_mix=0.0, warmup_epochs=0, transform=isample.RankBased(alpha=1.0), seed=0)
     rank.update(range(4), scores)
     w = np.array([1 / 3, 1 / 2, 1.0, 1 / 4])  # ranks 3, 2, 1, 4
     np.testing.assert_allclose(rank.probabilities().numpy(), w / w.sum(), rtol=1e-14)
-    mixed = isample.ImportanceSampler(4, uniform_mix=0.2, seed=0)
+    mixed = isample.ImportanceSampler(4, transform="softmax", warmup_epochs=0, uniform_mix=0.2, seed=0)
     mixed.update(range(4), scores)
     np.testing.assert_allclose(
         mixed.probabilities().numpy(), 0.8 * torch.softmax(scores, 0).numpy() + 0.05, rtol=1e-14
@@ -110,7 +110,7 @@ def test_transform_probabilities_by_hand():
 def test_epoch_draws_follow_the_probabilities(transform, uniform_mix):
     n = 30
     scores = torch.linspace(0.0, 3.0, n, dtype=torch.float64)
-    s = isample.ImportanceSampler(n, transform=transform, uniform_mix=uniform_mix, samples_per_epoch=20_000, seed=3)
+    s = isample.ImportanceSampler(n, warmup_epochs=0, transform=transform, uniform_mix=uniform_mix, samples_per_epoch=20_000, seed=3)
     s.update(range(n), scores)
     p = s.probabilities().numpy()
     counts = np.bincount(np.array(drain(s)), minlength=n)
@@ -122,7 +122,7 @@ def test_epoch_draws_follow_the_probabilities(transform, uniform_mix):
 
 
 def test_warmup_then_importance_epochs_and_lengths():
-    s = isample.ImportanceSampler(1000, samples_per_epoch=300, warmup_epochs=2, seed=0)
+    s = isample.ImportanceSampler(1000, transform="softmax", uniform_mix=0.0, samples_per_epoch=300, warmup_epochs=2, seed=0)
     assert s.total_steps(5, 128) == 2 * 8 + 3 * 3
     assert s.total_steps(5, 128, drop_last=True) == 2 * 7 + 3 * 2
     lengths, kinds = [], []
@@ -140,7 +140,7 @@ def test_warmup_then_importance_epochs_and_lengths():
 
 
 def test_set_epoch_reproduces_an_epoch_and_len_does_not_disturb_iteration():
-    s = isample.ImportanceSampler(200, samples_per_epoch=50, seed=1)
+    s = isample.ImportanceSampler(200, transform="softmax", uniform_mix=0.0, warmup_epochs=0, samples_per_epoch=50, seed=1)
     s.update(range(200), torch.rand(200))
     s.set_epoch(7)
     first = drain(s)
@@ -158,7 +158,7 @@ def test_set_epoch_reproduces_an_epoch_and_len_does_not_disturb_iteration():
 def test_dataloader_and_batch_sampler_integration():
     n = 500
     data = TensorDataset(torch.randn(n, 3), torch.randint(0, 4, (n,)))
-    s = isample.ImportanceSampler(n, samples_per_epoch=200, seed=0)
+    s = isample.ImportanceSampler(n, transform="softmax", uniform_mix=0.0, warmup_epochs=0, samples_per_epoch=200, seed=0)
     loader = DataLoader(isample.IndexedDataset(data), batch_size=64, sampler=s)
     assert len(loader) == s.steps_per_epoch(64) == 4
     seen = []
@@ -224,7 +224,7 @@ def test_indexed_dataset_batches_equal_item_by_item_reads():
 
 def test_weights_use_the_probabilities_of_the_draw():
     n = 100
-    s = isample.ImportanceSampler(n, samples_per_epoch=1000, seed=0)
+    s = isample.ImportanceSampler(n, transform="softmax", uniform_mix=0.0, warmup_epochs=0, samples_per_epoch=1000, seed=0)
     s.update(range(n), torch.linspace(0, 4, n))
     p_draw = s.probabilities().clone()
     items = drain(s)
@@ -263,7 +263,7 @@ def test_weighted_mean_is_unbiased_where_claimed(transform, replacement, weighti
     f = torch.from_numpy(rng.random(n) * 10 + scores.numpy() ** 2)  # correlated with p: bias shows
     if transform == "proportional":
         scores = scores.abs() + 0.1  # p follows |s|, which f follows too; no item is (nearly) never drawn
-    s = isample.ImportanceSampler(n, transform=transform, samples_per_epoch=m, replacement=replacement,
+    s = isample.ImportanceSampler(n, warmup_epochs=0, transform=transform, samples_per_epoch=m, replacement=replacement,
                                   weighting=weighting, uniform_mix=uniform_mix, seed=5)
     s.update(range(n), scores)
     p = s.probabilities()
@@ -282,8 +282,8 @@ def test_weighted_mean_is_unbiased_where_claimed(transform, replacement, weighti
 
 def test_weight_exponent_and_normalisation():
     n = 50
-    base = isample.ImportanceSampler(n, samples_per_epoch=200, seed=0)
-    tempered = isample.ImportanceSampler(n, samples_per_epoch=200, weight_exponent=lambda e: 0.5, normalize_weights="max", seed=0)
+    base = isample.ImportanceSampler(n, transform="softmax", uniform_mix=0.0, warmup_epochs=0, samples_per_epoch=200, seed=0)
+    tempered = isample.ImportanceSampler(n, transform="softmax", uniform_mix=0.0, warmup_epochs=0, samples_per_epoch=200, weight_exponent=lambda e: 0.5, normalize_weights="max", seed=0)
     for s in (base, tempered):
         s.update(range(n), torch.linspace(0, 3, n))
     a, b = drain(base), drain(tempered)
@@ -292,7 +292,7 @@ def test_weight_exponent_and_normalisation():
     torch.testing.assert_close(wb, wa.sqrt() / wa.sqrt().max(), rtol=1e-14, atol=0)
     assert tempered.history[-1]["weight_exponent"] == 0.5
     with pytest.raises(ValueError):
-        isample.ImportanceSampler(n, weight_exponent=1.5)
+        isample.ImportanceSampler(n, transform="softmax", uniform_mix=0.0, warmup_epochs=0, weight_exponent=1.5)
 
 
 def test_annealed_weight_exponent_by_hand_and_in_history():
@@ -300,7 +300,7 @@ def test_annealed_weight_exponent_by_hand_and_in_history():
     weights are (1 / (N p))^beta with that epoch's beta and draw-time p."""
     n, m, warmup, epochs = 40, 120, 1, 6
     schedule = lambda e: min(1.0, 0.4 + 0.6 * (e - warmup) / (epochs - 1 - warmup))  # noqa: E731
-    s = isample.ImportanceSampler(n, samples_per_epoch=m, warmup_epochs=warmup, weight_exponent=schedule, seed=2)
+    s = isample.ImportanceSampler(n, transform="softmax", uniform_mix=0.0, samples_per_epoch=m, warmup_epochs=warmup, weight_exponent=schedule, seed=2)
     rng = np.random.default_rng(2)
     for epoch in range(epochs):
         s.update(range(n), torch.from_numpy(rng.normal(size=n)))  # new scores each epoch: new p
@@ -320,7 +320,7 @@ def test_annealed_weight_exponent_by_hand_and_in_history():
         assert entry["max_weight"] == pytest.approx(float(expected.max()), rel=1e-13)
     assert [h.get("weight_exponent") for h in s.history] == [None, *(schedule(e) for e in range(1, epochs))]
     # a schedule that leaves [0, 1] is refused when the epoch is drawn, and nothing changes
-    bad = isample.ImportanceSampler(n, samples_per_epoch=m, weight_exponent=lambda e: 1.0 + e, seed=2)
+    bad = isample.ImportanceSampler(n, transform="softmax", uniform_mix=0.0, warmup_epochs=0, samples_per_epoch=m, weight_exponent=lambda e: 1.0 + e, seed=2)
     drain(bad)
     with pytest.raises(ValueError, match="weight_exponent"):
         drain(bad)
@@ -329,7 +329,7 @@ def test_annealed_weight_exponent_by_hand_and_in_history():
 
 def test_uniform_mix_bounds_the_weights():
     n = 1000
-    s = isample.ImportanceSampler(n, uniform_mix=0.1, samples_per_epoch=5000, seed=0)
+    s = isample.ImportanceSampler(n, transform="softmax", warmup_epochs=0, uniform_mix=0.1, samples_per_epoch=5000, seed=0)
     s.update(range(n), torch.linspace(0, 30, n))  # extremely skewed softmax
     drain(s)
     assert s.history[-1]["max_weight"] <= 1 / 0.1 + 1e-9
@@ -373,7 +373,7 @@ def training_sampler(policy: str, n: int, epochs: int):
         "proportional": ("last_loss", "proportional"),
         "rank": ("last_loss", "rank"),
     }[policy]
-    return isample.ImportanceSampler(n, score=score, transform=transform, warmup_epochs=1, seed=0)
+    return isample.ImportanceSampler(n, uniform_mix=0.0, score=score, transform=transform, warmup_epochs=1, seed=0)
 
 
 @pytest.mark.parametrize("policy", TRAINING_POLICIES)
@@ -424,7 +424,8 @@ def make_sampler(kind: str, n: int, score="running_loss", **kwargs):
     """An ImportanceSampler with transform `kind`, or a SoftPruningSampler for "soft_pruning"."""
     if kind == "soft_pruning":
         return isample.SoftPruningSampler(n, num_epochs=4, score=score, **kwargs)
-    return isample.ImportanceSampler(n, score=score, transform=kind, **kwargs)
+    # no uniform mixture or warm-up (the defaults before issue 24): the transform alone decides
+    return isample.ImportanceSampler(n, score=score, transform=kind, **{"uniform_mix": 0.0, "warmup_epochs": 0, **kwargs})
 
 
 SAMPLER_KINDS = ["softmax", "proportional", "rank", "soft_pruning"]
@@ -471,24 +472,24 @@ def test_bad_updates_are_refused_and_change_nothing(kind, score, nonfinite):
 
 
 def test_scalar_loss_error_says_what_to_change():
-    s = isample.ImportanceSampler(10, seed=0)
+    s = isample.ImportanceSampler(10, transform="softmax", uniform_mix=0.0, warmup_epochs=0, seed=0)
     with pytest.raises(ValueError, match="reduction='none'"):
         s.update([1, 2], torch.tensor(0.3))
 
 
 def test_nonfinite_skip_policy_counts_and_keeps_the_rest():
-    s = isample.ImportanceSampler(5, nonfinite="skip", seed=0)
+    s = isample.ImportanceSampler(5, transform="softmax", uniform_mix=0.0, warmup_epochs=0, nonfinite="skip", seed=0)
     s.update([0, 1, 2], torch.tensor([1.0, float("nan"), float("inf")]))
     assert s.scores().tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]
     assert s.counters["nonfinite_skipped"] == 2
-    g = isample.ImportanceSampler(5, score="grad_norm", nonfinite="skip", seed=0)
+    g = isample.ImportanceSampler(5, transform="softmax", uniform_mix=0.0, warmup_epochs=0, score="grad_norm", nonfinite="skip", seed=0)
     logits = torch.tensor([[1.0, float("nan")], [0.0, 1.0]])
     g.update([0, 1], torch.ones(2), logits=logits, targets=torch.tensor([0, 1]))
     assert g.counters["nonfinite_skipped"] == 1 and g.scores()[0] == 0.0 and g.scores()[1] > 0
 
 
 def test_weights_errors():
-    s = isample.ImportanceSampler(10, samples_per_epoch=3, replacement=False, seed=0)
+    s = isample.ImportanceSampler(10, transform="softmax", uniform_mix=0.0, warmup_epochs=0, samples_per_epoch=3, replacement=False, seed=0)
     s.update([0], [1.0])  # updating before any epoch is allowed: it only records scores
     with pytest.raises(RuntimeError, match="iterate"):
         s.weights([0])
@@ -542,7 +543,7 @@ def test_resume_mid_epoch_is_exact(replacement):
         return log, None, seen
 
     make = lambda: isample.ImportanceSampler(  # noqa: E731
-        100, score="running_loss", samples_per_epoch=64, replacement=replacement, warmup_epochs=1, seed=9
+        100, transform="softmax", uniform_mix=0.0, score="running_loss", samples_per_epoch=64, replacement=replacement, warmup_epochs=1, seed=9
     )
     full, _, _ = run(make(), epochs=4)
     head, state, seen = run(make(), epochs=4, stop_at=9)  # stops in the 3rd epoch (7 + 2 batches in)
@@ -565,13 +566,13 @@ def test_resume_mid_epoch_is_exact(replacement):
 
 
 def test_state_of_a_different_sampler_is_refused():
-    a = isample.ImportanceSampler(10, samples_per_epoch=5, seed=0)
+    a = isample.ImportanceSampler(10, transform="softmax", uniform_mix=0.0, warmup_epochs=0, samples_per_epoch=5, seed=0)
     drain(a)
     state = a.state_dict()
     for other in (
-        isample.ImportanceSampler(10, samples_per_epoch=6, seed=0),
-        isample.ImportanceSampler(11, samples_per_epoch=5, seed=0),
-        isample.ImportanceSampler(10, samples_per_epoch=5, transform="proportional", seed=0),
+        isample.ImportanceSampler(10, transform="softmax", uniform_mix=0.0, warmup_epochs=0, samples_per_epoch=6, seed=0),
+        isample.ImportanceSampler(11, transform="softmax", uniform_mix=0.0, warmup_epochs=0, samples_per_epoch=5, seed=0),
+        isample.ImportanceSampler(10, uniform_mix=0.0, warmup_epochs=0, samples_per_epoch=5, transform="proportional", seed=0),
     ):
         with pytest.raises(ValueError):
             other.load_state_dict(state)
@@ -640,7 +641,7 @@ def test_soft_pruning_resume_and_errors():
 
 
 def test_begin_epoch_and_epoch_views():
-    s = isample.ImportanceSampler(50, samples_per_epoch=20, warmup_epochs=1, seed=0)
+    s = isample.ImportanceSampler(50, transform="softmax", uniform_mix=0.0, samples_per_epoch=20, warmup_epochs=1, seed=0)
     assert s.current_epoch is None and s.active_epoch is None
     assert (s.epoch_length(0), s.epoch_length(1)) == (50, 20)
     assert len(s) == 50 and s.history == []  # drawn ahead by len(): not an epoch yet
@@ -655,8 +656,8 @@ def test_begin_epoch_and_epoch_views():
 
 
 def test_prepare_then_apply_equals_update():
-    a = isample.ImportanceSampler(10, score="running_loss", nonfinite="skip", seed=0)
-    b = isample.ImportanceSampler(10, score="running_loss", nonfinite="skip", seed=0)
+    a = isample.ImportanceSampler(10, transform="softmax", uniform_mix=0.0, warmup_epochs=0, score="running_loss", nonfinite="skip", seed=0)
+    b = isample.ImportanceSampler(10, transform="softmax", uniform_mix=0.0, warmup_epochs=0, score="running_loss", nonfinite="skip", seed=0)
     idx, losses = torch.tensor([1, 2, 2, 7]), torch.tensor([0.5, float("nan"), 3.0, 1.0])
     a.update(idx, losses)
     prepared = b.prepare_update(idx, losses)
@@ -671,7 +672,7 @@ def test_prepare_then_apply_equals_update():
 
 def test_early_importance_by_hand():
     n = 4
-    s = isample.ImportanceSampler(n, score=isample.EarlyImportance(n, observations=2), transform="proportional",
+    s = isample.ImportanceSampler(n, uniform_mix=0.0, score=isample.EarlyImportance(n, observations=2), transform="proportional",
                                   warmup_epochs=2, seed=0)
     logits = torch.log(torch.tensor([[0.5, 0.5], [0.9, 0.1], [0.2, 0.8]]))
     targets = torch.tensor([0, 0, 0])
@@ -686,7 +687,7 @@ def test_early_importance_by_hand():
     with pytest.raises(ValueError):
         s.update([3], torch.zeros(1), logits=torch.tensor([[float("nan"), 0.0]]), targets=torch.tensor([0]))
     assert s.score_policy.counts.tolist() == [2, 1, 1, 0]
-    other = isample.ImportanceSampler(n, score=isample.EarlyImportance(n, observations=2), transform="proportional",
+    other = isample.ImportanceSampler(n, uniform_mix=0.0, score=isample.EarlyImportance(n, observations=2), transform="proportional",
                                       warmup_epochs=2, seed=0)
     other.load_state_dict(state)
     assert other.score_policy.counts.tolist() == [2, 1, 1, 0]
@@ -698,7 +699,7 @@ def test_update_before_any_epoch_follows_the_documented_policy():
     """Allowed: it records scores that the first epoch draws from; counted in the totals but
     in no epoch's history entry; weights() waits for an epoch."""
     n = 50
-    s = isample.ImportanceSampler(n, samples_per_epoch=4000, nonfinite="skip", seed=0)
+    s = isample.ImportanceSampler(n, transform="softmax", uniform_mix=0.0, warmup_epochs=0, samples_per_epoch=4000, nonfinite="skip", seed=0)
     s.update(range(n), torch.where(torch.arange(n) < 5, 10.0, 0.0).double())
     s.update([7], [float("nan")])
     assert s.counters == {"updates": 2, "nonfinite_skipped": 1, "nonfinite_clamped": 0}
@@ -771,7 +772,7 @@ def test_device_side_nonfinite_counts_are_read_with_history(kind, nonfinite):
 
 
 def test_nonfinite_clamp_policy():
-    s = isample.ImportanceSampler(5, nonfinite="clamp", clamp_value=50.0, seed=0)
+    s = isample.ImportanceSampler(5, transform="softmax", uniform_mix=0.0, warmup_epochs=0, nonfinite="clamp", clamp_value=50.0, seed=0)
     s.update([0, 1, 2, 3], torch.tensor([1.0, float("inf"), -float("inf"), float("nan")]))
     assert s.scores().tolist() == [1.0, 50.0, -50.0, 0.0, 0.0]
     assert s.counters["nonfinite_clamped"] == 2 and s.counters["nonfinite_skipped"] == 1
@@ -820,7 +821,7 @@ def test_a_sampler_that_cannot_fit_raises_memory_error_and_keeps_nothing(no_larg
         # far too big: refused from the lower bound, before the tree is built
         n = memory // 16
         with pytest.raises(MemoryError, match=f"needs {32 * n:,} bytes"):
-            isample.ImportanceSampler(n, transform=transform)
+            isample.ImportanceSampler(n, uniform_mix=0.0, warmup_epochs=0, transform=transform)
         # just too big: the tree (8.53 bytes per item, built for free) shows that it is
         n = int(memory / 32.25)
         probe = isample.SumTree(n, seed=0)  # free: its pages are not touched
@@ -829,17 +830,17 @@ def test_a_sampler_that_cannot_fit_raises_memory_error_and_keeps_nothing(no_larg
         del probe
         before = _live_trees()
         with pytest.raises(MemoryError, match=f"needs {needed:,} bytes") as caught:
-            isample.ImportanceSampler(n, transform=transform)
+            isample.ImportanceSampler(n, uniform_mix=0.0, warmup_epochs=0, transform=transform)
         assert _live_trees() == before, "a rejected sampler kept its tree"
         del caught
     # A SoftmaxTree fills its leaves when built (seconds, and all its memory, at this size):
     # the sampler must refuse before building it, from a lower bound of 16 bytes per item.
     n = memory // 28
     with pytest.raises(MemoryError, match=f"needs {32 * n:,} bytes"):
-        isample.ImportanceSampler(n)
+        isample.ImportanceSampler(n, transform="softmax", uniform_mix=0.0, warmup_epochs=0)
     # |Z| far beyond N (with replacement): its order alone cannot fit, refused at construction
     with pytest.raises(MemoryError, match="epoch order"):
-        isample.ImportanceSampler(10, samples_per_epoch=10**15)
+        isample.ImportanceSampler(10, transform="softmax", uniform_mix=0.0, warmup_epochs=0, samples_per_epoch=10**15)
 
 
 def test_allocation_failures_become_memory_errors_and_change_nothing(monkeypatch):
@@ -856,12 +857,12 @@ def test_allocation_failures_become_memory_errors_and_change_nothing(monkeypatch
         patch.setattr(torch, "full", failing_full)
         before = _live_trees()
         with pytest.raises(MemoryError, match="8,000 bytes"):
-            isample.ImportanceSampler(1000, transform="rank")
+            isample.ImportanceSampler(1000, uniform_mix=0.0, warmup_epochs=0, transform="rank")
         assert _live_trees() == before
         with pytest.raises(MemoryError, match="8,000 bytes"):
             isample.SoftPruningSampler(1000, num_epochs=2)
-    s = isample.ImportanceSampler(1000, transform="proportional", samples_per_epoch=100, seed=4)
-    twin = isample.ImportanceSampler(1000, transform="proportional", samples_per_epoch=100, seed=4)
+    s = isample.ImportanceSampler(1000, uniform_mix=0.0, warmup_epochs=0, transform="proportional", samples_per_epoch=100, seed=4)
+    twin = isample.ImportanceSampler(1000, uniform_mix=0.0, warmup_epochs=0, transform="proportional", samples_per_epoch=100, seed=4)
     for sampler in (s, twin):
         sampler.update(range(1000), torch.linspace(0, 2, 1000))
         drain(sampler)
@@ -889,7 +890,7 @@ def test_len_in_the_loop_never_draws_the_next_epoch_early():
     n = 20
 
     def run(ask_lengths: bool):
-        s = isample.ImportanceSampler(n, warmup_epochs=1, seed=0)
+        s = isample.ImportanceSampler(n, transform="softmax", uniform_mix=0.0, warmup_epochs=1, seed=0)
         loader = DataLoader(isample.IndexedDataset(TensorDataset(torch.arange(n))), batch_size=5, sampler=s)
         for step, (index, _) in enumerate(loader):
             if ask_lengths:  # as progress bars, Lightning and the HF Trainer do
@@ -923,7 +924,7 @@ def test_len_does_not_draw_and_soft_pruning_predicts_its_length_exactly():
 
 
 def test_total_steps_is_closed_form():
-    s = isample.ImportanceSampler(100, samples_per_epoch=30, warmup_epochs=2, seed=0)
+    s = isample.ImportanceSampler(100, transform="softmax", uniform_mix=0.0, samples_per_epoch=30, warmup_epochs=2, seed=0)
     assert s.total_steps(5, 8) == 2 * 13 + 3 * 4
     assert s.total_steps(10**15, 8, drop_last=True) == 2 * 12 + (10**15 - 2) * 3  # no loop over epochs
     assert s.history == []
@@ -931,7 +932,7 @@ def test_total_steps_is_closed_form():
 
 @pytest.mark.parametrize("epoch", [2**63, 2**70, -1])
 def test_epochs_beyond_int64_are_refused(epoch):
-    s = isample.ImportanceSampler(10, seed=0)
+    s = isample.ImportanceSampler(10, transform="softmax", uniform_mix=0.0, warmup_epochs=0, seed=0)
     with pytest.raises(ValueError, match="epoch"):
         s.set_epoch(epoch)
     s.set_epoch(2**63 - 1)  # the last epoch is drawn, then nothing later aliases epoch 0
@@ -983,10 +984,10 @@ def test_numpy_numbers_are_accepted_and_saved_as_python_numbers(tmp_path):
 ])
 def test_a_refused_state_changes_nothing(mangle):
     """Every part of a state is checked before any of it is loaded."""
-    s = isample.ImportanceSampler(10, transform="proportional", samples_per_epoch=4, seed=0)
+    s = isample.ImportanceSampler(10, uniform_mix=0.0, warmup_epochs=0, transform="proportional", samples_per_epoch=4, seed=0)
     s.update(range(10), torch.rand(10, generator=torch.Generator().manual_seed(0)))
     drain(s)
-    other = isample.ImportanceSampler(10, transform="proportional", samples_per_epoch=4, seed=0)
+    other = isample.ImportanceSampler(10, uniform_mix=0.0, warmup_epochs=0, transform="proportional", samples_per_epoch=4, seed=0)
     other.update([1, 2], [5.0, 6.0])
     drain(other)
     state = other.state_dict()
@@ -1000,12 +1001,12 @@ def test_a_refused_state_changes_nothing(mangle):
 
 
 def test_a_state_saved_mid_epoch_loads_back_identical():
-    s = isample.ImportanceSampler(20, samples_per_epoch=8, seed=1)
+    s = isample.ImportanceSampler(20, transform="softmax", uniform_mix=0.0, warmup_epochs=0, samples_per_epoch=8, seed=1)
     s.update(range(20), torch.linspace(0.0, 1.0, 20))
     it = iter(s)
     head = [next(it) for _ in range(3)]
     state = s.state_dict()
-    fresh = isample.ImportanceSampler(20, samples_per_epoch=8, seed=1)
+    fresh = isample.ImportanceSampler(20, transform="softmax", uniform_mix=0.0, warmup_epochs=0, samples_per_epoch=8, seed=1)
     fresh.load_state_dict(state)
     _same_state(fresh.state_dict(), state)  # a fixed point: saving again gives the same state
     assert head + drain(fresh) == s.current_epoch.order.tolist()
@@ -1018,13 +1019,13 @@ def test_policies_sized_for_other_items_are_refused_at_construction(policy):
         isample.ImportanceSampler(10, score=make(5))
     with pytest.raises(ValueError, match="10"):
         isample.SoftPruningSampler(10, num_epochs=2, score=make(12))
-    isample.ImportanceSampler(10, score=make(10))
+    isample.ImportanceSampler(10, transform="softmax", uniform_mix=0.0, warmup_epochs=0, score=make(10))
 
 
 @pytest.mark.parametrize("score", ["grad_norm", "early"])
 def test_targets_are_checked_in_every_policy_that_takes_them(score):
     policy = isample.EarlyImportance(4) if score == "early" else score
-    s = isample.ImportanceSampler(4, score=policy, seed=0)
+    s = isample.ImportanceSampler(4, transform="softmax", uniform_mix=0.0, warmup_epochs=0, score=policy, seed=0)
     logits = torch.zeros(2, 3)
     before = s.state_dict()
     for targets, error in [
@@ -1045,7 +1046,7 @@ def test_targets_are_checked_in_every_policy_that_takes_them(score):
 
 
 def test_weights_dtype_and_device_are_checked():
-    s = isample.ImportanceSampler(10, seed=0)
+    s = isample.ImportanceSampler(10, transform="softmax", uniform_mix=0.0, warmup_epochs=0, seed=0)
     drain(s)
     assert s.weights([0, 1], dtype=torch.float32).dtype is torch.float32
     with pytest.raises(TypeError, match="torch.dtype"):
@@ -1177,7 +1178,7 @@ def test_large_cpu_batches_with_repeats_keep_the_last_value(one_torch_thread):
     """Above torch's parallel grain a CPU scatter may run on several threads: the store
     resolves repeats first."""
     n, k = 50, 100_000
-    s = isample.ImportanceSampler(n, transform="rank", seed=0)
+    s = isample.ImportanceSampler(n, uniform_mix=0.0, warmup_epochs=0, transform="rank", seed=0)
     idx = torch.arange(k) % n
     values = torch.arange(k, dtype=torch.float64)
     torch.set_num_threads(2)
@@ -1190,7 +1191,7 @@ def test_the_proportional_store_follows_the_trees_decision():
     take the same decision (run here on CPU tensors through the store's device path)."""
     from isample.sampler import store_all_or_nothing
 
-    s = isample.ImportanceSampler(4, transform=isample.Proportional(alpha=2.0), seed=0)
+    s = isample.ImportanceSampler(4, uniform_mix=0.0, warmup_epochs=0, transform=isample.Proportional(alpha=2.0), seed=0)
     scores = torch.tensor([1e200, 1.0], dtype=torch.float64)  # finite, but its leaf 1e400 is not
     leaves = s.transform.leaf_values(scores)
     accept = ((leaves >= 0.0) & (leaves <= s._max_leaf)).all()
@@ -1251,7 +1252,7 @@ def test_fast_and_general_sampler_steps_agree_bit_for_bit(transform, score, gene
     for fast in (False, True):
         if fast:
             isample._backend.configure_fast_paths()
-        s = isample.ImportanceSampler(200, score=score, transform=transform, samples_per_epoch=96, seed=4)
+        s = isample.ImportanceSampler(200, uniform_mix=0.0, warmup_epochs=0, score=score, transform=transform, samples_per_epoch=96, seed=4)
         s.update(np.arange(200), np.linspace(0.0, 3.0, 200))
         order = torch.tensor(drain(s))
         seen = []
@@ -1272,7 +1273,7 @@ def test_fast_and_general_sampler_steps_agree_bit_for_bit(transform, score, gene
 
 
 def test_weights_scale():
-    s = isample.ImportanceSampler(40, samples_per_epoch=30, seed=0)
+    s = isample.ImportanceSampler(40, transform="softmax", uniform_mix=0.0, warmup_epochs=0, samples_per_epoch=30, seed=0)
     batch = torch.tensor(drain(s)[:8])
     w = s.weights(batch)
     assert torch.equal(s.weights(batch, scale=0.125), w * 0.125)
@@ -1285,7 +1286,7 @@ def test_weights_scale():
 
 
 def test_fast_weights_refuse_like_the_general_path():
-    s = isample.ImportanceSampler(50, samples_per_epoch=5, replacement=False, seed=0)
+    s = isample.ImportanceSampler(50, transform="softmax", uniform_mix=0.0, warmup_epochs=0, samples_per_epoch=5, replacement=False, seed=0)
     drawn = set(drain(s))
     undrawn = next(i for i in range(50) if i not in drawn)
     with pytest.raises(ValueError, match=f"item {undrawn} was not drawn in epoch 0"):
@@ -1299,7 +1300,7 @@ def test_fast_weights_refuse_like_the_general_path():
 def test_a_rejected_fast_update_changes_nothing():
     """The core checks every index and score before writing; the general path then says why."""
     for transform in ("softmax", "proportional", "rank"):
-        s = isample.ImportanceSampler(10, transform=transform, score="running_loss", seed=0)
+        s = isample.ImportanceSampler(10, uniform_mix=0.0, warmup_epochs=0, transform=transform, score="running_loss", seed=0)
         before = s.scores()
         with pytest.raises(IndexError, match=r"\[10\]"):
             s.update(torch.tensor([0, 10]), torch.ones(2))

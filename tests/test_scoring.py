@@ -50,7 +50,7 @@ def _model() -> torch.nn.Module:
 
 
 def _sampler(**options: Any) -> isample.ImportanceSampler:
-    return isample.ImportanceSampler(N, transform="proportional", uniform_mix=LAM, seed=1, **options)
+    return isample.ImportanceSampler(N, transform="proportional", uniform_mix=LAM, seed=1, **{"warmup_epochs": 0, **options})
 
 
 def _until(condition, what: str, step=None) -> None:

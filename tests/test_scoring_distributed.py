@@ -65,7 +65,7 @@ def _trainer(ranks, out: Path) -> Dict[str, Any]:
     ddp = DDP(model, process_group=ranks.trainers)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.05)
     sampler = DistributedImportanceSampler(
-        ITEMS, group=ranks.trainers, transform="proportional", uniform_mix=LAM, samples_per_epoch=128, seed=3
+        ITEMS, warmup_epochs=0, group=ranks.trainers, transform="proportional", uniform_mix=LAM, samples_per_epoch=128, seed=3
     )
     results: Dict[str, Any] = {"rank": ranks.rank}
     x_all, y_all = data.tensors
@@ -227,7 +227,7 @@ def test_split_and_the_pool_refuse_what_cannot_work(tmp_path):
             ScorerRanks.split(scorers=1)  # one process: nobody would train
     finally:
         dist.destroy_process_group()
-    sampler = isample.ImportanceSampler(8, transform="proportional")
+    sampler = isample.ImportanceSampler(8, uniform_mix=0.0, warmup_epochs=0, transform="proportional")
     data = torch.utils.data.TensorDataset(torch.zeros(8, 3), torch.zeros(8, dtype=torch.int64))
     model = torch.nn.Linear(3, 2)
     with pytest.raises(TypeError, match="ScorerRanks"):
