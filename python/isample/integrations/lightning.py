@@ -1,6 +1,6 @@
 """PyTorch Lightning: importance sampling with one callback and one call in ``training_step``.
 
-    sampler = isample.ImportanceSampler(len(train_set), score="running_loss")
+    sampler = isample.ImportanceSampler(len(train_set))   # the defaults: see below
     loader = DataLoader(isample.IndexedDataset(train_set), batch_size=128, sampler=sampler)
 
     class Model(L.LightningModule):
@@ -11,6 +11,11 @@
 
     trainer = L.Trainer(callbacks=[ImportanceSamplingCallback(sampler)], use_distributed_sampler=False)
     trainer.fit(Model(), loader)
+
+``isample.ImportanceSampler(N)``'s defaults are the recipe the project's studies back (the
+last loss, in proportion, mixed with 20% uniform, with replacement, unbiased weights <= 5,
+one uniform warm-up epoch); earlier examples here used ``score="running_loss"`` under the
+seed paper's softmax, and ``isample.ImportanceSampler.paper(N)`` still builds that method.
 
 The callback checks, before the first step, that the Trainer keeps the sampler
 (``use_distributed_sampler=False``: it raises otherwise, on one device too), that the train
