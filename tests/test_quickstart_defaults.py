@@ -64,23 +64,26 @@ def test_the_arms_settings_are_the_recipe_and_the_issues(quickstart):
     assert not quickstart.same_settings(old, quickstart.RECIPE)  # the check can tell them apart
     assert not quickstart.same_settings(quickstart.describe(isample.ImportanceSampler(10, **{**quickstart.RECIPE, "uniform_mix": 0.1})),
                                         quickstart.RECIPE)
+    iid = quickstart.describe(quickstart.make_sampler("iid_uniform", 10, 0))
+    assert iid["uniform_mix"] == 1.0 and iid["replacement"] is True
     with pytest.raises(ValueError, match="arm 'uniform' has no sampler"):
         quickstart.make_sampler("uniform", 10, 0)
 
 
 @pytest.mark.slow  # six transformers Trainer fits and six Lightning fits: 3-9 s on a loaded 2-core machine
 def test_quick_run_writes_well_formed_results(quickstart, tmp_path, capsys):
-    result = quickstart.main(["--quick", "--seeds", "2", "--tasks", "hf", "lightning", "--out-dir", str(tmp_path)])
+    result = quickstart.main(["--quick", "--seeds", "2", "--tasks", "hf", "lightning", "--arms", "defaults", "old",
+                              "--out-dir", str(tmp_path)])
     saved = json.loads((tmp_path / "quickstart.json").read_text())
     assert saved["summary"] == json.loads(json.dumps(result["summary"]))
-    assert saved["quick"] is True and saved["tasks"] == ["hf", "lightning"]
+    assert saved["quick"] is True and saved["tasks"] == ["hf", "lightning"] and saved["arms"] == ["uniform", "defaults", "old"]
     assert len(saved["runs"]) == 2 * 2 * 3  # tasks x seeds x arms
     for run in saved["runs"]:
         assert 0.0 <= run["accuracy"] <= 1.0 and run["steps"] > 0 and run["seconds"] >= 0
         if run["arm"] == "uniform":
             assert run["sampler"] is None
         else:
-            assert quickstart.same_settings(run["sampler"], quickstart.RECIPE if run["arm"] == "defaults" else quickstart.OLD)
+            assert quickstart.same_settings(run["sampler"], quickstart.SETTINGS[run["arm"]])
     for task in ("hf", "lightning"):
         steps = {run["steps"] for run in saved["runs"] if run["task"] == task}
         assert len(steps) == 1  # the same step budget in every arm
