@@ -20,13 +20,15 @@ weights of the training examples differ):
   says which of the two ran (``defaults_are_recipe``);
 - ``old``: the settings of the issue's report (``OLD``: running loss, one warm-up epoch,
   softmax, 1/(N p) weights, no uniform mixture), the negative control that should reproduce
-  the loss of accuracy.
+  the loss of accuracy;
+- ``iid_uniform`` (diagnostic): the recipe with ``uniform_mix=1``, i.e. uniform draws with
+  replacement (weights 1) through isample: what drawing with replacement costs by itself.
 
 Every run's test accuracy, the per-arm mean and standard deviation, and the paired
 differences against uniform (mean, standard error, 95% t interval) go to a JSON file and a
 markdown page, with the machine (``isample.bench.machine.machine_summary``).
 
-    python benchmarks/quickstart_defaults.py --seeds 5 --lightning-seeds 20   # ~20 min on one core
+    python benchmarks/quickstart_defaults.py --seeds 6 --lightning-seeds 20   # ~25 min on one core
     python benchmarks/quickstart_defaults.py --quick --seeds 2 --out-dir /tmp/q   # seconds
 
 Needs the hf and lightning extras and scikit-learn (the digits).
@@ -407,10 +409,18 @@ def markdown(result: Dict[str, Any]) -> str:
         f"L2 {cpu.get('l2_cache', '?')}, L3 {cpu.get('l3_cache', '?')}), torch {machine.get('torch')}, "
         f"isample {machine.get('isample')}, transformers {result['versions'].get('transformers')}, "
         f"lightning {result['versions'].get('lightning')}, scikit-learn {result['versions'].get('scikit-learn')}; "
-        "one torch thread, the other cores busy with other jobs.",
+        "one torch thread, the other cores busy with other jobs. " + _source_line(result.get("source", {})),
         "",
     ]
     return "\n".join(lines)
+
+
+def _source_line(source: Dict[str, Any]) -> str:
+    commit = source.get("commit")
+    if not commit:
+        return ""
+    dirty = source.get("library_uncommitted_changes")
+    return f"isample from commit {commit[:10]}" + (" with uncommitted changes in python/isample" if dirty else "") + "."
 
 
 def verdict_lines(summary: Dict[str, Any], tasks: Sequence[str]) -> List[str]:
@@ -485,6 +495,8 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help="which arms (default all; 'uniform' is the reference and always runs)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (160 images, 2 epochs): checks the script, not the science")
     parser.add_argument("--out-dir", default=os.path.join("docs", "results", "defaults"), help="where quickstart.json and quickstart.md go")
+    parser.add_argument("--render-only", action="store_true",
+                        help="run nothing: write quickstart.md again from the quickstart.json in --out-dir")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     args = parser.parse_args(argv)
     args.arms = [arm for arm in ARMS if arm in args.arms or arm == "uniform"]
@@ -500,6 +512,13 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Run every (task, seed, arm), write the JSON and markdown results, return the result."""
     args = parse(argv)
+    if args.render_only:
+        with open(os.path.join(args.out_dir, "quickstart.json")) as f:
+            result = json.load(f)
+        result["verdict"] = verdict_lines(result["summary"], result["tasks"]) + answers(result["summary"], result["tasks"])
+        write_atomically(os.path.join(args.out_dir, "quickstart.json"), json.dumps(result, indent=1) + "\n")
+        write_atomically(os.path.join(args.out_dir, "quickstart.md"), markdown(result))
+        return result
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*LeafSpec.*")

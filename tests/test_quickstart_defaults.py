@@ -98,6 +98,9 @@ def test_quick_run_writes_well_formed_results(quickstart, tmp_path, capsys):
     page = (tmp_path / "quickstart.md").read_text()
     assert page.count("| uniform |") == 2 and "## Verdict" in page and "## Machine" in page
     assert "[" in capsys.readouterr().err  # progress lines
+    (tmp_path / "quickstart.md").unlink()
+    quickstart.main(["--render-only", "--out-dir", str(tmp_path)])  # the page again, from the JSON alone
+    assert (tmp_path / "quickstart.md").read_text() == page
 
 
 def test_bad_arguments_are_refused(quickstart, tmp_path):
