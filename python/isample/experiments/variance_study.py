@@ -59,16 +59,22 @@ __all__ = ["VarianceStudy", "PROPOSALS", "SHADOWS", "run_trajectory", "run_own"]
 # loss policies start with one uniform epoch, so every item has a score; the grad-norm ones
 # start from sqrt(2), the bound's largest value, as the grad_norm_proportional preset does.
 SHADOWS: Dict[str, Dict[str, Any]] = {
-    "last loss, softmax (first seed)": {"score": "last_loss", "transform": "softmax", "warmup_epochs": 1},
+    "last loss, softmax (first seed)": {"score": "last_loss", "transform": "softmax", "warmup_epochs": 1,
+                                        "uniform_mix": 0.0},
     "last loss, softmax + 20% uniform": {"score": "last_loss", "transform": "softmax", "warmup_epochs": 1,
                                          "uniform_mix": 0.2},
-    "running loss, softmax (first seed)": {"score": "running_loss", "transform": "softmax", "warmup_epochs": 1},
+    "running loss, softmax (first seed)": {"score": "running_loss", "transform": "softmax", "warmup_epochs": 1,
+                                           "uniform_mix": 0.0},
     "running loss, softmax + 20% uniform": {"score": "running_loss", "transform": "softmax", "warmup_epochs": 1,
                                             "uniform_mix": 0.2},
-    "bound, proportional": {"score": "grad_norm", "transform": "proportional", "initial_score": 2 ** 0.5},
+    "bound, proportional": {"score": "grad_norm", "transform": "proportional", "initial_score": 2 ** 0.5,
+                            "warmup_epochs": 0, "uniform_mix": 0.0},
     "bound, proportional + 10% uniform (grad_norm_proportional)": {
-        "score": "grad_norm", "transform": "proportional", "initial_score": 2 ** 0.5, "uniform_mix": 0.1},
+        "score": "grad_norm", "transform": "proportional", "initial_score": 2 ** 0.5, "warmup_epochs": 0,
+        "uniform_mix": 0.1},
 }
+# Every shadow names all of its sampler's settings: ImportanceSampler's defaults may change
+# (they did, in issue 24), and the study's trajectories must not change with them.
 
 
 def proposal_labels(every: int = 50):
