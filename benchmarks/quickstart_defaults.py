@@ -320,6 +320,7 @@ def write_atomically(path: str, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -495,6 +496,9 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help="which arms (default all; 'uniform' is the reference and always runs)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (160 images, 2 epochs): checks the script, not the science")
     parser.add_argument("--out-dir", default=os.path.join("docs", "results", "defaults"), help="where quickstart.json and quickstart.md go")
+    parser.add_argument("--extend", action="store_true",
+                        help="keep the runs already in --out-dir's quickstart.json (same sizes and settings) and run "
+                             "only the missing (task, arm, seed): more seeds without rerunning the others")
     parser.add_argument("--render-only", action="store_true",
                         help="run nothing: write quickstart.md again from the quickstart.json in --out-dir")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
@@ -507,6 +511,21 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     if args.threads < 1:
         parser.error("--threads must be at least 1")
     return args
+
+
+def kept_runs(args: argparse.Namespace, cfg: Dict[str, Any], seeds: Dict[str, List[int]]) -> tuple:
+    """--extend: the runs of the earlier results file that this invocation asks for, and the
+    seconds it took; a file made with other sizes or settings is refused (SystemExit)."""
+    path = os.path.join(args.out_dir, "quickstart.json")
+    if not os.path.exists(path):
+        return [], 0.0
+    with open(path) as f:
+        earlier = json.load(f)
+    mine = json.loads(json.dumps(dict(config=cfg, recipe=RECIPE, old=OLD, quick=args.quick)))
+    if {key: earlier.get(key) for key in mine} != mine:
+        raise SystemExit(f"--extend: {path} was made with other sizes or settings: rerun without --extend")
+    runs = [r for r in earlier["runs"] if r["task"] in seeds and r["arm"] in args.arms and r["seed"] in seeds[r["task"]]]
+    return runs, float(earlier.get("wall_seconds", 0.0))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
@@ -536,13 +555,18 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     recipe_is_default = defaults_are_recipe()
     log(f"{len(data['y_train'])} training / {len(data['y_test'])} test images; tasks {args.tasks}, seeds {seeds}; "
         f"library defaults {'ARE' if recipe_is_default else 'are NOT yet'} the recipe")
-    runs: List[Dict[str, Any]] = []
+    runs, earlier_seconds = kept_runs(args, cfg, seeds) if args.extend else ([], 0.0)
+    kept = {(r["task"], r["arm"], r["seed"]) for r in runs}
     total = sum(len(seeds[task]) for task in args.tasks) * len(args.arms)
+    if kept:
+        log(f"keeping {len(kept)} runs of {os.path.join(args.out_dir, 'quickstart.json')}")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="isample-quickstart-") as workdir:
         for task in args.tasks:
             for seed in seeds[task]:
                 for arm in args.arms:  # interleaved, so the machine's load falls on every arm alike
+                    if (task, arm, seed) in kept:
+                        continue
                     began = time.perf_counter()
                     out = RUNNERS[task](arm, seed, data, cfg[task], os.path.join(workdir, f"{task}-{arm}-{seed}"))
                     seconds = time.perf_counter() - began
@@ -560,7 +584,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         issue=24,
         argv=list(argv if argv is not None else sys.argv[1:]),
         finished=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        wall_seconds=time.perf_counter() - start,
+        wall_seconds=earlier_seconds + time.perf_counter() - start,
         quick=args.quick, threads=args.threads, tasks=list(args.tasks), seeds=seeds, arms=args.arms,
         config=cfg, recipe=RECIPE, old=OLD,
         defaults_are_recipe=recipe_is_default, library_defaults=library_defaults(),

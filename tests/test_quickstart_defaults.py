@@ -72,8 +72,10 @@ def test_the_arms_settings_are_the_recipe_and_the_issues(quickstart):
 
 @pytest.mark.slow  # six transformers Trainer fits and six Lightning fits: 3-9 s on a loaded 2-core machine
 def test_quick_run_writes_well_formed_results(quickstart, tmp_path, capsys):
-    result = quickstart.main(["--quick", "--seeds", "2", "--tasks", "hf", "lightning", "--arms", "defaults", "old",
-                              "--out-dir", str(tmp_path)])
+    options = ["--quick", "--tasks", "hf", "lightning", "--arms", "defaults", "old", "--out-dir", str(tmp_path)]
+    first = quickstart.main(["--seeds", "1", *options])
+    result = quickstart.main(["--seeds", "2", "--extend", *options])  # runs seed 1 only
+    assert [r for r in result["runs"] if r["seed"] == 0] == first["runs"]
     saved = json.loads((tmp_path / "quickstart.json").read_text())
     assert saved["summary"] == json.loads(json.dumps(result["summary"]))
     assert saved["quick"] is True and saved["tasks"] == ["hf", "lightning"] and saved["arms"] == ["uniform", "defaults", "old"]
@@ -101,6 +103,13 @@ def test_quick_run_writes_well_formed_results(quickstart, tmp_path, capsys):
     (tmp_path / "quickstart.md").unlink()
     quickstart.main(["--render-only", "--out-dir", str(tmp_path)])  # the page again, from the JSON alone
     assert (tmp_path / "quickstart.md").read_text() == page
+
+
+def test_extend_refuses_a_file_made_with_other_settings(quickstart, tmp_path):
+    (tmp_path / "quickstart.json").write_text(json.dumps(dict(config={"hf": {}}, recipe=quickstart.RECIPE, old=quickstart.OLD,
+                                                              quick=True, runs=[])))
+    with pytest.raises(SystemExit, match="other sizes or settings"):
+        quickstart.main(["--quick", "--extend", "--out-dir", str(tmp_path)])
 
 
 def test_bad_arguments_are_refused(quickstart, tmp_path):
