@@ -79,10 +79,7 @@ def main() -> None:
         sampler = DistributedImportanceSampler(
             len(train),
             sharded=args.sharded,
-            score="running_loss",
-            warmup_epochs=1,
-            samples_per_epoch=args.samples_per_epoch,
-            uniform_mix=0.1,
+            samples_per_epoch=args.samples_per_epoch,  # the library's defaults otherwise (docs/policies.md)
             seed=args.seed,
             exchange=int(args.exchange) if args.exchange.isdigit() else args.exchange,
         )

@@ -1133,7 +1133,10 @@ class ImportanceSampler(EpochSampler):
                 only with ``score="running_loss"``.
             temperature: the softmax's T (1, the paper's).
             replacement: draw Z with replacement (the paper leaves it open; Appendix A: False).
-            nonfinite, clamp_value, seed, device: as for ``ImportanceSampler``.
+            nonfinite: as for ``ImportanceSampler``.
+            clamp_value: as for ``ImportanceSampler``.
+            seed: as for ``ImportanceSampler``.
+            device: as for ``ImportanceSampler``.
 
         Returns the same sampler as ``ImportanceSampler(num_items, **paper_options(...))``:
         ``ImportanceSampler(N, score="last_loss", transform=Softmax(1.0),

@@ -45,7 +45,7 @@ def run_overhead(settings: Settings, log: Log) -> List[Dict[str, Any]]:
     generator = torch.Generator().manual_seed(settings.seed)
     losses = torch.rand(batch, dtype=torch.float64, generator=generator)
     for transform in ("softmax", "proportional", "rank"):
-        sampler = isample.ImportanceSampler(n, transform=transform, seed=settings.seed)
+        sampler = isample.ImportanceSampler(n, transform=transform, uniform_mix=0.0, warmup_epochs=0, seed=settings.seed)
         sampler.update(torch.arange(n), torch.rand(n, dtype=torch.float64, generator=generator))
         index = torch.tensor(next(iter(torch.utils.data.BatchSampler(sampler, batch, drop_last=False))))
         tree = sampler._tree
@@ -87,7 +87,7 @@ def _training_step_rows(settings: Settings, generator: torch.Generator, n: int, 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     inputs = torch.randn(16, batch, 64, generator=generator)
     targets = torch.randint(0, 10, (16, batch), generator=generator)
-    sampler = isample.ImportanceSampler(n, seed=settings.seed)
+    sampler = isample.ImportanceSampler(n, transform="softmax", uniform_mix=0.0, warmup_epochs=0, seed=settings.seed)
     sampler.update(torch.arange(n), torch.rand(n, dtype=torch.float64, generator=generator))
     index = torch.tensor(next(iter(torch.utils.data.BatchSampler(sampler, batch, drop_last=False))))
     turn = [0]
@@ -136,7 +136,7 @@ def _dataloader_row(settings: Settings, generator: torch.Generator, n: int, batc
     loaders = {
         "DataLoader(TensorDataset, shuffle=True)": DataLoader(dataset, batch_size=batch, shuffle=True),
         "DataLoader(IndexedDataset(TensorDataset), sampler=ImportanceSampler)": DataLoader(
-            isample.IndexedDataset(dataset), batch_size=batch, sampler=isample.ImportanceSampler(n, seed=settings.seed)
+            isample.IndexedDataset(dataset), batch_size=batch, sampler=isample.ImportanceSampler(n, transform="softmax", uniform_mix=0.0, warmup_epochs=0, seed=settings.seed)
         ),
     }
     iterators = {name: [iter(loader), loader] for name, loader in loaders.items()}
