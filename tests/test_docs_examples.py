@@ -51,18 +51,7 @@ except ImportError:  # the plugin is in the [test] extra; without it the blocks 
 # Blocks that do not run yet, in files other helpers are editing: expected to fail, strictly
 # (a block that starts to pass fails the suite until its entry goes). (file, the block's first
 # line, or its start) -> what it needs.
-KNOWN_FAILURES: Dict[Tuple[str, str], str] = {
-    ("docs/adapters.md", "from isample.integrations.replay import PrioritizedReplayBuffer"):
-        "uses obs, act, rew, next_obs, done, O, A, R, O2, D, q and target without defining them",
-    ("docs/backend_protocol.md", "w = sampler.weights(index, dtype=losses.dtype, device=losses.device)"):
-        "a fragment of the block before it (line 3 written out): mark it ```python notest",
-    ("docs/backend_protocol.md", "import lightning as L"):
-        "uses isample, DataLoader and F of the first block (```python continuation); Lightning then asks for "
-        "Model.configure_optimizers (and forward, for self(x)) and Trainer(max_epochs=epochs)",
-    ("docs/backend_protocol.md", "from transformers import TrainingArguments"):
-        "uses isample of the first block (```python continuation); ImportanceTrainer then needs dict examples "
-        "and a model that takes them (train_set here is a TensorDataset of (x, y))",
-}
+KNOWN_FAILURES: Dict[Tuple[str, str], str] = {}
 
 
 def reader_objects() -> Dict[str, Any]:
