@@ -428,7 +428,8 @@ def train(
             for start in range(0, order.numel(), batch_size):
                 idx = order[start : start + batch_size]
                 if total_steps in snapshots:  # the parameters and the q this step's batch comes from
-                    _save_snapshot(run_dir, total_steps, model, epoch_q, scorers)
+                    if world.lead:  # rank 0 writes (with scorer ranks only its item_versions are complete)
+                        _save_snapshot(run_dir, total_steps, model, epoch_q, scorers)
                     snapshots.discard(total_steps)
                 with clock.measure("training"):
                     x = images[idx]
