@@ -184,6 +184,17 @@ def test_the_cost_table_shows_the_workers_apart(tmp_path):
     assert cells[2:] == ["0.7", "90.00 ± 0.00", "5", "4", "7", "0.5", "1", "30 / 90", "2000"]
 
 
+def test_the_cost_table_leaves_out_the_cpu_time_of_scorer_ranks(tmp_path):
+    # scorer ranks are other processes (perhaps other machines): their records carry cpu_seconds None
+    base = dict(dataset="fashion-mnist", model="small_cnn", train_subset=100)
+    pool = {"coverage": 1.0, "staleness": {"median": 30, "max": 90}, "items_per_second": 2000.0, "cpu_seconds": None,
+            "startup_seconds": 0.5, "scorer_ranks": 1}
+    _run(tmp_path, RunConfig(**base, method="grad_norm", seed=0), [{"scorers": pool}] * 2,
+         {"train_eval": {"loss": 0.2, "accuracy": 0.9}})
+    cells = [c.strip() for c in cost_table(load_runs([tmp_path]))[-1].strip("|").split("|")]
+    assert cells[6:] == ["–", "0.5", "1", "30 / 90", "2000"]
+
+
 # -- the variance study's shadows ------------------------------------------------------------
 
 

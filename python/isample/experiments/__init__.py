@@ -14,6 +14,8 @@ Modules:
 - ``models``: the CIFAR ResNet18 of the seed paper and a small CNN for CPU-sized studies;
 - ``config``: ``RunConfig`` and the presets of the paper's Appendix A;
 - ``train``: the training loop (metrics per epoch, Appendix C time split, exact resume);
+- ``world``: the world a run trains in (one process, or ``distributed_run`` under torchrun:
+  DDP, the distributed sampler, scorer ranks); ``evaluation``: a model on a split;
 - ``scorers``: scoring workers beside a run (``RunConfig.scorers``, the second seed's system);
 - ``plots`` and ``report``: the paper's figures 1-6 and a markdown table from run folders;
 - ``schedule``: a study's runs a few at a time (``isample study NAME --jobs J``), with an ETA;

@@ -579,7 +579,9 @@ def cost_table(groups: Sequence[Group]) -> List[str]:
         if pools:
             medians = [p["staleness"]["median"] for p in pools if p["staleness"]["median"] is not None]
             maxima = [p["staleness"]["max"] for p in pools if p["staleness"]["max"] is not None]
-            row += [mean([p["cpu_seconds"] for p in pools]), mean([p["startup_seconds"] for p in pools], 2),
+            # cpu_seconds is None for scorer ranks (other processes, perhaps other machines)
+            row += [mean([p["cpu_seconds"] for p in pools if p.get("cpu_seconds") is not None]),
+                    mean([p["startup_seconds"] for p in pools], 2),
                     mean([p["coverage"] for p in pools]), f"{mean(medians)} / {mean(maxima)}",
                     mean([p["items_per_second"] for p in pools], 4)]
         else:
