@@ -340,9 +340,13 @@ def markdown(result: Dict[str, Any]) -> str:
         "# Issue 24's quick-start tasks: isample's defaults against uniform shuffling",
         "",
         f"Made by `python benchmarks/quickstart_defaults.py {' '.join(result['argv'])}` on {result['finished']}"
-        f" ({result['wall_seconds'] / 60:.1f} min, one torch thread; the machine was shared with other jobs,"
+        f" ({result['wall_seconds'] / 60:.1f} min of runs in all, one torch thread; the machine was shared with other jobs,"
         " so the seconds per run are indicative only).",
         "",
+        *([f"In {len(result['invocations'])} invocations: "
+           + "; ".join(f"`{' '.join(i['argv'])}` at {i['finished']} (isample {str((i.get('source') or {}).get('commit'))[:10]})"
+                       for i in result["invocations"]) + ".", ""]
+          if len(result.get("invocations", [])) > 1 else []),
         "Both tasks use sklearn's digits (1,797 8x8 images, 10 classes) with one stratified split "
         f"({result['train_items']} training, {result['test_items']} test images), the same in every run. "
         "Arms are paired by seed: the same initial weights, data and step budget; only which examples "
@@ -402,7 +406,9 @@ def markdown(result: Dict[str, Any]) -> str:
                               for arm in ARMS if arm in summary) + ".", ""]
     lines += ["## Verdict", ""] + [f"- {line}" for line in result["verdict"]] + [""]
     lines += [
-        "Verdicts: `better` / `worse` when the 95% t interval of the paired difference excludes 0, `level` otherwise.",
+        "Verdicts: `better` / `worse` when the 95% t interval of the paired difference excludes 0, `level` otherwise: "
+        "no difference this many seeds can detect, within the interval's width (the hf task's accuracy varies by several "
+        "points from seed to seed, in every arm alike).",
         "",
         "## Machine",
         "",
@@ -467,7 +473,9 @@ def answers(summary: Dict[str, Any], tasks: Sequence[str]) -> List[str]:
         out.append(
             "The old settings " + ("reproduce a loss of accuracy against uniform on " + ", ".join(lost) if lost else
                                    "do not reproduce a loss of accuracy on any task")
-            + ("; not on " + ", ".join(t for t in old if t not in lost) if lost and len(lost) < len(old) else "") + "."
+            + ("; not on " + ", ".join(t for t in old if t not in lost) if lost and len(lost) < len(old) else "")
+            + ("; the issue's 39.2% against 65.8% is not reproduced by these settings on this page's hf task"
+               if "hf" in old and "hf" not in lost else "") + "."
         )
     return out
 
@@ -514,18 +522,24 @@ def parse(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 
 
 def kept_runs(args: argparse.Namespace, cfg: Dict[str, Any], seeds: Dict[str, List[int]]) -> tuple:
-    """--extend: the runs of the earlier results file that this invocation asks for, and the
-    seconds it took; a file made with other sizes or settings is refused (SystemExit)."""
+    """--extend: the runs of the earlier results file that this invocation asks for, the
+    seconds it took and its invocations; a file made with other sizes or settings is refused
+    (SystemExit)."""
     path = os.path.join(args.out_dir, "quickstart.json")
     if not os.path.exists(path):
-        return [], 0.0
+        return [], 0.0, []
     with open(path) as f:
         earlier = json.load(f)
     mine = json.loads(json.dumps(dict(config=cfg, recipe=RECIPE, old=OLD, quick=args.quick)))
     if {key: earlier.get(key) for key in mine} != mine:
         raise SystemExit(f"--extend: {path} was made with other sizes or settings: rerun without --extend")
     runs = [r for r in earlier["runs"] if r["task"] in seeds and r["arm"] in args.arms and r["seed"] in seeds[r["task"]]]
-    return runs, float(earlier.get("wall_seconds", 0.0))
+    return runs, float(earlier.get("wall_seconds", 0.0)), invocations_of(earlier)
+
+
+def invocations_of(result: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The invocations whose runs a results file holds (one, or several with --extend)."""
+    return list(result.get("invocations") or [dict(argv=result["argv"], finished=result["finished"], source=result.get("source"))])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
@@ -555,7 +569,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     recipe_is_default = defaults_are_recipe()
     log(f"{len(data['y_train'])} training / {len(data['y_test'])} test images; tasks {args.tasks}, seeds {seeds}; "
         f"library defaults {'ARE' if recipe_is_default else 'are NOT yet'} the recipe")
-    runs, earlier_seconds = kept_runs(args, cfg, seeds) if args.extend else ([], 0.0)
+    runs, earlier_seconds, invocations = kept_runs(args, cfg, seeds) if args.extend else ([], 0.0, [])
     kept = {(r["task"], r["arm"], r["seed"]) for r in runs}
     total = sum(len(seeds[task]) for task in args.tasks) * len(args.arms)
     if kept:
@@ -592,6 +606,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         runs=runs, summary=summary, verdict=verdict_lines(summary, args.tasks) + answers(summary, args.tasks),
         machine=_machine(), versions=versions(), source=git_state(),
     )
+    if runs and {(r["task"], r["arm"], r["seed"]) for r in runs} != kept:  # this invocation ran something
+        invocations.append(dict(argv=result["argv"], finished=result["finished"], source=result["source"]))
+    result["invocations"] = invocations or [dict(argv=result["argv"], finished=result["finished"], source=result["source"])]
     write_atomically(os.path.join(args.out_dir, "quickstart.json"), json.dumps(result, indent=1) + "\n")
     write_atomically(os.path.join(args.out_dir, "quickstart.md"), markdown(result))
     for line in result["verdict"]:

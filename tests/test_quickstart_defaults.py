@@ -76,6 +76,7 @@ def test_quick_run_writes_well_formed_results(quickstart, tmp_path, capsys):
     first = quickstart.main(["--seeds", "1", *options])
     result = quickstart.main(["--seeds", "2", "--extend", *options])  # runs seed 1 only
     assert [r for r in result["runs"] if r["seed"] == 0] == first["runs"]
+    assert [i["argv"][:2] for i in result["invocations"]] == [["--seeds", "1"], ["--seeds", "2"]]
     saved = json.loads((tmp_path / "quickstart.json").read_text())
     assert saved["summary"] == json.loads(json.dumps(result["summary"]))
     assert saved["quick"] is True and saved["tasks"] == ["hf", "lightning"] and saved["arms"] == ["uniform", "defaults", "old"]
