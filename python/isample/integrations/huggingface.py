@@ -14,7 +14,8 @@ Without ``sampler=`` the trainer builds ``isample.ImportanceSampler(len(train_da
 seed=args.seed)``: the library's defaults (the last loss, in proportion, mixed with 20%
 uniform, with replacement, unbiased weights <= 5, one uniform warm-up epoch). Earlier
 versions' examples suggested ``score="running_loss"`` under the seed paper's softmax, which
-cost accuracy on a BERT fine-tune (39% against the plain Trainer's 66%, issue 24); pass
+cost accuracy in one report (a BERT fine-tune, 39% against the plain Trainer's 66%, issue
+24; level with uniform on the digits task of docs/results/defaults/quickstart.md); pass
 ``sampler=isample.ImportanceSampler.paper(len(train))`` for the paper's method.
 
 ``ImportanceTrainer`` is a ``Trainer`` whose train DataLoader draws from ``trainer.sampler``
