@@ -136,6 +136,25 @@ def pytest_report_header(config):
     return f"isample core: {_core.build_info()} (ISAMPLE_CPU_KERNELS={os.environ.get('ISAMPLE_CPU_KERNELS')})"
 
 
+# The variables torch.distributed, torchrun, Lightning and accelerate read to find a process
+# group. Lightning's DDP strategy sets them in os.environ and leaves them there; a later
+# Hugging Face Trainer (accelerate) then sees LOCAL_RANK and starts a process group of its own,
+# which breaks the next test that starts one. Every test gets them back as they were.
+DISTRIBUTED_ENVIRONMENT = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                           "NODE_RANK", "GROUP_RANK")
+
+
+@pytest.fixture(autouse=True)
+def distributed_environment_restored():
+    before = {name: os.environ.get(name) for name in DISTRIBUTED_ENVIRONMENT}
+    yield
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @pytest.fixture
 def one_torch_thread():
     """Small tensors: one intra-op thread is fastest, and a busy machine cannot stall it."""
