@@ -8,7 +8,8 @@ momentum) with DistributedDataParallel on the synthetic data of ``examples/ddp_t
 (20,000 items, batch 64 per rank, 157 steps per rank per epoch). Each contender holds its own
 model, optimiser, DDP wrapper and DataLoader (``isample.IndexedDataset``, the same for all),
 and trains whole epochs: ``DistributedSampler`` (a plain mean loss, what a user would run
-instead), and ``DistributedImportanceSampler`` (running loss, softmax, uniform_mix 0.1; weights
+instead), and ``DistributedImportanceSampler`` (the library's defaults, with its warm-up epoch
+left out so that every timed epoch is an importance epoch; weights
 and ``update`` every step) with each exchange setting, replicated and sharded. The contenders
 are interleaved, one epoch each per round, their order rotated from one round to the next,
 so that the machine's drift (other jobs share its 2 cores) spreads over all of them; the
@@ -100,7 +101,7 @@ class _Contender:
             self.importance = False
         else:
             self.sampler = DistributedImportanceSampler(
-                len(train), score="running_loss", uniform_mix=0.1, seed=seed, **settings
+                len(train), warmup_epochs=0, seed=seed, **settings  # the defaults: last loss, proportional, 20% uniform
             )
             self.importance = True
         self.loader = DataLoader(isample.IndexedDataset(train), batch_size=64, sampler=self.sampler)
@@ -308,7 +309,7 @@ def main() -> None:
             "items": args.items,
             "batch_per_rank": 64,
             "model": "MLP 32-128-10, SGD lr 0.05 momentum 0.9, DistributedDataParallel",
-            "sampler": "score running_loss, softmax, uniform_mix 0.1 (DistributedSampler: a plain mean loss)",
+            "sampler": "the library's defaults (last loss, proportional, uniform_mix 0.2, with replacement), no warm-up (DistributedSampler: a plain mean loss)",
             "rounds": args.rounds,
             "warmup_rounds": args.warmup,
             "timing": "perf_counter (and process_time) around each whole epoch on rank 0, first batch "
