@@ -348,6 +348,12 @@ def _paired_p(diffs: Sequence[float]) -> Optional[float]:
 # -- markdown ------------------------------------------------------------------------------
 
 
+def table_lines(header: Sequence[str], rows: Iterable[Sequence[str]] = ()) -> List[str]:
+    """A markdown table's lines: the header, its rule, then one line per row."""
+    return ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"] + [
+        "| " + " | ".join(row) + " |" for row in rows]
+
+
 def _pct(value: Optional[Tuple[Optional[float], Optional[float]]], digits: int = 2) -> str:
     mean, std = value if value is not None else (None, None)
     if mean is None:
@@ -432,8 +438,7 @@ def report(
         reasons = "; ".join(r if n == 1 else f"{r} ×{n}" for r, n in sorted(s["stop_reasons"].items()))
         row += [_pct(s["overhead"], 3), reasons]
         rows.append(row)
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines = table_lines(header, rows)
     notes = (
         "Accuracies: mean ± sample standard deviation over seeds. Steps: gradient steps trained (mean). "
         "Epochs (counted from 1), steps and training seconds (training + sampling, without evaluation) "
@@ -547,10 +552,8 @@ def weight_table(groups: Sequence[Group]) -> List[str]:
         "*largest / smallest weight drawn*: the range of the weights the sampler gave its draws, over the run. "
         "Steps to a threshold count the seeds that crossed it.",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" for _ in header) + "|",
+        *table_lines(header, rows),
     ]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return lines
 
 
@@ -596,8 +599,6 @@ def cost_table(groups: Sequence[Group]) -> List[str]:
         "workers run on their own core beside it, so their CPU time is extra hardware, not wall-clock. "
         "*Staleness*: trainer steps since the parameters behind each item's score were published.",
         "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" for _ in header) + "|",
+        *table_lines(header, rows),
     ]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return lines

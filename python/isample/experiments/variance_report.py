@@ -21,6 +21,8 @@ import subprocess
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from .report import table_lines
+
 __all__ = ["write_variance_results", "ratio_table", "own_table"]
 
 STEPS = (100, 200, 300, 400, 500, 600, 700)
@@ -77,7 +79,7 @@ def ratio_table(trajectories: Sequence[Dict[str, Any]]) -> List[str]:
     last = steps[-1]
     header = ["proposal (score, form)"] + [f"step {s}" for s in steps] + [
         f"largest weight 1/(Nq), step {last} (median)", "largest weight, any step (max)"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines = table_lines(header)
     for label in _proposals(trajectories):
         cells = []
         for step in steps:
@@ -101,7 +103,7 @@ def gradient_table(trajectories: Sequence[Dict[str, Any]]) -> List[str]:
     steps = [0] + _steps(trajectories)
     header = ["step", "V(uniform) = mean ‖g_i‖² − ‖g‖²", "‖g‖²", "median ‖g_i‖", "99th percentile ‖g_i‖",
               "corr(bound, ‖g_i‖)", "corr(loss, ‖g_i‖)"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines = table_lines(header)
     for step in steps:
         records = [r for r in (_at(t, step) for t in trajectories) if r is not None]
         if not records:
@@ -125,7 +127,7 @@ def own_table(owns: Sequence[Dict[str, Any]]) -> List[str]:
             labels.append(o["label"])
     steps = sorted({r["step"] for o in owns for r in o["checkpoints"]})
     header = ["run (its own parameters)", "quantity"] + [f"step {s}" for s in steps]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines = table_lines(header)
     rows = [("ratio of the q it drew from", "ratio"), ("optimal at the same parameters", "optimal_ratio"),
             ("bound now + 10% uniform, same parameters", "bound_mix_ratio"), ("largest weight 1/(Nq)", "largest_weight"),
             ("median age of the scores (steps)", "score_age_median"), ("items scored at least once", "scored_fraction")]
