@@ -42,7 +42,7 @@ namespace {
 // Calls that touch more items than this release the GIL.
 constexpr int64_t kLongCall = 16384;
 
-// The fast paths (*_arrays, sample_tensor, weights_of): tensors and arrays read from their
+// The fast paths (*_arrays, sample_tensor, SamplerStep): tensors and arrays read from their
 // Python objects (python_arrays.h). Each returns None / False for arguments it does not
 // take, having changed nothing, and the Python layer then takes its general path.
 PythonArrays arrays;
@@ -462,6 +462,450 @@ py::object make_replay_store_type() {
   return type;
 }
 
+// -- SamplerLock: the reentrant lock of a sampler ---------------------------------------------
+// threading.RLock's behaviour (acquire, release, with), as a type of the core so that
+// SamplerStep.update takes it with two C calls rather than two Python calls. The GIL is held
+// except while waiting, as with RLock.
+struct SamplerLockObject {
+  PyObject_HEAD
+  PyThread_type_lock lock;
+  unsigned long owner;
+  unsigned long count;
+};
+
+SamplerLockObject* lock_of(PyObject* self) { return reinterpret_cast<SamplerLockObject*>(self); }
+
+PyObject* sampler_lock_new(PyTypeObject* type, PyObject*, PyObject*) {
+  PyObject* self = type->tp_alloc(type, 0);
+  if (self == nullptr) return nullptr;
+  SamplerLockObject* l = lock_of(self);
+  l->owner = 0;
+  l->count = 0;
+  l->lock = PyThread_allocate_lock();
+  if (l->lock == nullptr) {
+    Py_DECREF(self);
+    return PyErr_NoMemory();
+  }
+  return self;
+}
+
+void sampler_lock_dealloc(PyObject* self) {
+  if (lock_of(self)->lock != nullptr) PyThread_free_lock(lock_of(self)->lock);
+  PyTypeObject* type = Py_TYPE(self);
+  type->tp_free(self);
+  Py_DECREF(type);
+}
+
+// Take the lock (again, for its owner); waits without the GIL. Returns false with a Python
+// error set only when the count would overflow.
+bool take_lock(SamplerLockObject* l) {
+  const unsigned long me = PyThread_get_thread_ident();
+  if (l->count > 0 && l->owner == me) {
+    if (l->count == std::numeric_limits<unsigned long>::max()) {
+      PyErr_SetString(PyExc_OverflowError, "SamplerLock taken too many times");
+      return false;
+    }
+    ++l->count;
+    return true;
+  }
+  if (!PyThread_acquire_lock(l->lock, NOWAIT_LOCK)) {
+    Py_BEGIN_ALLOW_THREADS
+    PyThread_acquire_lock(l->lock, WAIT_LOCK);
+    Py_END_ALLOW_THREADS
+  }
+  l->owner = me;
+  l->count = 1;
+  return true;
+}
+
+bool give_lock(SamplerLockObject* l) {
+  if (l->count == 0 || l->owner != PyThread_get_thread_ident()) {
+    PyErr_SetString(PyExc_RuntimeError, "cannot release a SamplerLock this thread does not hold");
+    return false;
+  }
+  if (--l->count == 0) {
+    l->owner = 0;
+    PyThread_release_lock(l->lock);
+  }
+  return true;
+}
+
+PyObject* sampler_lock_acquire(PyObject* self, PyObject* const*, Py_ssize_t nargs) {
+  if (nargs != 0) {
+    PyErr_SetString(PyExc_TypeError, "SamplerLock.acquire takes no arguments (it always waits)");
+    return nullptr;
+  }
+  if (!take_lock(lock_of(self))) return nullptr;
+  Py_RETURN_TRUE;
+}
+
+PyObject* sampler_lock_release(PyObject* self, PyObject* const*, Py_ssize_t) {
+  if (!give_lock(lock_of(self))) return nullptr;
+  Py_RETURN_NONE;
+}
+
+PyObject* sampler_lock_held(PyObject* self, PyObject* const*, Py_ssize_t) {
+  return new_value(lock_of(self)->count > 0 && lock_of(self)->owner == PyThread_get_thread_ident());
+}
+
+PyMethodDef sampler_lock_methods[] = {
+    {"acquire", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(sampler_lock_acquire)), METH_FASTCALL,
+     "acquire(self: isample._core.SamplerLock) -> bool\n\nTake the lock, waiting (without the GIL) for another "
+     "thread to release it; its holder may take it again."},
+    {"release", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(sampler_lock_release)), METH_FASTCALL,
+     "release(self: isample._core.SamplerLock) -> None\n\nRelease it once; RuntimeError for a thread that does "
+     "not hold it."},
+    {"__enter__", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(sampler_lock_acquire)), METH_FASTCALL,
+     "__enter__(self: isample._core.SamplerLock) -> bool"},
+    {"__exit__", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(sampler_lock_release)), METH_FASTCALL,
+     "__exit__(self: isample._core.SamplerLock, *args) -> None"},
+    {"held", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(sampler_lock_held)), METH_FASTCALL,
+     "held(self: isample._core.SamplerLock) -> bool\n\nWhether this thread holds it."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+PyTypeObject* sampler_lock_type = nullptr;  // set when the module is made
+
+py::object make_sampler_lock_type() {
+  static PyType_Slot slots[] = {
+      {Py_tp_new, reinterpret_cast<void*>(sampler_lock_new)},
+      {Py_tp_dealloc, reinterpret_cast<void*>(sampler_lock_dealloc)},
+      {Py_tp_methods, sampler_lock_methods},
+      {Py_tp_doc, const_cast<char*>("SamplerLock(): a reentrant lock (acquire, release, with), as threading.RLock, "
+                                    "that the core's SamplerStep takes without a Python call.")},
+      {0, nullptr},
+  };
+  static PyType_Spec spec = {"isample._core.SamplerLock", sizeof(SamplerLockObject), 0, Py_TPFLAGS_DEFAULT, slots};
+  py::object type = py::reinterpret_steal<py::object>(PyType_FromSpec(&spec));
+  if (!type) throw py::error_already_set();
+  sampler_lock_type = reinterpret_cast<PyTypeObject*>(type.ptr());
+  Py_INCREF(type.ptr());  // kept for the process's lifetime, as the module is
+  return type;
+}
+
+// -- SamplerStep: an ImportanceSampler's per-step calls on the CPU ------------------------------
+// sampler.weights and sampler.update run once per training step, like the replay buffer's
+// calls, and for the same reason are METH_FASTCALL methods of a plain CPython type: each
+// crossing of pybind11's generic dispatch costs more than the work of a 128-item batch.
+// The step holds what stays fixed for the sampler's life (its tree, its score store, its
+// transform's constants and its lock), so a call reads only the batch. Every method
+// returns None / False, having changed nothing, for arguments that are not plain and for a
+// batch the core refuses; the Python layer then takes its general path, which says why.
+enum class StepKind { kNone = 0, kSoftmax = 1, kProportional = 2, kScores = 3 };
+
+struct SamplerStep {
+  int64_t n = 0;
+  StepKind kind = StepKind::kNone;
+  py::object tree_owner;  // the SumTree (proportional) or SoftmaxTree (softmax) handle
+  SumHandle* sum = nullptr;
+  SoftmaxHandle* softmax = nullptr;
+  py::object store_owner;  // the float64 score store (n) of the proportional and scores kinds
+  double* store = nullptr;
+  double alpha = 1.0, eps = 0.0;
+  py::object policy;  // its `keep` is read at each update: a policy may change it
+  py::object lock_owner;  // the sampler's lock (a SamplerLock)
+  SamplerLockObject* lock = nullptr;
+  // The epoch weights last read: an epoch's table is read at every step, so its address is
+  // kept with a reference to it (the sampler's own tensor, never resized) and found again
+  // by identity instead of through DLPack.
+  py::object weights_owner;
+  const double* weights = nullptr;
+};
+
+struct SamplerStepObject {
+  PyObject_HEAD
+  SamplerStep* step;
+};
+
+SamplerStep& step_of(PyObject* self) { return *reinterpret_cast<SamplerStepObject*>(self)->step; }
+
+bool has_step(PyObject* self) {
+  if (reinterpret_cast<SamplerStepObject*>(self)->step != nullptr) return true;
+  PyErr_SetString(PyExc_RuntimeError, "SamplerStep.__init__ was not called");
+  return false;
+}
+
+bool step_argument_count(const char* name, Py_ssize_t nargs, Py_ssize_t expected) {
+  if (nargs == expected) return true;
+  PyErr_Format(PyExc_TypeError, "SamplerStep.%s takes %zd arguments, got %zd", name, expected, nargs);
+  return false;
+}
+
+// A plain float64 CPU tensor of exactly n elements: its memory (a reference kept in `owner`).
+double* own_float64(py::handle object, int64_t n, py::object& owner, const char* what) {
+  ArrayView view;
+  if (!arrays.view(object.ptr(), view) || view.type != ElementType::kFloat64 || view.length != n) {
+    throw std::invalid_argument(std::string(what) + " must be a contiguous float64 CPU tensor of " + std::to_string(n) +
+                                " elements");
+  }
+  owner = py::reinterpret_borrow<py::object>(object);
+  return static_cast<double*>(const_cast<void*>(view.data));
+}
+
+PyObject* sampler_step_new(PyTypeObject* type, PyObject*, PyObject*) {
+  PyObject* self = type->tp_alloc(type, 0);
+  if (self != nullptr) reinterpret_cast<SamplerStepObject*>(self)->step = nullptr;
+  return self;
+}
+
+// __init__(n, kind, tree, store, alpha, eps, policy, lock)
+int sampler_step_init(PyObject* self, PyObject* args, PyObject* kwargs) {
+  static const char* keywords[] = {"n", "kind", "tree", "store", "alpha", "eps", "policy", "lock", nullptr};
+  long long n = 0;
+  int kind = 0;
+  PyObject *tree = nullptr, *store = nullptr, *policy = nullptr, *lock = nullptr;
+  double alpha = 1.0, eps = 0.0;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "LiOOddOO", const_cast<char**>(keywords), &n, &kind, &tree, &store,
+                                   &alpha, &eps, &policy, &lock)) {
+    return -1;
+  }
+  PyObject* done = translated([&]() -> PyObject* {
+    if (n < 1 || n > kMaxCapacity) throw std::invalid_argument("n must be between 1 and 2^40");
+    if (kind < 0 || kind > 3) throw std::invalid_argument("kind must be 0 (none), 1 (softmax), 2 (proportional) or 3 (scores)");
+    auto made = std::make_unique<SamplerStep>();
+    SamplerStep& s = *made;
+    s.n = n;
+    s.kind = StepKind(kind);
+    py::handle t(tree);
+    if (s.kind == StepKind::kSoftmax) {
+      if (!py::isinstance<SoftmaxHandle>(t)) throw py::type_error("tree must be an isample._core.SoftmaxTree");
+      s.softmax = t.cast<SoftmaxHandle*>();
+      if (s.softmax->tree.capacity() != n) throw std::invalid_argument("the tree must hold n items");
+    } else if (s.kind == StepKind::kProportional) {
+      if (!py::isinstance<SumHandle>(t)) throw py::type_error("tree must be an isample._core.SumTree");
+      s.sum = t.cast<SumHandle*>();
+      if (s.sum->tree.capacity() != n) throw std::invalid_argument("the tree must hold n items");
+    }
+    s.tree_owner = py::reinterpret_borrow<py::object>(t);
+    if (s.kind == StepKind::kProportional || s.kind == StepKind::kScores) {
+      if (store == Py_None) throw py::type_error("store must be the float64 score tensor");
+      s.store_owner = py::reinterpret_borrow<py::object>(store);
+      if (arrays.makes_tensors()) s.store = own_float64(store, n, s.store_owner, "store");
+    }
+    if (!(alpha >= 0.0 && std::isfinite(alpha) && eps >= 0.0 && std::isfinite(eps))) {
+      throw std::invalid_argument("alpha and eps must be finite and >= 0");
+    }
+    s.alpha = alpha;
+    s.eps = eps;
+    s.policy = py::reinterpret_borrow<py::object>(policy);
+    if (sampler_lock_type == nullptr || Py_TYPE(lock) != sampler_lock_type) {
+      throw py::type_error("lock must be an isample._core.SamplerLock");
+    }
+    s.lock_owner = py::reinterpret_borrow<py::object>(lock);
+    s.lock = lock_of(lock);
+    delete reinterpret_cast<SamplerStepObject*>(self)->step;
+    reinterpret_cast<SamplerStepObject*>(self)->step = made.release();
+    Py_RETURN_NONE;
+  });
+  if (done == nullptr) return -1;
+  Py_DECREF(done);
+  return 0;
+}
+
+PyObject* sampler_step_init_method(PyObject* self, PyObject* args, PyObject* kwargs) {
+  if (sampler_step_init(self, args, kwargs) != 0) return nullptr;
+  Py_RETURN_NONE;
+}
+
+void sampler_step_dealloc(PyObject* self) {
+  delete reinterpret_cast<SamplerStepObject*>(self)->step;
+  PyTypeObject* type = Py_TYPE(self);
+  type->tp_free(self);
+  Py_DECREF(type);
+}
+
+// weights(weight_of, indices, dtype, device, scale) -> tensor, the position (int) of an item
+// without a weight, or None. weight_of None: every weight is 1 (an epoch drawn uniformly).
+PyObject* sampler_step_weights(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  if (!step_argument_count("weights", nargs, 5)) return nullptr;
+  if (!has_step(self)) return nullptr;
+  return translated([&]() -> PyObject* {
+    SamplerStep& s = step_of(self);
+    PyObject *source = args[0], *scale_object = args[4];
+    if (!arrays.makes_tensors() || !PyFloat_CheckExact(scale_object) || !arrays.cpu_device(args[3])) Py_RETURN_NONE;
+    const double scale = PyFloat_AS_DOUBLE(scale_object);
+    const ElementType type = arrays.float_dtype(args[2]);
+    ArrayView i;
+    if (!std::isfinite(scale) || type == ElementType::kOther || !int64_array(args[1], i)) Py_RETURN_NONE;
+    const double* weight = nullptr;
+    if (source != Py_None) {
+      if (source != s.weights_owner.ptr()) {
+        ArrayView w;
+        if (!arrays.view(source, w) || w.type != ElementType::kFloat64 || w.length != s.n) Py_RETURN_NONE;
+        s.weights_owner = py::reinterpret_borrow<py::object>(source);
+        s.weights = static_cast<const double*>(w.data);
+      }
+      weight = s.weights;
+    }
+    const int64_t n = s.n, k = i.length;
+    const int64_t* index = static_cast<const int64_t*>(i.data);
+    for (int64_t j = 0; j < k; ++j) {
+      if (index[j] < 0 || index[j] >= n) {
+        throw std::out_of_range("index " + std::to_string(index[j]) + " is out of range for " + std::to_string(n) + " items");
+      }
+    }
+    if (weight != nullptr) {
+      for (int64_t j = 0; j < k; ++j) {
+        if (weight[index[j]] != weight[index[j]]) return PyLong_FromLongLong(j);
+      }
+    }
+    void* data = nullptr;
+    PyObject* out = arrays.new_tensor(k, type, data);
+    if (out == nullptr) return nullptr;
+    if (type == ElementType::kFloat32) {
+      float* o = static_cast<float*>(data);
+      for (int64_t j = 0; j < k; ++j) o[j] = float((weight != nullptr ? weight[index[j]] : 1.0) * scale);
+    } else {
+      double* o = static_cast<double*>(data);
+      for (int64_t j = 0; j < k; ++j) o[j] = (weight != nullptr ? weight[index[j]] : 1.0) * scale;
+    }
+    return out;
+  });
+}
+
+// The scores s = keep * S + (1 - keep) * values of a batch into the step's scores (and, for
+// the tree kinds, its tree): false, nothing written, for a batch the core refuses.
+bool store_batch(SamplerStep& s, const ArrayView& i, const ArrayView& v, double keep) {
+  const int64_t k = i.length;
+  const int64_t* index = static_cast<const int64_t*>(i.data);
+  try {
+    if (s.store == nullptr && s.store_owner) {  // made while the fast paths were off (tests): read it now
+      if (!arrays.makes_tensors()) return false;
+      s.store = own_float64(s.store_owner, s.n, s.store_owner, "store");
+    }
+    switch (s.kind) {
+      case StepKind::kSoftmax: {
+        SoftmaxHandle& h = *s.softmax;
+        h.locked(k, [&] { h.tree.update(index, as_doubles(v, h.values_scratch), k, keep); });
+        return true;
+      }
+      case StepKind::kProportional: {
+        SumHandle& h = *s.sum;
+        h.locked(k, [&] {
+          const double* given = as_doubles(v, h.values_scratch);
+          h.scores_scratch.resize(size_t(k));
+          h.leaves_scratch.resize(size_t(k));
+          blend_scores(s.store, s.n, index, given, k, keep, h.scores_scratch.data());
+          proportional_leaves(h.scores_scratch.data(), k, s.alpha, s.eps, h.leaves_scratch.data());
+          h.tree.update(index, h.leaves_scratch.data(), k);  // checks the leaves and the total first
+          write_scores(s.store, index, h.scores_scratch.data(), k);
+        });
+        return true;
+      }
+      case StepKind::kScores: {
+        std::vector<double> widened, scores(static_cast<size_t>(k));
+        blend_scores(s.store, s.n, index, as_doubles(v, widened), k, keep, scores.data());
+        write_scores(s.store, index, scores.data(), k);
+        return true;
+      }
+      case StepKind::kNone:
+        return false;
+    }
+  } catch (const std::invalid_argument&) {
+  } catch (const std::out_of_range&) {
+  }
+  return false;
+}
+
+bool batch_views(PyObject* indices, PyObject* values, ArrayView& i, ArrayView& v) {
+  return int64_array(indices, i) && real_array(values, i.length, v);
+}
+
+// store(indices, values, keep: float) -> bool
+PyObject* sampler_step_store(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  if (!step_argument_count("store", nargs, 3)) return nullptr;
+  if (!has_step(self)) return nullptr;
+  const double keep = PyFloat_AsDouble(args[2]);
+  if (keep == -1.0 && PyErr_Occurred()) return nullptr;
+  return translated([&]() -> PyObject* {
+    ArrayView i, v;
+    return new_value(batch_views(args[0], args[1], i, v) && store_batch(step_of(self), i, v, keep));
+  });
+}
+
+// update(indices, losses, counters: dict) -> bool: store with the policy's keep, under the
+// sampler's lock, and count the update in counters["updates"].
+PyObject* sampler_step_update(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  if (!step_argument_count("update", nargs, 3)) return nullptr;
+  if (!has_step(self)) return nullptr;
+  static PyObject* const keep_name = interned("keep");
+  static PyObject* const updates_key = interned("updates");
+  return translated([&]() -> PyObject* {
+    SamplerStep& s = step_of(self);
+    ArrayView i, v;
+    if (s.kind == StepKind::kNone || !PyDict_CheckExact(args[2]) || !batch_views(args[0], args[1], i, v)) {
+      return new_value(false);
+    }
+    py::object keep_object = py::reinterpret_steal<py::object>(PyObject_GetAttr(s.policy.ptr(), keep_name));
+    if (!keep_object) throw py::error_already_set();
+    if (!PyFloat_CheckExact(keep_object.ptr())) return new_value(false);  // None: the policy computes scores itself
+    const double keep = PyFloat_AS_DOUBLE(keep_object.ptr());
+    PyObject* counters = args[2];
+    PyObject* count = PyDict_GetItemWithError(counters, updates_key);  // borrowed
+    if (count == nullptr || !PyLong_CheckExact(count)) {
+      if (PyErr_Occurred()) throw py::error_already_set();
+      return new_value(false);
+    }
+    if (!take_lock(s.lock)) throw py::error_already_set();
+    struct Unlock {
+      SamplerLockObject* lock;
+      ~Unlock() { give_lock(lock); }  // cannot fail: this thread holds it
+    } unlock{s.lock};
+    if (!store_batch(s, i, v, keep)) return new_value(false);
+    count = PyDict_GetItemWithError(counters, updates_key);  // again: the lock may have waited
+    static PyObject* const one = PyLong_FromLong(1);
+    py::object next = py::reinterpret_steal<py::object>(count != nullptr ? PyNumber_Add(count, one) : nullptr);
+    if (!next || PyDict_SetItem(counters, updates_key, next.ptr()) != 0) throw py::error_already_set();
+    return new_value(true);
+  });
+}
+
+PyMethodDef sampler_step_init_def = {
+    "__init__", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(sampler_step_init_method)),
+    METH_VARARGS | METH_KEYWORDS,
+    "__init__(self: isample._core.SamplerStep, n: int, kind: int, tree: object, store: object, alpha: float, "
+    "eps: float, policy: object, lock: object) -> None\n\nkind 0: weights only; 1: a SoftmaxTree holds the "
+    "scores; 2: proportional leaves (max(s, 0) + eps) ** alpha of the float64 score store `store` in a "
+    "SumTree; 3: the score store alone. `policy.keep` is read at each update; `lock` is the sampler's."};
+
+PyMethodDef sampler_step_methods[] = {
+    {"weights", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(sampler_step_weights)), METH_FASTCALL,
+     "weights(self: isample._core.SamplerStep, weight_of: object, indices: object, dtype: object, device: object, "
+     "scale: object) -> object\n\nweight_of[indices] * scale (float64 table of n, or None: all 1) as a new "
+     "tensor of `dtype` (None: float64; float32) on `device` (None or the CPU); the position of the first "
+     "item without a weight (NaN) instead; None for arguments that are not plain. IndexError for an index "
+     "outside [0, n)."},
+    {"store", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(sampler_step_store)), METH_FASTCALL,
+     "store(self: isample._core.SamplerStep, indices: object, values: object, keep: float) -> bool\n\n"
+     "Scores keep * S + (1 - keep) * values at int64 `indices`, and their leaves, all checked before anything "
+     "is written; False (nothing done) for arguments that are not plain or a batch the core refuses."},
+    {"update", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(sampler_step_update)), METH_FASTCALL,
+     "update(self: isample._core.SamplerStep, indices: object, losses: object, counters: dict) -> bool\n\n"
+     "store() with the policy's keep, under the sampler's lock, counted in counters['updates']; False "
+     "(nothing done) where store() would be, and for a policy without a keep."},
+    {nullptr, nullptr, 0, nullptr},
+};
+
+py::object make_sampler_step_type() {
+  static PyType_Slot slots[] = {
+      {Py_tp_new, reinterpret_cast<void*>(sampler_step_new)},
+      {Py_tp_init, reinterpret_cast<void*>(sampler_step_init)},
+      {Py_tp_dealloc, reinterpret_cast<void*>(sampler_step_dealloc)},
+      {Py_tp_methods, sampler_step_methods},
+      {Py_tp_doc, const_cast<char*>(
+                      "SamplerStep(n, kind, tree, store, alpha, eps, policy, lock): an ImportanceSampler's "
+                      "weights and update on the CPU, one core call each.")},
+      {0, nullptr},
+  };
+  static PyType_Spec spec = {"isample._core.SamplerStep", sizeof(SamplerStepObject), 0, Py_TPFLAGS_DEFAULT, slots};
+  py::object type = py::reinterpret_steal<py::object>(PyType_FromSpec(&spec));
+  if (!type) throw py::error_already_set();
+  py::object init = py::reinterpret_steal<py::object>(
+      PyDescr_NewMethod(reinterpret_cast<PyTypeObject*>(type.ptr()), &sampler_step_init_def));
+  if (!init || PyObject_SetAttrString(type.ptr(), "__init__", init.ptr()) != 0) throw py::error_already_set();
+  return type;
+}
+
 int cuda_devices() {
 #if defined(ISAMPLE_HAVE_CUDA)
   return cuda_device_count();
@@ -788,43 +1232,6 @@ PYBIND11_MODULE(_core, m) {
       "the objects (torch.float64, torch.float32, torch.device('cpu')) the fast paths take for "
       "dtype and device. True when tensors can also be made there.");
   m.def(
-      "weights_of",
-      [](py::handle source, py::handle indices, py::handle dtype, py::handle device, double scale) -> py::object {
-        ArrayView w, i;
-        if (!arrays.makes_tensors() || !std::isfinite(scale) || !arrays.cpu_device(device.ptr())) return py::none();
-        const ElementType type = arrays.float_dtype(dtype.ptr());
-        if (type == ElementType::kOther || !arrays.view(source.ptr(), w) || w.type != ElementType::kFloat64 ||
-            !int64_array(indices, i)) {
-          return py::none();
-        }
-        const int64_t n = w.length, k = i.length;
-        const double* weight = static_cast<const double*>(w.data);
-        const int64_t* index = static_cast<const int64_t*>(i.data);
-        for (int64_t j = 0; j < k; ++j) {
-          if (index[j] < 0 || index[j] >= n) {
-            throw std::out_of_range("index " + std::to_string(index[j]) + " is out of range for " + std::to_string(n) + " items");
-          }
-        }
-        for (int64_t j = 0; j < k; ++j) {
-          if (weight[index[j]] != weight[index[j]]) return py::int_(j);
-        }
-        void* data = nullptr;
-        py::object out = py::reinterpret_steal<py::object>(arrays.new_tensor(k, type, data));
-        if (!out) throw py::error_already_set();
-        if (type == ElementType::kFloat32) {
-          float* o = static_cast<float*>(data);
-          for (int64_t j = 0; j < k; ++j) o[j] = float(weight[index[j]] * scale);
-        } else {
-          double* o = static_cast<double*>(data);
-          for (int64_t j = 0; j < k; ++j) o[j] = weight[index[j]] * scale;
-        }
-        return out;
-      },
-      py::arg("source"), py::arg("indices"), py::arg("dtype"), py::arg("device"), py::arg("scale"),
-      "source[indices] * scale (float64 source, int64 indices, plain CPU arrays) as a new tensor of "
-      "`dtype` (None: float64; float32) on `device` (None or the CPU); the position of the first NaN "
-      "instead, if any; None for arguments that are not plain.");
-  m.def(
       "take_rows",
       [](py::sequence sources, py::handle indices) -> py::object {
         ArrayView i;
@@ -889,24 +1296,6 @@ PYBIND11_MODULE(_core, m) {
       "A replay buffer's importance weights of items with these positive leaves (plain float64 CPU "
       "array), as ReplayStore.sample_into computes them (normalize 0: none, `reference` = size / "
       "total; 1: batch; 2: buffer, `reference` = the smallest positive leaf); float32 tensor, or None.");
-  m.def(
-      "store_scores",
-      [](py::handle store, py::handle indices, py::handle values, double keep) {
-        ArrayView s, i, v;
-        if (!arrays.view(store.ptr(), s) || s.type != ElementType::kFloat64 || !int64_array(indices, i) ||
-            !real_array(values, i.length, v)) {
-          return false;
-        }
-        const int64_t k = i.length;
-        const int64_t* index = static_cast<const int64_t*>(i.data);
-        std::vector<double> widened, scores(static_cast<size_t>(k));
-        blend_scores(static_cast<const double*>(s.data), s.length, index, as_doubles(v, widened), k, keep, scores.data());
-        write_scores(static_cast<double*>(const_cast<void*>(s.data)), index, scores.data(), k);
-        return true;
-      },
-      py::arg("store"), py::arg("indices"), py::arg("values"), py::arg("keep"),
-      "store[i] = keep * store[i] + (1 - keep) * values (float64 store), all checked before anything "
-      "is written; False (nothing done) for arguments that are not plain arrays.");
   m.def(
       "proportional_leaves",
       [](uintptr_t scores, int64_t n, double alpha, double eps, uintptr_t out) {
@@ -1089,32 +1478,6 @@ PYBIND11_MODULE(_core, m) {
           "sample(k) and the drawn items' weights, as two new tensors; None for arguments the Python "
           "layer must check.")
       .def(
-          "update_scores",
-          [](SumHandle& h, py::handle store, py::handle indices, py::handle values, double keep, double alpha,
-             double eps) {
-            ArrayView s, i, v;
-            if (!arrays.view(store.ptr(), s) || s.type != ElementType::kFloat64 || s.length != h.tree.capacity() ||
-                !int64_array(indices, i) || !real_array(values, i.length, v)) {
-              return false;
-            }
-            const int64_t k = i.length;
-            const int64_t* index = static_cast<const int64_t*>(i.data);
-            h.locked(k, [&] {
-              const double* given = as_doubles(v, h.values_scratch);
-              h.scores_scratch.resize(size_t(k));
-              h.leaves_scratch.resize(size_t(k));
-              blend_scores(static_cast<const double*>(s.data), s.length, index, given, k, keep, h.scores_scratch.data());
-              proportional_leaves(h.scores_scratch.data(), k, alpha, eps, h.leaves_scratch.data());
-              h.tree.update(index, h.leaves_scratch.data(), k);  // checks the leaves and the total first
-              write_scores(static_cast<double*>(const_cast<void*>(s.data)), index, h.scores_scratch.data(), k);
-            });
-            return true;
-          },
-          py::arg("store"), py::arg("indices"), py::arg("values"), py::arg("keep"), py::arg("alpha"), py::arg("eps"),
-          "The Proportional transform's step: scores s = keep * store[i] + (1 - keep) * values into "
-          "`store` (float64, n) and leaves (max(s, 0) + eps) ** alpha into the tree, all checked "
-          "before anything is written; False (nothing done) for arguments that are not plain arrays.")
-      .def(
           "assign",
           [](SumHandle& h, uintptr_t weights) {
             h.locked(h.tree.capacity(), [&] { h.tree.assign(as_pointer<const double>(weights)); });
@@ -1134,6 +1497,8 @@ PYBIND11_MODULE(_core, m) {
   bind_common(sum);
 
   m.add_object("ReplayStore", make_replay_store_type());
+  m.add_object("SamplerLock", make_sampler_lock_type());
+  m.add_object("SamplerStep", make_sampler_step_type());
 
   py::class_<SoftmaxHandle> softmax(m, "SoftmaxTree", "Scores s with p = softmax(s / T).");
   softmax.def(py::init<uint64_t, int64_t, double>(), py::arg("stream_seed"), py::arg("capacity"), py::arg("temperature"))

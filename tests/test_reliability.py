@@ -289,6 +289,60 @@ def eager_thread_switches():
     sys.setswitchinterval(interval)
 
 
+def test_sampler_lock_is_reentrant_and_excludes_other_threads():
+    """The sampler's lock behaves as threading.RLock: its holder takes it again, another
+    thread waits until it is released, and only the holder may release it."""
+    lock = isample._core.SamplerLock()
+    assert not lock.held()
+    with lock:
+        with lock:
+            assert lock.held()
+        assert lock.held()
+    assert not lock.held()
+    with pytest.raises(RuntimeError, match="does not hold"):
+        lock.release()
+    taken, events = threading.Event(), []
+
+    def other() -> None:
+        with pytest.raises(RuntimeError, match="does not hold"):
+            lock.release()  # held by the main thread, not this one
+        lock.acquire()
+        events.append("other took it")
+        lock.release()
+
+    lock.acquire()
+    thread = threading.Thread(target=other)
+    thread.start()
+    thread.join(timeout=0.2)
+    events.append("main releases")
+    assert thread.is_alive()  # still waiting
+    lock.release()
+    thread.join()
+    assert events == ["main releases", "other took it"]
+
+
+@pytest.mark.parametrize("transform", ["softmax", "proportional", "rank"])
+def test_the_compiled_update_waits_for_the_sampler_lock(transform):
+    """update's compiled path takes the sampler's lock too: while another thread holds it
+    (drawing an epoch, saving the state), an update waits, and lands once it is released."""
+    sampler = isample.ImportanceSampler(64, transform=transform, uniform_mix=0.0, warmup_epochs=0, seed=0)
+    index, losses = torch.arange(8), torch.full((8,), 2.0, dtype=torch.float64)
+    done = threading.Event()
+
+    def update() -> None:
+        sampler.update(index, losses)
+        done.set()
+
+    with sampler._lock:
+        thread = threading.Thread(target=update)
+        thread.start()
+        assert not done.wait(timeout=0.2)  # waiting for the lock
+        assert sampler.counters["updates"] == 0 and bool((sampler.scores()[:8] == 0.0).all())
+    thread.join()
+    assert done.is_set() and sampler.counters["updates"] == 1
+    assert bool((sampler.scores()[:8] == 2.0).all())
+
+
 @pytest.mark.parametrize("kind", ["softmax", "proportional", "rank", "soft_pruning"])
 def test_a_sampler_used_from_several_threads_loses_no_update(kind, eager_thread_switches):
     """Four threads update the same items with the same loss while a fifth draws epochs,

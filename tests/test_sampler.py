@@ -1272,6 +1272,43 @@ def test_fast_and_general_sampler_steps_agree_bit_for_bit(transform, score, gene
     assert outcomes[False][4] == outcomes[True][4]
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_weights_of_a_uniform_epoch(fast, request):
+    """A warm-up epoch weights every item 1 (scaled, in the dtype asked for), and refuses an
+    index outside [0, N) as an importance epoch does, on the compiled and the general path."""
+    if not fast:
+        request.getfixturevalue("general_path_only")
+    s = isample.ImportanceSampler(50, warmup_epochs=1, seed=0)
+    batch = torch.tensor(drain(s)[:16])
+    assert s.history[-1]["kind"] == "warmup"
+    assert torch.equal(s.weights(batch), torch.ones(16, dtype=torch.float64))
+    w = s.weights(batch, dtype=torch.float32, scale=1 / 16)
+    assert w.dtype == torch.float32 and torch.equal(w, torch.full((16,), 1 / 16, dtype=torch.float32))
+    for bad in (torch.tensor([3, 50]), torch.tensor([-1])):
+        with pytest.raises(IndexError, match="out of range|outside"):
+            s.weights(bad)
+
+
+@pytest.mark.parametrize("transform", ["softmax", "proportional", "rank"])
+def test_a_copied_sampler_updates_its_own_scores(transform):
+    """A copy (deepcopy, pickle) gets a compiled step of its own: its updates change its
+    scores and never the original's."""
+    import copy
+    import pickle
+
+    s = isample.ImportanceSampler(30, transform=transform, uniform_mix=0.0, warmup_epochs=0, seed=0)
+    s.update(torch.arange(30), torch.linspace(0.0, 1.0, 30, dtype=torch.float64))
+    before = s.scores()
+    for twin in (copy.deepcopy(s), pickle.loads(pickle.dumps(s))):
+        assert twin._step is not None and twin._step is not s._step
+        twin.update(torch.arange(5), torch.full((5,), 9.0, dtype=torch.float64))
+        assert bool((twin.scores()[:5] == 9.0).all()) and twin.counters["updates"] == 2
+        assert torch.equal(s.scores(), before) and s.counters["updates"] == 1
+        assert twin.device is s.device  # the CPU device object the fast paths look for
+        with twin._lock:  # a lock of its own
+            assert not s._lock.held()
+
+
 def test_weights_scale():
     s = isample.ImportanceSampler(40, transform="softmax", uniform_mix=0.0, warmup_epochs=0, samples_per_epoch=30, seed=0)
     batch = torch.tensor(drain(s)[:8])

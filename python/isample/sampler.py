@@ -98,6 +98,8 @@ def store_all_or_nothing(
 
 _same = _backend.same_value
 _CPU = _backend.CPU
+# The kinds of _core.SamplerStep: weights only, a softmax tree, Proportional leaves, a score store alone
+_STEP_WEIGHTS, _STEP_SOFTMAX, _STEP_PROPORTIONAL, _STEP_SCORES = 0, 1, 2, 3
 
 
 def derive_seed(*parts: Union[int, str]) -> int:
@@ -183,7 +185,7 @@ class EpochSampler(Sampler[int]):
         self.score_policy.check_items(num_items if policy_items is None else _backend.check_count(policy_items, "policy_items"))
         self.seed = _backend.check_seed(seed)
         self.nonfinite = nonfinite
-        self._lock = threading.RLock()
+        self._lock = _core.SamplerLock()
         self._next_epoch = 0
         self._current: Optional[_Epoch] = None
         self._history: List[Dict[str, Any]] = []
@@ -195,15 +197,27 @@ class EpochSampler(Sampler[int]):
         self._rejected_on_device: Optional[torch.Tensor] = None  # CUDA: a batch held a non-finite score
         self._bad_index_on_device: Optional[torch.Tensor] = None  # CUDA: a batch held an index out of range
         self._negative_on_device: Optional[torch.Tensor] = None  # CUDA: set_scores was given a negative score
+        self._step = EpochSampler._make_step(self)  # subclasses make theirs once their scores exist
+
+    def _make_step(self) -> Optional[Any]:
+        """The compiled per-step calls (``weights``, and ``update`` where the scores allow
+        it) of a CPU sampler, or None. Here: weights only."""
+        if self.device is not _CPU:
+            return None
+        return _core.SamplerStep(self.num_items, _STEP_WEIGHTS, None, None, 1.0, 0.0, self.score_policy, self._lock)
 
     def __getstate__(self) -> Dict[str, Any]:
         state = self.__dict__.copy()
         del state["_lock"]  # a lock cannot be copied or pickled; each copy gets its own
+        del state["_step"]  # holds the lock, the tree and the scores: made again from the copy's
         return state
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__dict__.update(state)
-        self._lock = threading.RLock()
+        if self.device.type == "cpu":  # a copied torch.device: the fast paths test for _CPU by identity
+            self.device = _CPU
+        self._lock = _core.SamplerLock()
+        self._step = self._make_step()
 
     @property
     def history(self) -> List[Dict[str, Any]]:
@@ -493,10 +507,11 @@ class EpochSampler(Sampler[int]):
         makes ``losses @ weights`` the weighted mean in one operation.
         """
         current = self._current
-        if current is not None and current.weight_of is not None and self.device is _CPU and type(scale) is float:
+        step = self._step
+        if step is not None and current is not None:
             # The fast path: the core reads plain indices, checks them and gathers into a new
             # tensor of the dtype asked for (None: the general path below takes these arguments).
-            weights = _core.weights_of(current.weight_of, indices, dtype, device, scale)
+            weights = step.weights(current.weight_of, indices, dtype, device, scale)
             if weights is not None:
                 if type(weights) is int:
                     raise ValueError(f"item {int(indices[weights])} was not drawn in epoch {current.epoch}: it has no weight")
@@ -510,7 +525,8 @@ class EpochSampler(Sampler[int]):
             raise RuntimeError("no epoch has been drawn yet: iterate the sampler first")
         idx = _backend.as_indices(indices, self.device)
         k = idx.numel()
-        if current.weight_of is None:
+        if current.weight_of is None:  # an epoch drawn uniformly: every weight is 1
+            self._check_range(idx, self.num_items)
             weights = torch.ones(k, dtype=torch.float64, device=self.device)
         elif self.device is _backend.CPU:
             weights = _backend.empty_values(k, self.device)
@@ -558,8 +574,9 @@ class EpochSampler(Sampler[int]):
         raises RuntimeError until an epoch is drawn. Between epochs (after an epoch's last
         item, before the next ``iter()``) updates count toward the epoch just iterated.
         """
-        if not extra and self._update_in_core(indices, losses):
-            return
+        step = self._step
+        if step is not None and not extra and step.update(indices, losses, self._counters):
+            return  # the compiled step: plain CPU arrays and a policy of the form keep * S + (1 - keep) * L
         idx = _backend.as_indices(indices, self.device)
         losses = _as_losses(losses, idx.numel(), self.device)
         lock = self._lock
@@ -584,12 +601,6 @@ class EpochSampler(Sampler[int]):
                 self._count_nonfinite(0, clamped, self._epoch_info())
         finally:
             lock.release()
-
-    def _update_in_core(self, indices: Any, losses: Any) -> bool:
-        """``update`` in one call of the compiled core, where the sampler's scores allow it
-        and the arguments are plain CPU arrays; False (nothing done) otherwise, and for a
-        batch the core rejects (``update`` then checks it and says why)."""
-        return False
 
     def prepare_update(self, indices: Any, losses: Any, *, num_items: Optional[int] = None, **extra: Any) -> ScoreUpdate:
         """Check a batch and run the score policy without writing anything: raises what
@@ -1098,6 +1109,7 @@ class ImportanceSampler(EpochSampler):
         self._tree = tree
         self._scores = scores
         self._max_leaf = tree.max_device_weight  # the GPU tree refuses leaves above it
+        self._step = self._make_step()
 
     @classmethod
     def paper(
@@ -1162,50 +1174,42 @@ class ImportanceSampler(EpochSampler):
     def _blend_scores(self, indices, losses, keep):
         if self._scores is None:  # one call of the core; it validates before writing
             self._tree.blend(indices, losses, keep)
-        elif not (self.device is _backend.CPU and self._store_in_core(indices, losses, keep)):
+        elif not self._store_in_core(indices, losses, keep):
             super()._blend_scores(indices, losses, keep)
 
-    def _update_in_core(self, indices, losses):
-        keep = self.score_policy.keep
-        if keep is None or self.device is not _CPU:
-            return False
-        lock = self._lock
-        lock.acquire()
-        try:
-            scores = self._scores
-            if scores is None:
-                fast = self._tree._fast  # None for the GPU algorithms built for the host
-                done = fast is not None and fast.update_arrays(indices, losses, keep)
-            elif self.transform.epoch_level:
-                done = _core.store_scores(scores, indices, losses, keep)
-            else:
-                done = self._store_in_core(indices, losses, keep)
-            if done:
-                self._counters["updates"] += 1
-            return done
-        except (ValueError, IndexError):  # rejected before anything was written
-            return False
-        finally:
-            lock.release()
+    def _make_step(self):
+        """The compiled step of a CPU sampler: for the softmax tree, for Proportional leaves
+        (the core computes them as Proportional.leaf_values does) and for the score store of
+        an epoch-level transform; weights only otherwise (a transform of the user's, or the
+        GPU algorithms built for the host)."""
+        if self.device is not _CPU:
+            return None
+        fast, transform = self._tree._fast, self.transform  # fast: None for the GPU algorithms on the host
+        alpha, eps = 1.0, 0.0
+        if self._scores is None:
+            kind = _STEP_SOFTMAX if fast is not None else _STEP_WEIGHTS
+        elif transform.epoch_level:
+            kind = _STEP_SCORES  # the scores only: the tree is rebuilt when an epoch is drawn
+        elif type(transform) is Proportional and fast is not None:
+            kind, alpha, eps = _STEP_PROPORTIONAL, transform.alpha, transform.eps
+        else:
+            kind = _STEP_WEIGHTS
+        return _core.SamplerStep(self.num_items, kind, fast, self._scores, alpha, eps, self.score_policy, self._lock)
 
     def _store_in_core(self, indices: Any, values: Any, keep: float) -> bool:
         """CPU: s = keep * S + (1 - keep) * values into the score store (s = values for keep
         0) and, for Proportional, its leaves into the tree, in one call of the core that
-        checks everything before writing (ValueError / IndexError otherwise). The same
-        arithmetic as the softmax tree's blend. False (nothing done) for arguments that are
-        not plain arrays, or a transform whose leaves the core does not compute."""
-        if self.transform.epoch_level:  # the scores only: the tree is rebuilt when an epoch is drawn
-            return _core.store_scores(self._scores, indices, values, keep)
-        transform = self.transform
-        if type(transform) is Proportional and self._tree._fast is not None:
-            return self._tree._fast.update_scores(self._scores, indices, values, keep, transform.alpha, transform.eps)
-        return False
+        checks everything before writing. The same arithmetic as the softmax tree's blend.
+        False (nothing done) for arguments that are not plain arrays, a batch the core
+        refuses, or a sampler without a compiled step for its transform."""
+        step = self._step
+        return step is not None and self._scores is not None and step.store(indices, values, keep)
 
     def _write_scores(self, indices, scores):
         if self._scores is None:  # the SoftmaxTree holds the scores and validates them itself
             self._tree.update(indices, scores)
             return
-        if self.device is _backend.CPU and self._store_in_core(indices, scores, 0.0):
+        if self._store_in_core(indices, scores, 0.0):
             return
         if self.transform.epoch_level:  # only the score tensor: it checks the indices and scores
             self._store_scores(self._scores, indices, scores)

@@ -35,7 +35,7 @@ def _overhead_row(cell: str, timings: Dict[str, Timing], ours: str, baseline: st
 def run_overhead(settings: Settings, log: Log) -> List[Dict[str, Any]]:
     """The sampler's cost in a training loop, each against what the loop costs without it:
     sampler.weights + sampler.update of a drawn batch of 128 (n = 50k) against the tree's own
-    update of 128, per transform; one training step (MLP 64-256-10, batch 128, SGD) with the
+    update of 128, per transform and for the defaults; one training step (MLP 64-256-10, batch 128, SGD) with the
     importance-weighted loss against the same step with a plain mean loss; one DataLoader
     batch through IndexedDataset and the sampler against a shuffled DataLoader."""
     from ..integrations.protocol import weighted_loss
@@ -44,15 +44,21 @@ def run_overhead(settings: Settings, log: Log) -> List[Dict[str, Any]]:
     n, batch = OVERHEAD_N, BATCH
     generator = torch.Generator().manual_seed(settings.seed)
     losses = torch.rand(batch, dtype=torch.float64, generator=generator)
-    for transform in ("softmax", "proportional", "rank"):
-        sampler = isample.ImportanceSampler(n, transform=transform, uniform_mix=0.0, warmup_epochs=0, seed=settings.seed)
+    for transform in ("softmax", "proportional", "rank", "defaults"):
+        if transform == "defaults":  # what ImportanceSampler(n) does once its warm-up epoch is over
+            sampler = isample.ImportanceSampler(n, seed=settings.seed)
+        else:
+            sampler = isample.ImportanceSampler(n, transform=transform, uniform_mix=0.0, warmup_epochs=0, seed=settings.seed)
         sampler.update(torch.arange(n), torch.rand(n, dtype=torch.float64, generator=generator))
+        for _ in range(sampler.warmup_epochs):
+            for _ in sampler:
+                pass
         index = torch.tensor(next(iter(torch.utils.data.BatchSampler(sampler, batch, drop_last=False))))
         tree = sampler._tree
         # the tree call a step amounts to: the softmax tree takes the scores; the others take
         # leaf values (the rank transform's tree is rebuilt per epoch: the same update is the
         # cost a per-step tree would have)
-        leaves = losses if transform == "softmax" else sampler.transform.leaf_values(losses) if transform == "proportional" else losses
+        leaves = losses if transform in ("softmax", "rank") else sampler.transform.leaf_values(losses)
         timings = interleaved(
             {
                 "the tree's own update": lambda tree=tree, index=index, leaves=leaves: tree.update(index, leaves),
@@ -62,7 +68,8 @@ def run_overhead(settings: Settings, log: Log) -> List[Dict[str, Any]]:
         )
         row = _overhead_row(
             f"sampler.weights + sampler.update, {transform}, batch {batch}, n = {n:,}",
-            timings, "sampler.weights + sampler.update", "the tree's own update", 2.0, "float64 CPU losses, last_loss",
+            timings, "sampler.weights + sampler.update", "the tree's own update", 2.0,
+            "float64 CPU losses, last_loss" + (": proportional, 20% uniform, an importance epoch" if transform == "defaults" else ""),
         )
         rows.append(row)
         log(f"overhead {transform}: {row['isample_us']:.2f} µs against the tree's {row['baseline_us']:.2f} µs ({row['ratio']:.2f}×)")
