@@ -714,51 +714,83 @@ void sampler_step_dealloc(PyObject* self) {
   Py_DECREF(type);
 }
 
+// The epoch's weight table (`source`: a float64 tensor of n, or None for an epoch drawn
+// uniformly, whose weights are all 1), as an address (null for None); false for a table that
+// is not plain.
+bool weight_table(SamplerStep& s, PyObject* source, const double*& weight) {
+  weight = nullptr;
+  if (source == Py_None) return true;
+  if (source != s.weights_owner.ptr()) {
+    ArrayView w;
+    if (!arrays.view(source, w) || w.type != ElementType::kFloat64 || w.length != s.n) return false;
+    s.weights_owner = py::reinterpret_borrow<py::object>(source);
+    s.weights = static_cast<const double*>(w.data);
+  }
+  weight = s.weights;
+  return true;
+}
+
+// A batch's weights: a new tensor of weight[index[j]] * scale (1 * scale where `weight` is
+// null), float64 or float32 (rounded from the float64 product), made in one pass that also
+// checks the batch. Null when an index is outside [0, n) (`outside` is its position) or an
+// item has no weight (NaN in the table: not drawn in the epoch; `undrawn` is its position),
+// and with the Python error set when the tensor cannot be made.
+PyObject* gathered_weights(const SamplerStep& s, const double* weight, const int64_t* index, int64_t k, ElementType type,
+                           double scale, int64_t& outside, int64_t& undrawn) {
+  outside = undrawn = -1;
+  void* data = nullptr;
+  PyObject* out = arrays.new_tensor(k, type, data);
+  if (out == nullptr) return nullptr;
+  bool missing = false;
+  const uint64_t n = uint64_t(s.n);
+  for (int64_t j = 0; j < k; ++j) {
+    if (uint64_t(index[j]) >= n) {  // negative indices too
+      outside = j;
+      break;
+    }
+    const double w = weight != nullptr ? weight[index[j]] : 1.0;
+    missing |= w != w;
+    if (type == ElementType::kFloat32) {
+      static_cast<float*>(data)[j] = float(w * scale);
+    } else {
+      static_cast<double*>(data)[j] = w * scale;
+    }
+  }
+  if (outside < 0 && missing) {
+    for (int64_t j = 0; undrawn < 0; ++j) {
+      if (weight[index[j]] != weight[index[j]]) undrawn = j;
+    }
+  }
+  if (outside >= 0 || undrawn >= 0) {
+    Py_DECREF(out);
+    return nullptr;
+  }
+  return out;
+}
+
 // weights(weight_of, indices, dtype, device, scale) -> tensor, the position (int) of an item
-// without a weight, or None. weight_of None: every weight is 1 (an epoch drawn uniformly).
+// without a weight, or None.
 PyObject* sampler_step_weights(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
   if (!step_argument_count("weights", nargs, 5)) return nullptr;
   if (!has_step(self)) return nullptr;
   return translated([&]() -> PyObject* {
     SamplerStep& s = step_of(self);
-    PyObject *source = args[0], *scale_object = args[4];
+    PyObject* scale_object = args[4];
     if (!arrays.makes_tensors() || !PyFloat_CheckExact(scale_object) || !arrays.cpu_device(args[3])) Py_RETURN_NONE;
     const double scale = PyFloat_AS_DOUBLE(scale_object);
     const ElementType type = arrays.float_dtype(args[2]);
     ArrayView i;
-    if (!std::isfinite(scale) || type == ElementType::kOther || !int64_array(args[1], i)) Py_RETURN_NONE;
     const double* weight = nullptr;
-    if (source != Py_None) {
-      if (source != s.weights_owner.ptr()) {
-        ArrayView w;
-        if (!arrays.view(source, w) || w.type != ElementType::kFloat64 || w.length != s.n) Py_RETURN_NONE;
-        s.weights_owner = py::reinterpret_borrow<py::object>(source);
-        s.weights = static_cast<const double*>(w.data);
-      }
-      weight = s.weights;
+    if (!std::isfinite(scale) || type == ElementType::kOther || !int64_array(args[1], i) || !weight_table(s, args[0], weight)) {
+      Py_RETURN_NONE;
     }
-    const int64_t n = s.n, k = i.length;
     const int64_t* index = static_cast<const int64_t*>(i.data);
-    for (int64_t j = 0; j < k; ++j) {
-      if (index[j] < 0 || index[j] >= n) {
-        throw std::out_of_range("index " + std::to_string(index[j]) + " is out of range for " + std::to_string(n) + " items");
-      }
+    int64_t outside = -1, undrawn = -1;
+    PyObject* out = gathered_weights(s, weight, index, i.length, type, scale, outside, undrawn);
+    if (outside >= 0) {
+      throw std::out_of_range("index " + std::to_string(index[outside]) + " is out of range for " + std::to_string(s.n) + " items");
     }
-    if (weight != nullptr) {
-      for (int64_t j = 0; j < k; ++j) {
-        if (weight[index[j]] != weight[index[j]]) return PyLong_FromLongLong(j);
-      }
-    }
-    void* data = nullptr;
-    PyObject* out = arrays.new_tensor(k, type, data);
-    if (out == nullptr) return nullptr;
-    if (type == ElementType::kFloat32) {
-      float* o = static_cast<float*>(data);
-      for (int64_t j = 0; j < k; ++j) o[j] = float((weight != nullptr ? weight[index[j]] : 1.0) * scale);
-    } else {
-      double* o = static_cast<double*>(data);
-      for (int64_t j = 0; j < k; ++j) o[j] = (weight != nullptr ? weight[index[j]] : 1.0) * scale;
-    }
+    if (undrawn >= 0) return PyLong_FromLongLong(undrawn);
     return out;
   });
 }
@@ -823,40 +855,67 @@ PyObject* sampler_step_store(PyObject* self, PyObject* const* args, Py_ssize_t n
   });
 }
 
-// update(indices, losses, counters: dict) -> bool: store with the policy's keep, under the
-// sampler's lock, and count the update in counters["updates"].
+// store() with the policy's keep (read now: a policy may change it), under the sampler's
+// lock, counted in counters["updates"]. False (nothing done) for a policy without a float
+// keep (it computes its scores itself) and for a batch the core refuses.
+bool counted_store(SamplerStep& s, const ArrayView& i, const ArrayView& v, PyObject* counters) {
+  static PyObject* const keep_name = interned("keep");
+  static PyObject* const updates_key = interned("updates");
+  static PyObject* const one = PyLong_FromLong(1);
+  py::object keep = py::reinterpret_steal<py::object>(PyObject_GetAttr(s.policy.ptr(), keep_name));
+  if (!keep) throw py::error_already_set();
+  if (!PyFloat_CheckExact(keep.ptr()) || !PyDict_CheckExact(counters)) return false;
+  if (!take_lock(s.lock)) throw py::error_already_set();
+  struct Unlock {
+    SamplerLockObject* lock;
+    ~Unlock() { give_lock(lock); }  // cannot fail: this thread holds it
+  } unlock{s.lock};
+  PyObject* count = PyDict_GetItemWithError(counters, updates_key);  // borrowed
+  if (count == nullptr && PyErr_Occurred()) throw py::error_already_set();
+  if (count == nullptr || !PyLong_CheckExact(count) || !store_batch(s, i, v, PyFloat_AS_DOUBLE(keep.ptr()))) return false;
+  py::object next = py::reinterpret_steal<py::object>(PyNumber_Add(count, one));
+  if (!next || PyDict_SetItem(counters, updates_key, next.ptr()) != 0) throw py::error_already_set();
+  return true;
+}
+
+// update(indices, losses, counters: dict) -> bool
 PyObject* sampler_step_update(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
   if (!step_argument_count("update", nargs, 3)) return nullptr;
   if (!has_step(self)) return nullptr;
-  static PyObject* const keep_name = interned("keep");
-  static PyObject* const updates_key = interned("updates");
   return translated([&]() -> PyObject* {
     SamplerStep& s = step_of(self);
     ArrayView i, v;
-    if (s.kind == StepKind::kNone || !PyDict_CheckExact(args[2]) || !batch_views(args[0], args[1], i, v)) {
-      return new_value(false);
+    return new_value(s.kind != StepKind::kNone && batch_views(args[0], args[1], i, v) && counted_store(s, i, v, args[2]));
+  });
+}
+
+// weighted_update(weight_of, indices, losses, mean: bool, counters: dict) -> tensor or None:
+// a training step's weights(indices, dtype=losses.dtype, scale=1/b if mean else 1) and
+// update(indices, losses) in one call (protocol.weighted_loss). None, having changed
+// nothing, wherever either call would take its general path or raise.
+PyObject* sampler_step_weighted_update(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  if (!step_argument_count("weighted_update", nargs, 5)) return nullptr;
+  if (!has_step(self)) return nullptr;
+  return translated([&]() -> PyObject* {
+    SamplerStep& s = step_of(self);
+    ArrayView i, v;
+    const double* weight = nullptr;
+    if (s.kind == StepKind::kNone || !arrays.makes_tensors() || !batch_views(args[1], args[2], i, v) || i.length == 0 ||
+        !weight_table(s, args[0], weight)) {
+      Py_RETURN_NONE;
     }
-    py::object keep_object = py::reinterpret_steal<py::object>(PyObject_GetAttr(s.policy.ptr(), keep_name));
-    if (!keep_object) throw py::error_already_set();
-    if (!PyFloat_CheckExact(keep_object.ptr())) return new_value(false);  // None: the policy computes scores itself
-    const double keep = PyFloat_AS_DOUBLE(keep_object.ptr());
-    PyObject* counters = args[2];
-    PyObject* count = PyDict_GetItemWithError(counters, updates_key);  // borrowed
-    if (count == nullptr || !PyLong_CheckExact(count)) {
-      if (PyErr_Occurred()) throw py::error_already_set();
-      return new_value(false);
-    }
-    if (!take_lock(s.lock)) throw py::error_already_set();
-    struct Unlock {
-      SamplerLockObject* lock;
-      ~Unlock() { give_lock(lock); }  // cannot fail: this thread holds it
-    } unlock{s.lock};
-    if (!store_batch(s, i, v, keep)) return new_value(false);
-    count = PyDict_GetItemWithError(counters, updates_key);  // again: the lock may have waited
-    static PyObject* const one = PyLong_FromLong(1);
-    py::object next = py::reinterpret_steal<py::object>(count != nullptr ? PyNumber_Add(count, one) : nullptr);
-    if (!next || PyDict_SetItem(counters, updates_key, next.ptr()) != 0) throw py::error_already_set();
-    return new_value(true);
+    const int64_t k = i.length;
+    const int64_t* index = static_cast<const int64_t*>(i.data);
+    const int mean = PyObject_IsTrue(args[3]);
+    if (mean < 0) throw py::error_already_set();
+    // the weights first: an item they refuse, or a failure to make them, changes no score
+    int64_t outside = -1, undrawn = -1;
+    py::object weights = py::reinterpret_steal<py::object>(
+        gathered_weights(s, weight, index, k, v.type, mean ? 1.0 / double(k) : 1.0, outside, undrawn));
+    if (outside >= 0 || undrawn >= 0) Py_RETURN_NONE;
+    if (!weights) throw py::error_already_set();
+    if (!counted_store(s, i, v, args[4])) Py_RETURN_NONE;
+    return weights.release().ptr();
   });
 }
 
@@ -883,6 +942,12 @@ PyMethodDef sampler_step_methods[] = {
      "update(self: isample._core.SamplerStep, indices: object, losses: object, counters: dict) -> bool\n\n"
      "store() with the policy's keep, under the sampler's lock, counted in counters['updates']; False "
      "(nothing done) where store() would be, and for a policy without a keep."},
+    {"weighted_update", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(sampler_step_weighted_update)),
+     METH_FASTCALL,
+     "weighted_update(self: isample._core.SamplerStep, weight_of: object, indices: object, losses: object, mean: "
+     "object, counters: dict) -> object\n\nweights(weight_of, indices, losses.dtype, None, 1 / b if mean else "
+     "1) and update(indices, losses, counters) in one call: the weights, or None (nothing done) wherever "
+     "either would take its general path or raise."},
     {nullptr, nullptr, 0, nullptr},
 };
 

@@ -85,6 +85,43 @@ def test_every_path_of_weighted_loss_gives_the_same_loss_gradient_and_scores(kin
     assert not sampler.scores().requires_grad
 
 
+@pytest.mark.parametrize("transform", ["softmax", "proportional", "rank"])
+def test_the_one_call_step_and_the_separate_calls_agree_bit_for_bit(transform):
+    """weighted_loss on a CPU sampler makes the weights and the update in one core call; the
+    same step through sampler.weights and sampler.update gives the same loss, gradient,
+    scores, counters and next epoch, bit for bit."""
+    outcomes = []
+    for fused in (True, False):
+        sampler = isample.ImportanceSampler(N, transform=transform, uniform_mix=0.1, warmup_epochs=0, seed=3)
+        sampler.update(torch.arange(N), torch.linspace(0.5, 2.0, N, dtype=torch.float64))
+        index = torch.tensor(list(iter(sampler))[:BATCH])
+        losses = torch.rand(BATCH, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        if fused:
+            loss = weighted_loss(sampler, index, losses)
+        else:
+            loss = losses @ sampler.weights(index, dtype=losses.dtype, scale=1.0 / BATCH)
+            sampler.update(index, losses)
+        loss.backward()
+        outcomes.append((loss.detach(), losses.grad, sampler.scores(), dict(sampler.counters), torch.tensor(list(iter(sampler)))))
+    for a, b in zip(*outcomes):
+        assert a == b if isinstance(a, dict) else torch.equal(a, b)
+
+
+def test_a_sampler_with_an_update_of_its_own_gets_it_called():
+    """A subclass that overrides update is called, not skipped by the one-call step."""
+    calls = []
+
+    class Logged(isample.ImportanceSampler):
+        def update(self, indices, losses, **extra):
+            calls.append(len(indices))
+            super().update(indices, losses, **extra)
+
+    sampler = Logged(N, uniform_mix=0.0, warmup_epochs=0, seed=0)
+    index = torch.tensor(list(iter(sampler))[:BATCH])
+    weighted_loss(sampler, index, torch.rand(BATCH))
+    assert calls == [BATCH] and sampler.counters["updates"] == 1
+
+
 def test_an_empty_batch_weighs_to_what_torch_gives_for_nothing():
     sampler, scores, _ = drawn()
     empty = torch.zeros(0, dtype=torch.int64)

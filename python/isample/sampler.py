@@ -548,6 +548,16 @@ class EpochSampler(Sampler[int]):
                 raise ValueError(f"cannot move the weights to device={device}: {error}") from None
         return weights
 
+    def _weighted_update(self, indices: Any, losses: Any, reduction: str) -> Optional[torch.Tensor]:
+        """``weights(indices, dtype=losses.dtype, scale=1 / b)`` (``reduction="mean"``; 1 for
+        ``"sum"``) and ``update(indices, losses)`` in one call of the compiled step, for
+        protocol.weighted_loss; None, having done nothing, wherever either would take its
+        general path or raise (and for a subclass with an ``update`` of its own)."""
+        step, current = self._step, self._current
+        if step is None or current is None or (reduction != "mean" and reduction != "sum") or type(self).update is not EpochSampler.update:
+            return None
+        return step.weighted_update(current.weight_of, indices, losses, reduction == "mean", self._counters)
+
     def _blend_scores(self, indices: torch.Tensor, losses: torch.Tensor, keep: float) -> None:
         """S = keep * S + (1 - keep) * L for policies that say so (ScorePolicy.keep)."""
         if keep == 0.0:

@@ -150,6 +150,12 @@ def weighted_loss(
     instead), TypeError for indices that are not integers, and the sampler's ValueError for an index
     its current epoch did not draw. A rejected call leaves the sampler unchanged.
     """
+    if update and not extra and type(losses) is torch.Tensor and isinstance(sampler, EpochSampler):
+        # A CPU sampler's compiled step: the weights and the update in one core call, which
+        # reads plain arrays and checks them itself (None: nothing done, go on below).
+        weights = sampler._weighted_update(indices, losses, reduction)
+        if weights is not None:
+            return losses @ weights
     if (
         type(losses) is torch.Tensor
         and type(indices) is torch.Tensor
