@@ -212,10 +212,24 @@ PyObject* translated(F f) {
 
 ReplayStore& store_of(PyObject* self) { return *reinterpret_cast<ReplayStoreObject*>(self)->store; }
 
+// A METH_FASTCALL method's argument count, or a TypeError naming it ("ReplayStore.update").
 bool argument_count(const char* name, Py_ssize_t nargs, Py_ssize_t expected) {
   if (nargs == expected) return true;
-  PyErr_Format(PyExc_TypeError, "ReplayStore.%s takes %zd arguments, got %zd", name, expected, nargs);
+  PyErr_Format(PyExc_TypeError, "%s takes %zd arguments, got %zd", name, expected, nargs);
   return false;
+}
+
+// A plain CPython type from its spec; `init`, if given, becomes its __init__ as a method
+// whose docstring carries the signature, as pybind11's classes have (the stub test reads
+// it); construction goes through it (not hot).
+py::object make_type(PyType_Spec& spec, PyMethodDef* init) {
+  py::object type = py::reinterpret_steal<py::object>(PyType_FromSpec(&spec));
+  if (!type) throw py::error_already_set();
+  if (init != nullptr) {
+    py::object method = py::reinterpret_steal<py::object>(PyDescr_NewMethod(reinterpret_cast<PyTypeObject*>(type.ptr()), init));
+    if (!method || PyObject_SetAttrString(type.ptr(), "__init__", method.ptr()) != 0) throw py::error_already_set();
+  }
+  return type;
 }
 
 PyObject* new_value(bool value) {
@@ -272,7 +286,7 @@ void replay_store_dealloc(PyObject* self) {
 }
 
 PyObject* replay_add_field(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
-  if (!argument_count("add_field", nargs, 4)) return nullptr;
+  if (!argument_count("ReplayStore.add_field", nargs, 4)) return nullptr;
   if (!has_store(self)) return nullptr;
   return translated([&]() -> PyObject* {
     ReplayStore& s = store_of(self);
@@ -288,7 +302,7 @@ PyObject* replay_add_field(PyObject* self, PyObject* const* args, Py_ssize_t nar
 
 // add_one(values: dict, slot: int, leaf: float) -> the slot as an int64 tensor (1,), or None
 PyObject* replay_add_one(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
-  if (!argument_count("add_one", nargs, 3)) return nullptr;
+  if (!argument_count("ReplayStore.add_one", nargs, 3)) return nullptr;
   if (!has_store(self)) return nullptr;
   const long long slot_value = PyLong_AsLongLong(args[1]);
   if (slot_value == -1 && PyErr_Occurred()) return nullptr;
@@ -323,7 +337,7 @@ PyObject* replay_add_one(PyObject* self, PyObject* const* args, Py_ssize_t nargs
 
 // sample_into(out: dict, k: int, beta: float, size: int) -> bool
 PyObject* replay_sample_into(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
-  if (!argument_count("sample_into", nargs, 4)) return nullptr;
+  if (!argument_count("ReplayStore.sample_into", nargs, 4)) return nullptr;
   if (!has_store(self)) return nullptr;
   const double beta = PyFloat_AsDouble(args[2]);
   if (beta == -1.0 && PyErr_Occurred()) return nullptr;
@@ -375,7 +389,7 @@ PyObject* replay_sample_into(PyObject* self, PyObject* const* args, Py_ssize_t n
 
 // update(indices, priorities, size: int) -> the largest priority (-inf for none), or None
 PyObject* replay_update(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
-  if (!argument_count("update", nargs, 3)) return nullptr;
+  if (!argument_count("ReplayStore.update", nargs, 3)) return nullptr;
   if (!has_store(self)) return nullptr;
   const long long size = PyLong_AsLongLong(args[2]);
   if (size == -1 && PyErr_Occurred()) return nullptr;
@@ -452,14 +466,7 @@ py::object make_replay_store_type() {
       {0, nullptr},
   };
   static PyType_Spec spec = {"isample._core.ReplayStore", sizeof(ReplayStoreObject), 0, Py_TPFLAGS_DEFAULT, slots};
-  py::object type = py::reinterpret_steal<py::object>(PyType_FromSpec(&spec));
-  if (!type) throw py::error_already_set();
-  // __init__ as a method with its signature in the docstring, as pybind11's classes have
-  // (the stub test reads it); construction goes through it (not hot).
-  py::object init = py::reinterpret_steal<py::object>(
-      PyDescr_NewMethod(reinterpret_cast<PyTypeObject*>(type.ptr()), &replay_store_init_def));
-  if (!init || PyObject_SetAttrString(type.ptr(), "__init__", init.ptr()) != 0) throw py::error_already_set();
-  return type;
+  return make_type(spec, &replay_store_init_def);
 }
 
 // -- SamplerLock: the reentrant lock of a sampler ---------------------------------------------
@@ -496,8 +503,9 @@ void sampler_lock_dealloc(PyObject* self) {
   Py_DECREF(type);
 }
 
-// Take the lock (again, for its owner); waits without the GIL. Returns false with a Python
-// error set only when the count would overflow.
+// Take the lock (again, for its owner); waits without the GIL, in slices, so that a signal
+// (Ctrl-C) is handled while it waits, as RLock's acquire does. Returns false with the
+// Python error set when a signal handler raised or the count would overflow.
 bool take_lock(SamplerLockObject* l) {
   const unsigned long me = PyThread_get_thread_ident();
   if (l->count > 0 && l->owner == me) {
@@ -508,10 +516,13 @@ bool take_lock(SamplerLockObject* l) {
     ++l->count;
     return true;
   }
-  if (!PyThread_acquire_lock(l->lock, NOWAIT_LOCK)) {
+  while (!PyThread_acquire_lock(l->lock, NOWAIT_LOCK)) {
+    PyLockStatus status;
     Py_BEGIN_ALLOW_THREADS
-    PyThread_acquire_lock(l->lock, WAIT_LOCK);
+    status = PyThread_acquire_lock_timed(l->lock, 50000, 0);  // 50 ms
     Py_END_ALLOW_THREADS
+    if (status == PY_LOCK_ACQUIRED) break;
+    if (PyErr_CheckSignals() != 0) return false;
   }
   l->owner = me;
   l->count = 1;
@@ -576,8 +587,7 @@ py::object make_sampler_lock_type() {
       {0, nullptr},
   };
   static PyType_Spec spec = {"isample._core.SamplerLock", sizeof(SamplerLockObject), 0, Py_TPFLAGS_DEFAULT, slots};
-  py::object type = py::reinterpret_steal<py::object>(PyType_FromSpec(&spec));
-  if (!type) throw py::error_already_set();
+  py::object type = make_type(spec, nullptr);
   sampler_lock_type = reinterpret_cast<PyTypeObject*>(type.ptr());
   Py_INCREF(type.ptr());  // kept for the process's lifetime, as the module is
   return type;
@@ -622,12 +632,6 @@ SamplerStep& step_of(PyObject* self) { return *reinterpret_cast<SamplerStepObjec
 bool has_step(PyObject* self) {
   if (reinterpret_cast<SamplerStepObject*>(self)->step != nullptr) return true;
   PyErr_SetString(PyExc_RuntimeError, "SamplerStep.__init__ was not called");
-  return false;
-}
-
-bool step_argument_count(const char* name, Py_ssize_t nargs, Py_ssize_t expected) {
-  if (nargs == expected) return true;
-  PyErr_Format(PyExc_TypeError, "SamplerStep.%s takes %zd arguments, got %zd", name, expected, nargs);
   return false;
 }
 
@@ -771,7 +775,7 @@ PyObject* gathered_weights(const SamplerStep& s, const double* weight, const int
 // weights(weight_of, indices, dtype, device, scale) -> tensor, the position (int) of an item
 // without a weight, or None.
 PyObject* sampler_step_weights(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
-  if (!step_argument_count("weights", nargs, 5)) return nullptr;
+  if (!argument_count("SamplerStep.weights", nargs, 5)) return nullptr;
   if (!has_step(self)) return nullptr;
   return translated([&]() -> PyObject* {
     SamplerStep& s = step_of(self);
@@ -845,7 +849,7 @@ bool batch_views(PyObject* indices, PyObject* values, ArrayView& i, ArrayView& v
 
 // store(indices, values, keep: float) -> bool
 PyObject* sampler_step_store(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
-  if (!step_argument_count("store", nargs, 3)) return nullptr;
+  if (!argument_count("SamplerStep.store", nargs, 3)) return nullptr;
   if (!has_step(self)) return nullptr;
   const double keep = PyFloat_AsDouble(args[2]);
   if (keep == -1.0 && PyErr_Occurred()) return nullptr;
@@ -880,7 +884,7 @@ bool counted_store(SamplerStep& s, const ArrayView& i, const ArrayView& v, PyObj
 
 // update(indices, losses, counters: dict) -> bool
 PyObject* sampler_step_update(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
-  if (!step_argument_count("update", nargs, 3)) return nullptr;
+  if (!argument_count("SamplerStep.update", nargs, 3)) return nullptr;
   if (!has_step(self)) return nullptr;
   return translated([&]() -> PyObject* {
     SamplerStep& s = step_of(self);
@@ -894,7 +898,7 @@ PyObject* sampler_step_update(PyObject* self, PyObject* const* args, Py_ssize_t 
 // update(indices, losses) in one call (protocol.weighted_loss). None, having changed
 // nothing, wherever either call would take its general path or raise.
 PyObject* sampler_step_weighted_update(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
-  if (!step_argument_count("weighted_update", nargs, 5)) return nullptr;
+  if (!argument_count("SamplerStep.weighted_update", nargs, 5)) return nullptr;
   if (!has_step(self)) return nullptr;
   return translated([&]() -> PyObject* {
     SamplerStep& s = step_of(self);
@@ -963,12 +967,7 @@ py::object make_sampler_step_type() {
       {0, nullptr},
   };
   static PyType_Spec spec = {"isample._core.SamplerStep", sizeof(SamplerStepObject), 0, Py_TPFLAGS_DEFAULT, slots};
-  py::object type = py::reinterpret_steal<py::object>(PyType_FromSpec(&spec));
-  if (!type) throw py::error_already_set();
-  py::object init = py::reinterpret_steal<py::object>(
-      PyDescr_NewMethod(reinterpret_cast<PyTypeObject*>(type.ptr()), &sampler_step_init_def));
-  if (!init || PyObject_SetAttrString(type.ptr(), "__init__", init.ptr()) != 0) throw py::error_already_set();
-  return type;
+  return make_type(spec, &sampler_step_init_def);
 }
 
 int cuda_devices() {

@@ -321,6 +321,36 @@ def test_sampler_lock_is_reentrant_and_excludes_other_threads():
     assert events == ["main releases", "other took it"]
 
 
+def test_waiting_for_the_sampler_lock_can_be_interrupted():
+    """Ctrl-C reaches a thread that waits for the lock (as with RLock), instead of waiting
+    until the holder lets go."""
+    import _thread
+    import time
+
+    lock, taken, let_go = isample._core.SamplerLock(), threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with lock:
+            taken.set()
+            let_go.wait(timeout=3.0)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    taken.wait()
+    timer = threading.Timer(0.1, _thread.interrupt_main)
+    start = time.perf_counter()
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            lock.acquire()
+        assert time.perf_counter() - start < 2.0  # interrupted, not released by the holder after 3 s
+        assert not lock.held()
+    finally:
+        let_go.set()
+        thread.join()
+        timer.cancel()
+
+
 @pytest.mark.parametrize("transform", ["softmax", "proportional", "rank"])
 def test_the_compiled_update_waits_for_the_sampler_lock(transform):
     """update's compiled path takes the sampler's lock too: while another thread holds it
