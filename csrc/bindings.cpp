@@ -9,6 +9,7 @@
 // tree's random stream: draws with no seed use key_for_call(stream_seed, calls), and calls
 // advances only once the draw has succeeded, so a rejected call leaves the stream as it was.
 #include <pybind11/pybind11.h>
+#include <structmember.h>
 #include <pybind11/stl.h>
 
 #include <cmath>
@@ -627,6 +628,8 @@ struct SamplerStepObject {
   SamplerStep* step;
 };
 
+PyTypeObject* sampler_step_type = nullptr;  // set when the module is made
+
 SamplerStep& step_of(PyObject* self) { return *reinterpret_cast<SamplerStepObject*>(self)->step; }
 
 bool has_step(PyObject* self) {
@@ -821,17 +824,16 @@ bool store_batch(SamplerStep& s, const ArrayView& i, const ArrayView& v, double 
           const double* given = as_doubles(v, h.values_scratch);
           h.scores_scratch.resize(size_t(k));
           h.leaves_scratch.resize(size_t(k));
-          blend_scores(s.store, s.n, index, given, k, keep, h.scores_scratch.data());
-          proportional_leaves(h.scores_scratch.data(), k, s.alpha, s.eps, h.leaves_scratch.data());
+          const double* scores = blend_scores(s.store, s.n, index, given, k, keep, h.scores_scratch.data());
+          proportional_leaves(scores, k, s.alpha, s.eps, h.leaves_scratch.data());
           h.tree.update(index, h.leaves_scratch.data(), k);  // checks the leaves and the total first
-          write_scores(s.store, index, h.scores_scratch.data(), k);
+          write_scores(s.store, index, scores, k);
         });
         return true;
       }
       case StepKind::kScores: {
-        std::vector<double> widened, scores(static_cast<size_t>(k));
-        blend_scores(s.store, s.n, index, as_doubles(v, widened), k, keep, scores.data());
-        write_scores(s.store, index, scores.data(), k);
+        std::vector<double> widened, mixed(keep != 0.0 ? size_t(k) : 0);  // keep 0: the values are the scores
+        write_scores(s.store, index, blend_scores(s.store, s.n, index, as_doubles(v, widened), k, keep, mixed.data()), k);
         return true;
       }
       case StepKind::kNone:
@@ -967,7 +969,211 @@ py::object make_sampler_step_type() {
       {0, nullptr},
   };
   static PyType_Spec spec = {"isample._core.SamplerStep", sizeof(SamplerStepObject), 0, Py_TPFLAGS_DEFAULT, slots};
-  return make_type(spec, &sampler_step_init_def);
+  py::object type = make_type(spec, &sampler_step_init_def);
+  sampler_step_type = reinterpret_cast<PyTypeObject*>(type.ptr());
+  Py_INCREF(type.ptr());  // kept for the process's lifetime, as the module is
+  return type;
+}
+
+// -- StepMethod: EpochSampler.weights and .update, the compiled step first ----------------------
+// A sampler's `weights` and `update` are called once per training step. Written in Python,
+// each costs a frame (~0.1-0.2 us with **extra and keyword defaults) before it reaches the
+// step; as a method descriptor of C (Py_TPFLAGS_METHOD_DESCRIPTOR: `sampler.update(i, l)`
+// calls it with the sampler as first argument, no bound method made) the call goes straight
+// to the sampler's SamplerStep, and only what the step does not take (other arguments, a
+// CUDA sampler, a batch the core refuses) reaches the Python function, which is unchanged
+// and says why. functools.update_wrapper gives it the function's name, docstring and
+// signature (__wrapped__).
+enum class StepCall { kWeights = 0, kUpdate = 1 };
+
+struct StepMethodObject {
+  PyObject_HEAD
+  vectorcallfunc vectorcall;
+  PyObject* general;  // the Python function: takes every call the step does not
+  StepCall which;
+  PyObject* dict;  // __doc__, __wrapped__, __name__, ... (functools.update_wrapper)
+};
+
+// The sampler's step, if it has one of the core's (a new reference), else null (no error).
+PyObject* step_of_sampler(PyObject* sampler) {
+  static PyObject* const name = interned("_step");
+  PyObject* step = PyObject_GetAttr(sampler, name);
+  if (step == nullptr) {
+    PyErr_Clear();
+    return nullptr;
+  }
+  if (Py_TYPE(step) != sampler_step_type || reinterpret_cast<SamplerStepObject*>(step)->step == nullptr) {
+    Py_DECREF(step);
+    return nullptr;
+  }
+  return step;
+}
+
+// sampler.update(indices, losses): True from the step, else the Python function.
+PyObject* fast_update(PyObject* sampler, PyObject* const* args) {
+  static PyObject* const counters_name = interned("_counters");
+  PyObject* step = step_of_sampler(sampler);
+  if (step == nullptr) return Py_NewRef(Py_False);
+  PyObject* counters = PyObject_GetAttr(sampler, counters_name);
+  if (counters == nullptr) {
+    Py_DECREF(step);
+    return nullptr;
+  }
+  PyObject* const call[3] = {args[0], args[1], counters};
+  PyObject* done = sampler_step_update(step, call, 3);
+  Py_DECREF(counters);
+  Py_DECREF(step);
+  return done;
+}
+
+// sampler.weights(indices, dtype=, device=, scale=): the weights from the step, else None.
+PyObject* fast_weights(PyObject* sampler, PyObject* indices, PyObject* const* keywords, PyObject* kwnames) {
+  static PyObject* const current_name = interned("_current");
+  static PyObject* const weight_of_name = interned("weight_of");
+  static PyObject* const dtype_name = interned("dtype");
+  static PyObject* const device_name = interned("device");
+  static PyObject* const scale_name = interned("scale");
+  static PyObject* const one = PyFloat_FromDouble(1.0);
+  PyObject *dtype = Py_None, *device = Py_None, *scale = one;
+  const Py_ssize_t given = kwnames != nullptr ? PyTuple_GET_SIZE(kwnames) : 0;
+  for (Py_ssize_t j = 0; j < given; ++j) {
+    PyObject* name = PyTuple_GET_ITEM(kwnames, j);  // interned by the compiler for literal keywords
+    if (name == dtype_name) {
+      dtype = keywords[j];
+    } else if (name == device_name) {
+      device = keywords[j];
+    } else if (name == scale_name) {
+      scale = keywords[j];
+    } else {
+      Py_RETURN_NONE;  // anything else: the Python function says what is wrong
+    }
+  }
+  PyObject* step = step_of_sampler(sampler);
+  if (step == nullptr) Py_RETURN_NONE;
+  PyObject* current = PyObject_GetAttr(sampler, current_name);
+  PyObject* weight_of = current != nullptr && current != Py_None ? PyObject_GetAttr(current, weight_of_name) : nullptr;
+  Py_XDECREF(current);
+  if (weight_of == nullptr) {
+    PyErr_Clear();
+    Py_DECREF(step);
+    Py_RETURN_NONE;
+  }
+  PyObject* const call[5] = {weight_of, indices, dtype, device, scale};
+  PyObject* weights = sampler_step_weights(step, call, 5);
+  Py_DECREF(weight_of);
+  Py_DECREF(step);
+  if (weights != nullptr && PyLong_CheckExact(weights)) {  // an item the epoch did not draw: said below
+    Py_DECREF(weights);
+    Py_RETURN_NONE;
+  }
+  return weights;
+}
+
+PyObject* step_method_call(PyObject* self, PyObject* const* args, size_t nargsf, PyObject* kwnames) {
+  auto* m = reinterpret_cast<StepMethodObject*>(self);
+  if (m->general == nullptr) {
+    PyErr_SetString(PyExc_RuntimeError, "StepMethod.__init__ was not called");
+    return nullptr;
+  }
+  const Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+  PyObject* fast = nullptr;
+  if (m->which == StepCall::kUpdate && nargs == 3 && kwnames == nullptr) {
+    fast = fast_update(args[0], args + 1);
+    if (fast == nullptr) return nullptr;
+    if (fast == Py_True) {
+      Py_DECREF(fast);
+      Py_RETURN_NONE;
+    }
+  } else if (m->which == StepCall::kWeights && nargs == 2) {
+    fast = fast_weights(args[0], args[1], args + nargs, kwnames);
+    if (fast == nullptr || fast != Py_None) return fast;  // an error (IndexError, ...) or the weights
+  }
+  Py_XDECREF(fast);
+  return PyObject_Vectorcall(m->general, args, nargsf, kwnames);
+}
+
+PyObject* step_method_new(PyTypeObject* type, PyObject*, PyObject*) {
+  PyObject* self = type->tp_alloc(type, 0);
+  if (self == nullptr) return nullptr;
+  auto* m = reinterpret_cast<StepMethodObject*>(self);
+  m->vectorcall = step_method_call;
+  m->general = nullptr;
+  m->which = StepCall::kUpdate;
+  m->dict = nullptr;
+  return self;
+}
+
+// __init__(general, which)
+int step_method_init(PyObject* self, PyObject* args, PyObject* kwargs) {
+  static const char* keywords[] = {"general", "which", nullptr};
+  PyObject* general = nullptr;
+  const char* which = nullptr;
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "Os", const_cast<char**>(keywords), &general, &which)) return -1;
+  const std::string name(which);
+  if (!PyCallable_Check(general) || (name != "weights" && name != "update")) {
+    PyErr_SetString(PyExc_ValueError, "StepMethod(general, which): a callable, and 'weights' or 'update'");
+    return -1;
+  }
+  auto* m = reinterpret_cast<StepMethodObject*>(self);
+  Py_XSETREF(m->general, Py_NewRef(general));
+  m->which = name == "weights" ? StepCall::kWeights : StepCall::kUpdate;
+  return 0;
+}
+
+PyObject* step_method_init_method(PyObject* self, PyObject* args, PyObject* kwargs) {
+  if (step_method_init(self, args, kwargs) != 0) return nullptr;
+  Py_RETURN_NONE;
+}
+
+PyMethodDef step_method_init_def = {
+    "__init__", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(step_method_init_method)),
+    METH_VARARGS | METH_KEYWORDS,
+    "__init__(self: isample._core.StepMethod, general: object, which: str) -> None\n\n`general`: the Python "
+    "function; `which`: 'weights' or 'update'."};
+
+void step_method_dealloc(PyObject* self) {
+  auto* m = reinterpret_cast<StepMethodObject*>(self);
+  Py_XDECREF(m->general);
+  Py_XDECREF(m->dict);
+  PyTypeObject* type = Py_TYPE(self);
+  type->tp_free(self);
+  Py_DECREF(type);
+}
+
+// Read from the class: the method itself; from a sampler: bound to it (as functions are).
+PyObject* step_method_get(PyObject* self, PyObject* instance, PyObject*) {
+  if (instance == nullptr || instance == Py_None) return Py_NewRef(self);
+  return PyMethod_New(self, instance);
+}
+
+PyMemberDef step_method_members[] = {
+    {"__dictoffset__", T_PYSSIZET, offsetof(StepMethodObject, dict), READONLY, nullptr},
+    {"__vectorcalloffset__", T_PYSSIZET, offsetof(StepMethodObject, vectorcall), READONLY, nullptr},
+    {nullptr, 0, 0, 0, nullptr},
+};
+
+PyGetSetDef step_method_getset[] = {
+    {"__dict__", PyObject_GenericGetDict, PyObject_GenericSetDict, nullptr, nullptr},
+    {nullptr, nullptr, nullptr, nullptr, nullptr},
+};
+
+py::object make_step_method_type() {
+  static PyType_Slot slots[] = {
+      {Py_tp_getset, step_method_getset},
+      {Py_tp_new, reinterpret_cast<void*>(step_method_new)},
+      {Py_tp_init, reinterpret_cast<void*>(step_method_init)},
+      {Py_tp_dealloc, reinterpret_cast<void*>(step_method_dealloc)},
+      {Py_tp_call, reinterpret_cast<void*>(PyVectorcall_Call)},
+      {Py_tp_descr_get, reinterpret_cast<void*>(step_method_get)},
+      {Py_tp_members, step_method_members},
+      {Py_tp_doc, const_cast<char*>(
+                      "StepMethod(general, which): EpochSampler.weights ('weights') or .update ('update') as a method "
+                      "that calls the sampler's compiled step first and the Python function `general` otherwise.")},
+      {0, nullptr},
+  };
+  static PyType_Spec spec = {"isample._core.StepMethod", sizeof(StepMethodObject), 0,
+                             Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_VECTORCALL | Py_TPFLAGS_METHOD_DESCRIPTOR, slots};
+  return make_type(spec, &step_method_init_def);
 }
 
 int cuda_devices() {
@@ -1563,6 +1769,7 @@ PYBIND11_MODULE(_core, m) {
   m.add_object("ReplayStore", make_replay_store_type());
   m.add_object("SamplerLock", make_sampler_lock_type());
   m.add_object("SamplerStep", make_sampler_step_type());
+  m.add_object("StepMethod", make_step_method_type());
 
   py::class_<SoftmaxHandle> softmax(m, "SoftmaxTree", "Scores s with p = softmax(s / T).");
   softmax.def(py::init<uint64_t, int64_t, double>(), py::arg("stream_seed"), py::arg("capacity"), py::arg("temperature"))

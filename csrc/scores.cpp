@@ -7,8 +7,8 @@
 
 namespace isample {
 
-void blend_scores(const double* store, int64_t n, const int64_t* indices, const double* values, int64_t k,
-                  double keep, double* out) {
+const double* blend_scores(const double* store, int64_t n, const int64_t* indices, const double* values, int64_t k,
+                           double keep, double* out) {
   // One branch-free pass decides; only a bad batch is walked again for the message.
   uint64_t bad = 0;
   for (int64_t j = 0; j < k; ++j) {
@@ -26,12 +26,10 @@ void blend_scores(const double* store, int64_t n, const int64_t* indices, const 
       throw std::invalid_argument(text);
     }
   }
-  if (keep == 0.0) {
-    for (int64_t j = 0; j < k; ++j) out[j] = values[j];
-    return;
-  }
+  if (keep == 0.0) return values;
   // A convex mix of finite values is finite.
   for (int64_t j = 0; j < k; ++j) out[j] = keep * store[indices[j]] + (1.0 - keep) * values[j];
+  return out;
 }
 
 void proportional_leaves(const double* scores, int64_t k, double alpha, double eps, double* out) {

@@ -1309,6 +1309,47 @@ def test_a_copied_sampler_updates_its_own_scores(transform):
             assert not s._lock.held()
 
 
+@pytest.mark.parametrize("transform", [isample.Softmax(2.0), isample.Proportional(0.5, 0.1), isample.RankBased(0.7)])
+def test_a_transform_s_parameters_are_fixed_once_made(transform):
+    """The tree holds leaves computed with them (and the compiled step its constants): a
+    change would leave the tree and later updates disagreeing, so it is refused."""
+    import copy
+    import pickle
+
+    name = next(iter(k for k in transform.config() if k != "name"))
+    with pytest.raises(AttributeError, match="fixed once it is made"):
+        setattr(transform, name, 1.0)
+    for twin in (copy.deepcopy(transform), pickle.loads(pickle.dumps(transform))):
+        assert twin.config() == transform.config()
+        with pytest.raises(AttributeError, match="fixed"):
+            setattr(twin, name, 1.0)
+
+
+def test_weights_and_update_keep_their_python_face():
+    """weights and update are methods of the core that try the compiled step first; to a
+    user they are the documented functions: name, docstring, signature, binding, errors."""
+    import inspect
+
+    general = isample.sampler._general_calls
+    for name in ("weights", "update"):
+        method = getattr(isample.ImportanceSampler, name)
+        assert method is getattr(isample.EpochSampler, name) is getattr(isample.SoftPruningSampler, name)
+        assert method.__name__ == name and method.__doc__ == general[name].__doc__ and method.__wrapped__ is general[name]
+        assert inspect.signature(method) == inspect.signature(general[name])
+    s = isample.ImportanceSampler(20, uniform_mix=0.0, warmup_epochs=0, seed=0)
+    batch = torch.tensor(drain(s)[:4])
+    assert list(inspect.signature(s.weights).parameters) == ["indices", "dtype", "device", "scale"]
+    assert torch.equal(isample.ImportanceSampler.weights(s, batch), s.weights(batch))  # called on the class
+    with pytest.raises(TypeError, match="positional"):
+        s.weights(batch, torch.float32)  # dtype is keyword-only
+    with pytest.raises(TypeError, match="dtypo"):
+        s.weights(batch, dtypo=torch.float32)
+    with pytest.raises(TypeError, match="missing"):
+        s.update(batch)
+    with pytest.raises(ValueError, match="callable"):
+        isample._core.StepMethod(1, "update")
+
+
 def test_weights_scale():
     s = isample.ImportanceSampler(40, transform="softmax", uniform_mix=0.0, warmup_epochs=0, samples_per_epoch=30, seed=0)
     batch = torch.tensor(drain(s)[:8])

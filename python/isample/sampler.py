@@ -25,9 +25,9 @@ seed paper's own method (softmax of the scores, |Z| draws without replacement, 1
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
-import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple, Union
 
@@ -506,16 +506,8 @@ class EpochSampler(Sampler[int]):
         ``scale`` multiplies the weights (in float64, before any conversion): ``scale=1 / b``
         makes ``losses @ weights`` the weighted mean in one operation.
         """
+        # (A CPU sampler's compiled step took this call first, where it could: see _compiled_calls.)
         current = self._current
-        step = self._step
-        if step is not None and current is not None:
-            # The fast path: the core reads plain indices, checks them and gathers into a new
-            # tensor of the dtype asked for (None: the general path below takes these arguments).
-            weights = step.weights(current.weight_of, indices, dtype, device, scale)
-            if weights is not None:
-                if type(weights) is int:
-                    raise ValueError(f"item {int(indices[weights])} was not drawn in epoch {current.epoch}: it has no weight")
-                return weights
         scale = _backend.check_real(scale, "scale")
         if dtype is not None:
             dtype = _backend.check_float_dtype(dtype)
@@ -584,9 +576,7 @@ class EpochSampler(Sampler[int]):
         raises RuntimeError until an epoch is drawn. Between epochs (after an epoch's last
         item, before the next ``iter()``) updates count toward the epoch just iterated.
         """
-        step = self._step
-        if step is not None and not extra and step.update(indices, losses, self._counters):
-            return  # the compiled step: plain CPU arrays and a policy of the form keep * S + (1 - keep) * L
+        # (A CPU sampler's compiled step took this call first, where it could: see _compiled_calls.)
         idx = _backend.as_indices(indices, self.device)
         losses = _as_losses(losses, idx.numel(), self.device)
         lock = self._lock
@@ -906,6 +896,21 @@ class EpochSampler(Sampler[int]):
             order = order.clone()
         info = _checked_info(current.get("info", {}), "state['current']['info']")
         return _Epoch(epoch, order, weight_of, position, info)
+
+
+def _compiled_calls(cls: type) -> None:
+    """Make ``cls.weights`` and ``cls.update`` methods of the core (_core.StepMethod) that
+    hand each call to the sampler's compiled step (``_step``: plain CPU arrays, the CPU
+    transforms, a policy of the form keep * S + (1 - keep) * L) and to the Python function
+    otherwise, which is unchanged: same name, docstring and signature. They run once per
+    training step, where a Python frame costs as much as the step's own work."""
+    for name in ("weights", "update"):
+        general = _general_calls[name] = cls.__dict__[name]
+        setattr(cls, name, functools.update_wrapper(_core.StepMethod(general, name), general))
+
+
+_general_calls: Dict[str, Callable[..., Any]] = {}  # the Python functions behind them
+_compiled_calls(EpochSampler)
 
 
 def _continues(epoch: int, position: int, length: int, next_epoch: int) -> bool:

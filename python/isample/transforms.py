@@ -36,6 +36,17 @@ class Transform:
     epoch_level: bool = False
     #: the tree stores the scores themselves (SoftmaxTree); otherwise it stores leaf_values
     tree_holds_scores: bool = False
+    #: set at the end of __init__ by the built-in transforms: a sampler's tree (and its
+    #: compiled step) holds leaves computed with these parameters, so they never change
+    _fixed: bool = False
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if self._fixed:
+            raise AttributeError(
+                f"{type(self).__name__}'s parameters are fixed once it is made (a sampler's tree holds what it "
+                f"computed with them): make a new {type(self).__name__}(...) and a new sampler instead"
+            )
+        object.__setattr__(self, name, value)
 
     def make_tree(self, num_items: int, *, device: Any, seed: int) -> Union[SumTree, SoftmaxTree]:
         return SumTree(num_items, device=device, seed=seed)
@@ -65,6 +76,7 @@ class Softmax(Transform):
 
     def __init__(self, temperature: float = 1.0) -> None:
         self.temperature = _backend.check_real(temperature, "temperature", low=0.0, low_open=True)
+        self._fixed = True
 
     def make_tree(self, num_items, *, device, seed):
         return SoftmaxTree(num_items, temperature=self.temperature, device=device, seed=seed)
@@ -88,6 +100,7 @@ class Proportional(Transform):
     def __init__(self, alpha: float = 1.0, eps: float = 1e-6) -> None:
         self.alpha = _backend.check_real(alpha, "alpha", low=0.0)
         self.eps = _backend.check_real(eps, "eps", low=0.0)
+        self._fixed = True
 
     def leaf_values(self, scores):
         if scores.device.type == "cpu" and scores.dtype is torch.float64:
@@ -113,6 +126,7 @@ class RankBased(Transform):
 
     def __init__(self, alpha: float = 0.7) -> None:
         self.alpha = _backend.check_real(alpha, "alpha", low=0.0)
+        self._fixed = True
 
     def leaf_values(self, scores):
         order = torch.argsort(scores, descending=True, stable=True)
