@@ -1370,6 +1370,9 @@ PYBIND11_MODULE(_core, m) {
   py::register_exception<OutOfMemory>(m, "OutOfMemory", PyExc_MemoryError);
 
   m.def("fanout", [] { return kFanout; });
+  m.def("_set_parallel_blocks", &set_parallel_blocks, py::arg("blocks"),
+        "Split builds between two threads from this many blocks of 16 items on; returns the previous "
+        "value (tests).");
   m.def("cuda_device_count", &cuda_devices,
         "CUDA devices visible to this build (0 without CUDA, or when its CUDA runtime cannot start: "
         "cuda_status() says why, e.g. a driver older than the runtime).");

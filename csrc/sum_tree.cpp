@@ -5,6 +5,7 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdio>
 #include <limits>
@@ -164,14 +165,21 @@ void SumTree::check_indices(const int64_t* indices, int64_t k) const {
 }
 
 // Splits [0, count) into two halves run on two threads, where count is at least
-// kParallelBlocks and the machine has two cores (a thread costs ~30 us to start, a block of
-// 16 items ~10 ns to load); otherwise, or when no thread can be had, runs f(0, count) here.
-// f must not throw.
-constexpr int64_t kParallelBlocks = int64_t(1) << 16;
+// parallel_blocks() and the machine has two cores; otherwise, or when no thread can be had,
+// runs f(0, count) here. f must not throw.
+// A thread costs ~30 us to start and a block of 16 items ~10 ns to load, but on a VM the
+// second thread now and then waits ~80 ms for its core (2-core AMD EPYC KVM guest: a 10M
+// build took 10 ms typically and ~90 ms in such spells, 15 ms every time on one thread;
+// the same spells showed with plain std::thread and memset). So two threads only from 2^21
+// blocks (33.5M items), where one thread takes over 50 ms and a spell costs less than the
+// split saves.
+static std::atomic<int64_t> parallel_from{int64_t(1) << 21};
+
+int64_t set_parallel_blocks(int64_t blocks) { return parallel_from.exchange(blocks < 1 ? 1 : blocks); }
 
 template <class F>
 void in_two_halves(int64_t count, F f) {
-  if (count >= kParallelBlocks && std::thread::hardware_concurrency() >= 2) {
+  if (count >= parallel_from.load(std::memory_order_relaxed) && std::thread::hardware_concurrency() >= 2) {
     const int64_t half = count / 2;
     std::thread other;
     try {

@@ -138,4 +138,9 @@ class SumTree {
   SelectScratch select_scratch_;
 };
 
+// Builds and full rebuilds split their pass over the leaf blocks between two threads from
+// this many blocks on (default 2^21 blocks, 33.5M items); returns the previous value. For
+// tests, which exercise the split on smaller trees.
+int64_t set_parallel_blocks(int64_t blocks);
+
 }  // namespace isample

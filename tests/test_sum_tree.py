@@ -25,9 +25,18 @@ def test_descent_matches_numpy_reference_exactly(n, rng, kernels):
     assert tree.total == weights.sum()
 
 
-def test_a_large_build_on_two_threads_matches_the_reference(rng, kernels):
-    """Above 2^20 items the weights are checked and loaded by two threads: the same tree,
-    the same errors (the first bad weight named, nothing changed)."""
+@pytest.fixture
+def two_threads_from_a_million():
+    """Builds split between two threads from 2^16 blocks (2^20 items) on, instead of 2^21
+    blocks: the split runs on a tree a test can afford."""
+    previous = isample._core._set_parallel_blocks(1 << 16)
+    yield
+    isample._core._set_parallel_blocks(previous)
+
+
+def test_a_large_build_on_two_threads_matches_the_reference(rng, kernels, two_threads_from_a_million):
+    """Above the threshold the weights are checked and loaded by two threads: the same
+    tree, the same errors (the first bad weight named, nothing changed)."""
     n = (1 << 20) + 12_345  # a partial last block
     weights = power_of_two_weights(rng, n)
     tree = isample.SumTree.from_weights(weights, seed=0)
