@@ -483,7 +483,11 @@ struct SamplerLockObject {
 
 SamplerLockObject* lock_of(PyObject* self) { return reinterpret_cast<SamplerLockObject*>(self); }
 
-PyObject* sampler_lock_new(PyTypeObject* type, PyObject*, PyObject*) {
+PyObject* sampler_lock_new(PyTypeObject* type, PyObject* args, PyObject* kwargs) {
+  if (PyTuple_GET_SIZE(args) != 0 || (kwargs != nullptr && PyDict_GET_SIZE(kwargs) != 0)) {
+    PyErr_SetString(PyExc_TypeError, "SamplerLock() takes no arguments");
+    return nullptr;
+  }
   PyObject* self = type->tp_alloc(type, 0);
   if (self == nullptr) return nullptr;
   SamplerLockObject* l = lock_of(self);
@@ -551,9 +555,14 @@ PyObject* sampler_lock_acquire(PyObject* self, PyObject* const*, Py_ssize_t narg
   Py_RETURN_TRUE;
 }
 
-PyObject* sampler_lock_release(PyObject* self, PyObject* const*, Py_ssize_t) {
+PyObject* sampler_lock_exit(PyObject* self, PyObject* const*, Py_ssize_t) {
   if (!give_lock(lock_of(self))) return nullptr;
   Py_RETURN_NONE;
+}
+
+PyObject* sampler_lock_release(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
+  if (!argument_count("SamplerLock.release", nargs, 0)) return nullptr;
+  return sampler_lock_exit(self, args, nargs);
 }
 
 PyObject* sampler_lock_held(PyObject* self, PyObject* const*, Py_ssize_t) {
@@ -569,7 +578,7 @@ PyMethodDef sampler_lock_methods[] = {
      "not hold it."},
     {"__enter__", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(sampler_lock_acquire)), METH_FASTCALL,
      "__enter__(self: isample._core.SamplerLock) -> bool"},
-    {"__exit__", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(sampler_lock_release)), METH_FASTCALL,
+    {"__exit__", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(sampler_lock_exit)), METH_FASTCALL,
      "__exit__(self: isample._core.SamplerLock, *args) -> None"},
     {"held", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(sampler_lock_held)), METH_FASTCALL,
      "held(self: isample._core.SamplerLock) -> bool\n\nWhether this thread holds it."},
@@ -613,7 +622,6 @@ struct SamplerStep {
   py::object store_owner;  // the float64 score store (n) of the proportional and scores kinds
   double* store = nullptr;
   double alpha = 1.0, eps = 0.0;
-  py::object policy;  // its `keep` is read at each update: a policy may change it
   py::object lock_owner;  // the sampler's lock (a SamplerLock)
   SamplerLockObject* lock = nullptr;
   // The epoch weights last read: an epoch's table is read at every step, so its address is
@@ -655,15 +663,15 @@ PyObject* sampler_step_new(PyTypeObject* type, PyObject*, PyObject*) {
   return self;
 }
 
-// __init__(n, kind, tree, store, alpha, eps, policy, lock)
+// __init__(n, kind, tree, store, alpha, eps, lock)
 int sampler_step_init(PyObject* self, PyObject* args, PyObject* kwargs) {
-  static const char* keywords[] = {"n", "kind", "tree", "store", "alpha", "eps", "policy", "lock", nullptr};
+  static const char* keywords[] = {"n", "kind", "tree", "store", "alpha", "eps", "lock", nullptr};
   long long n = 0;
   int kind = 0;
-  PyObject *tree = nullptr, *store = nullptr, *policy = nullptr, *lock = nullptr;
+  PyObject *tree = nullptr, *store = nullptr, *lock = nullptr;
   double alpha = 1.0, eps = 0.0;
-  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "LiOOddOO", const_cast<char**>(keywords), &n, &kind, &tree, &store,
-                                   &alpha, &eps, &policy, &lock)) {
+  if (!PyArg_ParseTupleAndKeywords(args, kwargs, "LiOOddO", const_cast<char**>(keywords), &n, &kind, &tree, &store,
+                                   &alpha, &eps, &lock)) {
     return -1;
   }
   PyObject* done = translated([&]() -> PyObject* {
@@ -694,7 +702,6 @@ int sampler_step_init(PyObject* self, PyObject* args, PyObject* kwargs) {
     }
     s.alpha = alpha;
     s.eps = eps;
-    s.policy = py::reinterpret_borrow<py::object>(policy);
     if (sampler_lock_type == nullptr || Py_TYPE(lock) != sampler_lock_type) {
       throw py::type_error("lock must be an isample._core.SamplerLock");
     }
@@ -805,6 +812,7 @@ PyObject* sampler_step_weights(PyObject* self, PyObject* const* args, Py_ssize_t
 // The scores s = keep * S + (1 - keep) * values of a batch into the step's scores (and, for
 // the tree kinds, its tree): false, nothing written, for a batch the core refuses.
 bool store_batch(SamplerStep& s, const ArrayView& i, const ArrayView& v, double keep) {
+  if (!(keep >= 0.0 && keep <= 1.0)) return false;  // NaN too: the general path refuses it
   const int64_t k = i.length;
   const int64_t* index = static_cast<const int64_t*>(i.data);
   try {
@@ -861,14 +869,15 @@ PyObject* sampler_step_store(PyObject* self, PyObject* const* args, Py_ssize_t n
   });
 }
 
-// store() with the policy's keep (read now: a policy may change it), under the sampler's
-// lock, counted in counters["updates"]. False (nothing done) for a policy without a float
-// keep (it computes its scores itself) and for a batch the core refuses.
-bool counted_store(SamplerStep& s, const ArrayView& i, const ArrayView& v, PyObject* counters) {
+// store() with the score policy's keep (read at each call: a policy, or the sampler's
+// policy itself, may change), under the sampler's lock, counted in counters["updates"]. False
+// (nothing done) for a policy without a float keep in [0, 1] (it computes its scores itself,
+// or the general path says what is wrong) and for a batch the core refuses.
+bool counted_store(SamplerStep& s, const ArrayView& i, const ArrayView& v, PyObject* policy, PyObject* counters) {
   static PyObject* const keep_name = interned("keep");
   static PyObject* const updates_key = interned("updates");
   static PyObject* const one = PyLong_FromLong(1);
-  py::object keep = py::reinterpret_steal<py::object>(PyObject_GetAttr(s.policy.ptr(), keep_name));
+  py::object keep = py::reinterpret_steal<py::object>(PyObject_GetAttr(policy, keep_name));
   if (!keep) throw py::error_already_set();
   if (!PyFloat_CheckExact(keep.ptr()) || !PyDict_CheckExact(counters)) return false;
   if (!take_lock(s.lock)) throw py::error_already_set();
@@ -876,31 +885,34 @@ bool counted_store(SamplerStep& s, const ArrayView& i, const ArrayView& v, PyObj
     SamplerLockObject* lock;
     ~Unlock() { give_lock(lock); }  // cannot fail: this thread holds it
   } unlock{s.lock};
-  PyObject* count = PyDict_GetItemWithError(counters, updates_key);  // borrowed
+  if (!store_batch(s, i, v, PyFloat_AS_DOUBLE(keep.ptr()))) return false;
+  // Looked up after the store, which may have let other threads run (waiting for the tree).
+  PyObject* count = PyDict_GetItemWithError(counters, updates_key);  // borrowed, used at once
   if (count == nullptr && PyErr_Occurred()) throw py::error_already_set();
-  if (count == nullptr || !PyLong_CheckExact(count) || !store_batch(s, i, v, PyFloat_AS_DOUBLE(keep.ptr()))) return false;
-  py::object next = py::reinterpret_steal<py::object>(PyNumber_Add(count, one));
+  py::object next = py::reinterpret_steal<py::object>(count != nullptr && PyLong_CheckExact(count) ? PyNumber_Add(count, one)
+                                                                                                  : PyLong_FromLong(1));
   if (!next || PyDict_SetItem(counters, updates_key, next.ptr()) != 0) throw py::error_already_set();
   return true;
 }
 
-// update(indices, losses, counters: dict) -> bool
+// update(indices, losses, policy, counters: dict) -> bool
 PyObject* sampler_step_update(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
-  if (!argument_count("SamplerStep.update", nargs, 3)) return nullptr;
+  if (!argument_count("SamplerStep.update", nargs, 4)) return nullptr;
   if (!has_step(self)) return nullptr;
   return translated([&]() -> PyObject* {
     SamplerStep& s = step_of(self);
     ArrayView i, v;
-    return new_value(s.kind != StepKind::kNone && batch_views(args[0], args[1], i, v) && counted_store(s, i, v, args[2]));
+    return new_value(s.kind != StepKind::kNone && batch_views(args[0], args[1], i, v) &&
+                     counted_store(s, i, v, args[2], args[3]));
   });
 }
 
-// weighted_update(weight_of, indices, losses, mean: bool, counters: dict) -> tensor or None:
+// weighted_update(weight_of, indices, losses, mean: bool, policy, counters: dict) -> tensor or None:
 // a training step's weights(indices, dtype=losses.dtype, scale=1/b if mean else 1) and
 // update(indices, losses) in one call (protocol.weighted_loss). None, having changed
 // nothing, wherever either call would take its general path or raise.
 PyObject* sampler_step_weighted_update(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
-  if (!argument_count("SamplerStep.weighted_update", nargs, 5)) return nullptr;
+  if (!argument_count("SamplerStep.weighted_update", nargs, 6)) return nullptr;
   if (!has_step(self)) return nullptr;
   return translated([&]() -> PyObject* {
     SamplerStep& s = step_of(self);
@@ -920,7 +932,7 @@ PyObject* sampler_step_weighted_update(PyObject* self, PyObject* const* args, Py
         gathered_weights(s, weight, index, k, v.type, mean ? 1.0 / double(k) : 1.0, outside, undrawn));
     if (outside >= 0 || undrawn >= 0) Py_RETURN_NONE;
     if (!weights) throw py::error_already_set();
-    if (!counted_store(s, i, v, args[4])) Py_RETURN_NONE;
+    if (!counted_store(s, i, v, args[4], args[5])) Py_RETURN_NONE;
     return weights.release().ptr();
   });
 }
@@ -929,9 +941,9 @@ PyMethodDef sampler_step_init_def = {
     "__init__", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(sampler_step_init_method)),
     METH_VARARGS | METH_KEYWORDS,
     "__init__(self: isample._core.SamplerStep, n: int, kind: int, tree: object, store: object, alpha: float, "
-    "eps: float, policy: object, lock: object) -> None\n\nkind 0: weights only; 1: a SoftmaxTree holds the "
+    "eps: float, lock: object) -> None\n\nkind 0: weights only; 1: a SoftmaxTree holds the "
     "scores; 2: proportional leaves (max(s, 0) + eps) ** alpha of the float64 score store `store` in a "
-    "SumTree; 3: the score store alone. `policy.keep` is read at each update; `lock` is the sampler's."};
+    "SumTree; 3: the score store alone. `lock` is the sampler's SamplerLock."};
 
 PyMethodDef sampler_step_methods[] = {
     {"weights", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(sampler_step_weights)), METH_FASTCALL,
@@ -945,15 +957,15 @@ PyMethodDef sampler_step_methods[] = {
      "Scores keep * S + (1 - keep) * values at int64 `indices`, and their leaves, all checked before anything "
      "is written; False (nothing done) for arguments that are not plain or a batch the core refuses."},
     {"update", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(sampler_step_update)), METH_FASTCALL,
-     "update(self: isample._core.SamplerStep, indices: object, losses: object, counters: dict) -> bool\n\n"
-     "store() with the policy's keep, under the sampler's lock, counted in counters['updates']; False "
-     "(nothing done) where store() would be, and for a policy without a keep."},
+     "update(self: isample._core.SamplerStep, indices: object, losses: object, policy: object, counters: dict) -> "
+     "bool\n\nstore() with the score policy's keep, under the sampler's lock, counted in counters['updates']; "
+     "False (nothing done) where store() would be, and for a policy without a float keep in [0, 1]."},
     {"weighted_update", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(sampler_step_weighted_update)),
      METH_FASTCALL,
      "weighted_update(self: isample._core.SamplerStep, weight_of: object, indices: object, losses: object, mean: "
-     "object, counters: dict) -> object\n\nweights(weight_of, indices, losses.dtype, None, 1 / b if mean else "
-     "1) and update(indices, losses, counters) in one call: the weights, or None (nothing done) wherever "
-     "either would take its general path or raise."},
+     "object, policy: object, counters: dict) -> object\n\nweights(weight_of, indices, losses.dtype, None, 1 / b "
+     "if mean else 1) and update(indices, losses, policy, counters) in one call: the weights, or None (nothing "
+     "done) wherever either would take its general path or raise."},
     {nullptr, nullptr, 0, nullptr},
 };
 
@@ -1011,17 +1023,19 @@ PyObject* step_of_sampler(PyObject* sampler) {
 
 // sampler.update(indices, losses): True from the step, else the Python function.
 PyObject* fast_update(PyObject* sampler, PyObject* const* args) {
+  static PyObject* const policy_name = interned("score_policy");
   static PyObject* const counters_name = interned("_counters");
   PyObject* step = step_of_sampler(sampler);
   if (step == nullptr) return Py_NewRef(Py_False);
-  PyObject* counters = PyObject_GetAttr(sampler, counters_name);
-  if (counters == nullptr) {
-    Py_DECREF(step);
-    return nullptr;
+  PyObject* policy = PyObject_GetAttr(sampler, policy_name);
+  PyObject* counters = policy != nullptr ? PyObject_GetAttr(sampler, counters_name) : nullptr;
+  PyObject* done = nullptr;
+  if (counters != nullptr) {
+    PyObject* const call[4] = {args[0], args[1], policy, counters};
+    done = sampler_step_update(step, call, 4);
   }
-  PyObject* const call[3] = {args[0], args[1], counters};
-  PyObject* done = sampler_step_update(step, call, 3);
-  Py_DECREF(counters);
+  Py_XDECREF(counters);
+  Py_XDECREF(policy);
   Py_DECREF(step);
   return done;
 }
@@ -1146,6 +1160,14 @@ PyObject* step_method_get(PyObject* self, PyObject* instance, PyObject*) {
   return PyMethod_New(self, instance);
 }
 
+// Pickled (and copied) by its module and qualified name, as the function it stands for.
+PyObject* step_method_reduce(PyObject* self, PyObject*) { return PyObject_GetAttrString(self, "__qualname__"); }
+
+PyMethodDef step_method_methods[] = {
+    {"__reduce__", step_method_reduce, METH_NOARGS, "__reduce__(self: isample._core.StepMethod) -> str"},
+    {nullptr, nullptr, 0, nullptr},
+};
+
 PyMemberDef step_method_members[] = {
     {"__dictoffset__", T_PYSSIZET, offsetof(StepMethodObject, dict), READONLY, nullptr},
     {"__vectorcalloffset__", T_PYSSIZET, offsetof(StepMethodObject, vectorcall), READONLY, nullptr},
@@ -1166,6 +1188,7 @@ py::object make_step_method_type() {
       {Py_tp_call, reinterpret_cast<void*>(PyVectorcall_Call)},
       {Py_tp_descr_get, reinterpret_cast<void*>(step_method_get)},
       {Py_tp_members, step_method_members},
+      {Py_tp_methods, step_method_methods},
       {Py_tp_doc, const_cast<char*>(
                       "StepMethod(general, which): EpochSampler.weights ('weights') or .update ('update') as a method "
                       "that calls the sampler's compiled step first and the Python function `general` otherwise.")},

@@ -325,8 +325,12 @@ def test_waiting_for_the_sampler_lock_can_be_interrupted():
     """Ctrl-C reaches a thread that waits for the lock (as with RLock), instead of waiting
     until the holder lets go."""
     import _thread
+    import signal
     import time
 
+    # Python raises KeyboardInterrupt only where SIGINT has its handler: a shell starts
+    # background jobs (CI under `cmd &`) with SIGINT ignored, and interrupt_main then does nothing.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     lock, taken, let_go = isample._core.SamplerLock(), threading.Event(), threading.Event()
 
     def holder() -> None:
@@ -349,6 +353,7 @@ def test_waiting_for_the_sampler_lock_can_be_interrupted():
         let_go.set()
         thread.join()
         timer.cancel()
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.mark.parametrize("transform", ["softmax", "proportional", "rank"])

@@ -1309,10 +1309,11 @@ def test_a_copied_sampler_updates_its_own_scores(transform):
             assert not s._lock.held()
 
 
-@pytest.mark.parametrize("transform", [isample.Softmax(2.0), isample.Proportional(0.5, 0.1), isample.RankBased(0.7)])
+@pytest.mark.parametrize("transform", [isample.Softmax(2.0), isample.Proportional(0.5, 0.1)])
 def test_a_transform_s_parameters_are_fixed_once_made(transform):
-    """The tree holds leaves computed with them (and the compiled step its constants): a
-    change would leave the tree and later updates disagreeing, so it is refused."""
+    """A tree holds leaves computed with them (and the compiled step its constants): a
+    change would leave the tree and later updates disagreeing, so it is refused. Subclasses
+    (the core computes nothing for them) and RankBased (recomputed at every draw) are free."""
     import copy
     import pickle
 
@@ -1323,6 +1324,16 @@ def test_a_transform_s_parameters_are_fixed_once_made(transform):
         assert twin.config() == transform.config()
         with pytest.raises(AttributeError, match="fixed"):
             setattr(twin, name, 1.0)
+
+    class Tagged(type(transform)):
+        def __init__(self):
+            super().__init__(1.0)
+            self.tag = "mine"
+
+    assert Tagged().tag == "mine"
+    rank = isample.RankBased(0.7)
+    rank.alpha = 1.0
+    assert rank.config()["alpha"] == 1.0
 
 
 def test_weights_and_update_keep_their_python_face():
@@ -1348,6 +1359,47 @@ def test_weights_and_update_keep_their_python_face():
         s.update(batch)
     with pytest.raises(ValueError, match="callable"):
         isample._core.StepMethod(1, "update")
+
+
+def test_the_compiled_step_follows_the_sampler_s_score_policy():
+    """The score policy is read at each call: a new policy, or a new keep, takes effect on
+    the compiled path as on the general one; a keep outside [0, 1] is refused there too."""
+    s = isample.ImportanceSampler(10, transform="rank", uniform_mix=0.0, warmup_epochs=0, seed=0)
+    s.score_policy = isample.RunningLoss(beta=0.5)
+    s.update(torch.tensor([0]), torch.tensor([4.0], dtype=torch.float64))  # compiled
+    s.update([1], [4.0])  # general
+    assert s.scores()[:2].tolist() == [2.0, 2.0]
+
+    broken = isample.RunningLoss(beta=0.5)
+    broken.keep = float("nan")
+    s.score_policy = broken
+    before = s.scores()
+    with pytest.raises(ValueError):
+        s.update(torch.tensor([2]), torch.tensor([1.0], dtype=torch.float64))
+    assert torch.equal(s.scores(), before)
+
+
+def test_weighted_loss_calls_a_subclass_s_weights():
+    from isample.integrations.protocol import weighted_loss
+
+    class Halved(isample.ImportanceSampler):
+        def weights(self, indices, **kwargs):
+            return super().weights(indices, **kwargs) / 2
+
+    s = Halved(20, uniform_mix=0.0, warmup_epochs=0, seed=0)
+    batch = torch.tensor(drain(s)[:4])
+    losses = torch.ones(4, dtype=torch.float64)
+    plain = isample.ImportanceSampler(20, uniform_mix=0.0, warmup_epochs=0, seed=0)
+    drain(plain)
+    assert weighted_loss(s, batch, losses).item() == weighted_loss(plain, batch, losses).item() / 2
+
+
+def test_the_compiled_methods_pickle_as_the_functions_they_stand_for():
+    import copy
+    import pickle
+
+    for method in (isample.EpochSampler.weights, isample.ImportanceSampler.update):
+        assert pickle.loads(pickle.dumps(method)) is method and copy.copy(method) is method
 
 
 def test_weights_scale():

@@ -204,7 +204,7 @@ class EpochSampler(Sampler[int]):
         it) of a CPU sampler, or None. Here: weights only."""
         if self.device is not _CPU:
             return None
-        return _core.SamplerStep(self.num_items, _STEP_WEIGHTS, None, None, 1.0, 0.0, self.score_policy, self._lock)
+        return _core.SamplerStep(self.num_items, _STEP_WEIGHTS, None, None, 1.0, 0.0, self._lock)
 
     def __getstate__(self) -> Dict[str, Any]:
         state = self.__dict__.copy()
@@ -544,11 +544,12 @@ class EpochSampler(Sampler[int]):
         """``weights(indices, dtype=losses.dtype, scale=1 / b)`` (``reduction="mean"``; 1 for
         ``"sum"``) and ``update(indices, losses)`` in one call of the compiled step, for
         protocol.weighted_loss; None, having done nothing, wherever either would take its
-        general path or raise (and for a subclass with an ``update`` of its own)."""
-        step, current = self._step, self._current
-        if step is None or current is None or (reduction != "mean" and reduction != "sum") or type(self).update is not EpochSampler.update:
+        general path or raise (and for a subclass with a ``weights`` or an ``update`` of its own)."""
+        step, current, cls = self._step, self._current, type(self)
+        if (step is None or current is None or (reduction != "mean" and reduction != "sum")
+                or cls.update is not EpochSampler.update or cls.weights is not EpochSampler.weights):
             return None
-        return step.weighted_update(current.weight_of, indices, losses, reduction == "mean", self._counters)
+        return step.weighted_update(current.weight_of, indices, losses, reduction == "mean", self.score_policy, self._counters)
 
     def _blend_scores(self, indices: torch.Tensor, losses: torch.Tensor, keep: float) -> None:
         """S = keep * S + (1 - keep) * L for policies that say so (ScorePolicy.keep)."""
@@ -1209,7 +1210,7 @@ class ImportanceSampler(EpochSampler):
             kind, alpha, eps = _STEP_PROPORTIONAL, transform.alpha, transform.eps
         else:
             kind = _STEP_WEIGHTS
-        return _core.SamplerStep(self.num_items, kind, fast, self._scores, alpha, eps, self.score_policy, self._lock)
+        return _core.SamplerStep(self.num_items, kind, fast, self._scores, alpha, eps, self._lock)
 
     def _store_in_core(self, indices: Any, values: Any, keep: float) -> bool:
         """CPU: s = keep * S + (1 - keep) * values into the score store (s = values for keep

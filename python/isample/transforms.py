@@ -36,8 +36,9 @@ class Transform:
     epoch_level: bool = False
     #: the tree stores the scores themselves (SoftmaxTree); otherwise it stores leaf_values
     tree_holds_scores: bool = False
-    #: set at the end of __init__ by the built-in transforms: a sampler's tree (and its
-    #: compiled step) holds leaves computed with these parameters, so they never change
+    #: set at the end of __init__ by Softmax and Proportional themselves (not subclasses, which
+    #: the core does not compute for): a sampler's tree (and its compiled step) holds leaves
+    #: computed with their parameters, so a change would leave the two disagreeing
     _fixed: bool = False
 
     def __setattr__(self, name: str, value: Any) -> None:
@@ -76,7 +77,7 @@ class Softmax(Transform):
 
     def __init__(self, temperature: float = 1.0) -> None:
         self.temperature = _backend.check_real(temperature, "temperature", low=0.0, low_open=True)
-        self._fixed = True
+        self._fixed = type(self) is Softmax
 
     def make_tree(self, num_items, *, device, seed):
         return SoftmaxTree(num_items, temperature=self.temperature, device=device, seed=seed)
@@ -100,7 +101,7 @@ class Proportional(Transform):
     def __init__(self, alpha: float = 1.0, eps: float = 1e-6) -> None:
         self.alpha = _backend.check_real(alpha, "alpha", low=0.0)
         self.eps = _backend.check_real(eps, "eps", low=0.0)
-        self._fixed = True
+        self._fixed = type(self) is Proportional
 
     def leaf_values(self, scores):
         if scores.device.type == "cpu" and scores.dtype is torch.float64:
@@ -126,7 +127,6 @@ class RankBased(Transform):
 
     def __init__(self, alpha: float = 0.7) -> None:
         self.alpha = _backend.check_real(alpha, "alpha", low=0.0)
-        self._fixed = True
 
     def leaf_values(self, scores):
         order = torch.argsort(scores, descending=True, stable=True)
