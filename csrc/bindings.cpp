@@ -976,7 +976,7 @@ py::object make_sampler_step_type() {
       {Py_tp_dealloc, reinterpret_cast<void*>(sampler_step_dealloc)},
       {Py_tp_methods, sampler_step_methods},
       {Py_tp_doc, const_cast<char*>(
-                      "SamplerStep(n, kind, tree, store, alpha, eps, policy, lock): an ImportanceSampler's "
+                      "SamplerStep(n, kind, tree, store, alpha, eps, lock): an ImportanceSampler's "
                       "weights and update on the CPU, one core call each.")},
       {0, nullptr},
   };
