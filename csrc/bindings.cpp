@@ -184,11 +184,6 @@ PyObject* interned(const char* text) {
 // costs several times a builtin's (measured in a DQN loop: a no-op pybind11 call ~3 us,
 // a builtin ~1 us). Errors from the core become the exceptions pybind11 would raise.
 
-struct ReplayStoreObject {
-  PyObject_HEAD
-  ReplayStore* store;
-};
-
 template <class F>
 PyObject* translated(F f) {
   try {
@@ -211,7 +206,6 @@ PyObject* translated(F f) {
   return nullptr;
 }
 
-ReplayStore& store_of(PyObject* self) { return *reinterpret_cast<ReplayStoreObject*>(self)->store; }
 
 // A METH_FASTCALL method's argument count, or a TypeError naming it ("ReplayStore.update").
 bool argument_count(const char* name, Py_ssize_t nargs, Py_ssize_t expected) {
@@ -239,11 +233,66 @@ PyObject* new_value(bool value) {
   return result;
 }
 
-PyObject* replay_store_new(PyTypeObject* type, PyObject*, PyObject*) {
+// A plain CPython object that owns one core object T (ReplayStore, SamplerStep): empty when
+// __new__ makes it, filled by __init__ (a second __init__ replaces it), freed with it.
+template <class T>
+struct Holder {
+  PyObject_HEAD
+  T* held;
+};
+
+template <class T>
+T* held(PyObject* self) {
+  return reinterpret_cast<Holder<T>*>(self)->held;
+}
+
+// The held object; RuntimeError (false) for one that __init__ never filled.
+template <class T>
+bool filled(PyObject* self, const char* type_name) {
+  if (held<T>(self) != nullptr) return true;
+  PyErr_Format(PyExc_RuntimeError, "%s.__init__ was not called", type_name);
+  return false;
+}
+
+template <class T>
+PyObject* holder_new(PyTypeObject* type, PyObject*, PyObject*) {
   PyObject* self = type->tp_alloc(type, 0);
-  if (self != nullptr) reinterpret_cast<ReplayStoreObject*>(self)->store = nullptr;
+  if (self != nullptr) reinterpret_cast<Holder<T>*>(self)->held = nullptr;
   return self;
 }
+
+template <class T>
+void holder_dealloc(PyObject* self) {
+  delete held<T>(self);
+  PyTypeObject* type = Py_TYPE(self);
+  type->tp_free(self);
+  Py_DECREF(type);  // a heap type: its instances hold a reference to it
+}
+
+// An __init__ body (which makes the core object, throwing as the core does) as tp_init: the
+// new object replaces the old one only once it is made.
+template <class T, class F>
+int fill(PyObject* self, F make) {
+  PyObject* done = translated([&]() -> PyObject* {
+    std::unique_ptr<T> made = make();
+    delete held<T>(self);
+    reinterpret_cast<Holder<T>*>(self)->held = made.release();
+    Py_RETURN_NONE;
+  });
+  if (done == nullptr) return -1;
+  Py_DECREF(done);
+  return 0;
+}
+
+// tp_init as a method too, so that __init__ carries its signature (as pybind11's do).
+template <int (*Init)(PyObject*, PyObject*, PyObject*)>
+PyObject* init_method(PyObject* self, PyObject* args, PyObject* kwargs) {
+  if (Init(self, args, kwargs) != 0) return nullptr;
+  Py_RETURN_NONE;
+}
+
+ReplayStore& store_of(PyObject* self) { return *held<ReplayStore>(self); }
+bool has_store(PyObject* self) { return filled<ReplayStore>(self, "ReplayStore"); }
 
 // __init__(tree, generic, alpha, eps, normalize); a second call replaces the store.
 int replay_store_init(PyObject* self, PyObject* args, PyObject* kwargs) {
@@ -255,35 +304,9 @@ int replay_store_init(PyObject* self, PyObject* args, PyObject* kwargs) {
                                    &normalize)) {
     return -1;
   }
-  PyObject* done = translated([&]() -> PyObject* {
-    auto* made = new ReplayStore(py::reinterpret_borrow<py::object>(tree), generic, alpha, eps, normalize);
-    delete reinterpret_cast<ReplayStoreObject*>(self)->store;
-    reinterpret_cast<ReplayStoreObject*>(self)->store = made;
-    Py_RETURN_NONE;
+  return fill<ReplayStore>(self, [&] {
+    return std::make_unique<ReplayStore>(py::reinterpret_borrow<py::object>(tree), generic, alpha, eps, normalize);
   });
-  if (done == nullptr) return -1;
-  Py_DECREF(done);
-  return 0;
-}
-
-// The same as a method, so that ReplayStore.__init__ carries its signature (as pybind11's do).
-PyObject* replay_store_init_method(PyObject* self, PyObject* args, PyObject* kwargs) {
-  if (replay_store_init(self, args, kwargs) != 0) return nullptr;
-  Py_RETURN_NONE;
-}
-
-// A store made by __new__ alone has no core object yet.
-bool has_store(PyObject* self) {
-  if (reinterpret_cast<ReplayStoreObject*>(self)->store != nullptr) return true;
-  PyErr_SetString(PyExc_RuntimeError, "ReplayStore.__init__ was not called");
-  return false;
-}
-
-void replay_store_dealloc(PyObject* self) {
-  delete reinterpret_cast<ReplayStoreObject*>(self)->store;
-  PyTypeObject* type = Py_TYPE(self);
-  type->tp_free(self);
-  Py_DECREF(type);  // a heap type: its instances hold a reference to it
 }
 
 PyObject* replay_add_field(PyObject* self, PyObject* const* args, Py_ssize_t nargs) {
@@ -425,7 +448,7 @@ PyObject* replay_update(PyObject* self, PyObject* const* args, Py_ssize_t nargs)
 }
 
 PyMethodDef replay_store_init_def = {
-    "__init__", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(replay_store_init_method)),
+    "__init__", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(init_method<replay_store_init>)),
     METH_VARARGS | METH_KEYWORDS,
     "__init__(self: isample._core.ReplayStore, tree: isample._core.SumTree, generic: type, alpha: float, eps: float, "
     "normalize: int) -> None\n\nFor a SumTree handle (normalize 0: none, 1: batch, 2: buffer, which needs "
@@ -456,9 +479,9 @@ PyMethodDef replay_store_methods[] = {
 
 py::object make_replay_store_type() {
   static PyType_Slot slots[] = {
-      {Py_tp_new, reinterpret_cast<void*>(replay_store_new)},
+      {Py_tp_new, reinterpret_cast<void*>(holder_new<ReplayStore>)},
       {Py_tp_init, reinterpret_cast<void*>(replay_store_init)},
-      {Py_tp_dealloc, reinterpret_cast<void*>(replay_store_dealloc)},
+      {Py_tp_dealloc, reinterpret_cast<void*>(holder_dealloc<ReplayStore>)},
       {Py_tp_methods, replay_store_methods},
       {Py_tp_doc, const_cast<char*>(
                       "ReplayStore(tree, generic, alpha, eps, normalize): a prioritized replay buffer's add / sample "
@@ -466,7 +489,7 @@ py::object make_replay_store_type() {
                       "1: batch, 2: buffer, which needs track_min) and numpy.generic.")},
       {0, nullptr},
   };
-  static PyType_Spec spec = {"isample._core.ReplayStore", sizeof(ReplayStoreObject), 0, Py_TPFLAGS_DEFAULT, slots};
+  static PyType_Spec spec = {"isample._core.ReplayStore", sizeof(Holder<ReplayStore>), 0, Py_TPFLAGS_DEFAULT, slots};
   return make_type(spec, &replay_store_init_def);
 }
 
@@ -631,20 +654,10 @@ struct SamplerStep {
   const double* weights = nullptr;
 };
 
-struct SamplerStepObject {
-  PyObject_HEAD
-  SamplerStep* step;
-};
-
 PyTypeObject* sampler_step_type = nullptr;  // set when the module is made
 
-SamplerStep& step_of(PyObject* self) { return *reinterpret_cast<SamplerStepObject*>(self)->step; }
-
-bool has_step(PyObject* self) {
-  if (reinterpret_cast<SamplerStepObject*>(self)->step != nullptr) return true;
-  PyErr_SetString(PyExc_RuntimeError, "SamplerStep.__init__ was not called");
-  return false;
-}
+SamplerStep& step_of(PyObject* self) { return *held<SamplerStep>(self); }
+bool has_step(PyObject* self) { return filled<SamplerStep>(self, "SamplerStep"); }
 
 // A plain float64 CPU tensor of exactly n elements: its memory (a reference kept in `owner`).
 double* own_float64(py::handle object, int64_t n, py::object& owner, const char* what) {
@@ -655,12 +668,6 @@ double* own_float64(py::handle object, int64_t n, py::object& owner, const char*
   }
   owner = py::reinterpret_borrow<py::object>(object);
   return static_cast<double*>(const_cast<void*>(view.data));
-}
-
-PyObject* sampler_step_new(PyTypeObject* type, PyObject*, PyObject*) {
-  PyObject* self = type->tp_alloc(type, 0);
-  if (self != nullptr) reinterpret_cast<SamplerStepObject*>(self)->step = nullptr;
-  return self;
 }
 
 // __init__(n, kind, tree, store, alpha, eps, lock)
@@ -674,7 +681,7 @@ int sampler_step_init(PyObject* self, PyObject* args, PyObject* kwargs) {
                                    &alpha, &eps, &lock)) {
     return -1;
   }
-  PyObject* done = translated([&]() -> PyObject* {
+  return fill<SamplerStep>(self, [&] {
     if (n < 1 || n > kMaxCapacity) throw std::invalid_argument("n must be between 1 and 2^40");
     if (kind < 0 || kind > 3) throw std::invalid_argument("kind must be 0 (none), 1 (softmax), 2 (proportional) or 3 (scores)");
     auto made = std::make_unique<SamplerStep>();
@@ -707,25 +714,8 @@ int sampler_step_init(PyObject* self, PyObject* args, PyObject* kwargs) {
     }
     s.lock_owner = py::reinterpret_borrow<py::object>(lock);
     s.lock = lock_of(lock);
-    delete reinterpret_cast<SamplerStepObject*>(self)->step;
-    reinterpret_cast<SamplerStepObject*>(self)->step = made.release();
-    Py_RETURN_NONE;
+    return made;
   });
-  if (done == nullptr) return -1;
-  Py_DECREF(done);
-  return 0;
-}
-
-PyObject* sampler_step_init_method(PyObject* self, PyObject* args, PyObject* kwargs) {
-  if (sampler_step_init(self, args, kwargs) != 0) return nullptr;
-  Py_RETURN_NONE;
-}
-
-void sampler_step_dealloc(PyObject* self) {
-  delete reinterpret_cast<SamplerStepObject*>(self)->step;
-  PyTypeObject* type = Py_TYPE(self);
-  type->tp_free(self);
-  Py_DECREF(type);
 }
 
 // The epoch's weight table (`source`: a float64 tensor of n, or None for an epoch drawn
@@ -938,7 +928,7 @@ PyObject* sampler_step_weighted_update(PyObject* self, PyObject* const* args, Py
 }
 
 PyMethodDef sampler_step_init_def = {
-    "__init__", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(sampler_step_init_method)),
+    "__init__", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(init_method<sampler_step_init>)),
     METH_VARARGS | METH_KEYWORDS,
     "__init__(self: isample._core.SamplerStep, n: int, kind: int, tree: object, store: object, alpha: float, "
     "eps: float, lock: object) -> None\n\nkind 0: weights only; 1: a SoftmaxTree holds the "
@@ -971,16 +961,16 @@ PyMethodDef sampler_step_methods[] = {
 
 py::object make_sampler_step_type() {
   static PyType_Slot slots[] = {
-      {Py_tp_new, reinterpret_cast<void*>(sampler_step_new)},
+      {Py_tp_new, reinterpret_cast<void*>(holder_new<SamplerStep>)},
       {Py_tp_init, reinterpret_cast<void*>(sampler_step_init)},
-      {Py_tp_dealloc, reinterpret_cast<void*>(sampler_step_dealloc)},
+      {Py_tp_dealloc, reinterpret_cast<void*>(holder_dealloc<SamplerStep>)},
       {Py_tp_methods, sampler_step_methods},
       {Py_tp_doc, const_cast<char*>(
                       "SamplerStep(n, kind, tree, store, alpha, eps, lock): an ImportanceSampler's "
                       "weights and update on the CPU, one core call each.")},
       {0, nullptr},
   };
-  static PyType_Spec spec = {"isample._core.SamplerStep", sizeof(SamplerStepObject), 0, Py_TPFLAGS_DEFAULT, slots};
+  static PyType_Spec spec = {"isample._core.SamplerStep", sizeof(Holder<SamplerStep>), 0, Py_TPFLAGS_DEFAULT, slots};
   py::object type = make_type(spec, &sampler_step_init_def);
   sampler_step_type = reinterpret_cast<PyTypeObject*>(type.ptr());
   Py_INCREF(type.ptr());  // kept for the process's lifetime, as the module is
@@ -1014,7 +1004,7 @@ PyObject* step_of_sampler(PyObject* sampler) {
     PyErr_Clear();
     return nullptr;
   }
-  if (Py_TYPE(step) != sampler_step_type || reinterpret_cast<SamplerStepObject*>(step)->step == nullptr) {
+  if (Py_TYPE(step) != sampler_step_type || held<SamplerStep>(step) == nullptr) {
     Py_DECREF(step);
     return nullptr;
   }
@@ -1134,13 +1124,8 @@ int step_method_init(PyObject* self, PyObject* args, PyObject* kwargs) {
   return 0;
 }
 
-PyObject* step_method_init_method(PyObject* self, PyObject* args, PyObject* kwargs) {
-  if (step_method_init(self, args, kwargs) != 0) return nullptr;
-  Py_RETURN_NONE;
-}
-
 PyMethodDef step_method_init_def = {
-    "__init__", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(step_method_init_method)),
+    "__init__", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(init_method<step_method_init>)),
     METH_VARARGS | METH_KEYWORDS,
     "__init__(self: isample._core.StepMethod, general: object, which: str) -> None\n\n`general`: the Python "
     "function; `which`: 'weights' or 'update'."};
